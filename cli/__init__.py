@@ -1,0 +1,1 @@
+"""The ``medmeta`` command line (Typer): one module per command."""

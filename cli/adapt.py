@@ -1,0 +1,40 @@
+"""``medmeta adapt``: adapt to labelled support scans and diagnose the unlabelled cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import user_errors
+from medmeta.adapt import adapt as run_adapt
+from medmeta.errors import CasesError
+from medmeta.progress import console
+from medmeta.reports import write_rejected, write_reports
+
+
+def adapt(
+    checkpoint: Annotated[Path, typer.Option(help="Run folder, NAME.json or NAME.safetensors from `medmeta train`.")],
+    cases: Annotated[Path, typer.Option(help="Folder with support/<condition>/<scans> and query/<cases>.")],
+    out: Annotated[Optional[Path], typer.Option(help="Report folder [default: CASES/medmeta-report].")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="CSV path,label (paths relative to CASES) to score the batch.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html, rejected.csv."""
+    out_dir = out or cases / "medmeta-report"
+    with user_errors():
+        try:
+            result = run_adapt(checkpoint, cases, labels=labels, device=device)
+        except CasesError as exc:
+            if exc.rejected:
+                write_rejected(out_dir, exc.rejected)
+                console.print(f"{len(exc.rejected)} unreadable file(s) listed in {out_dir / 'rejected.csv'}")
+            raise
+        write_reports(result, out_dir)
+    for path, reason in result.rejected:
+        console.print(f"[yellow]rejected[/] {path}: {reason}", highlight=False)
+    summary = f"Diagnosed {len(result.cases)} case(s) among {len(result.conditions)} conditions"
+    if result.metrics and "accuracy" in result.metrics:
+        summary += f"; accuracy {result.metrics['accuracy']:.3f}, ECE {result.metrics['ece']:.3f} on {result.metrics['n_labelled']} labelled"
+    console.print(summary + f". Reports in {out_dir}/", highlight=False)

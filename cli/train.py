@@ -1,0 +1,69 @@
+"""``medmeta train``: meta-train a few-shot learner on a protocol's common conditions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import user_errors
+from medmeta.backbones import list_backbones
+from medmeta.methods import list_methods
+from medmeta.training import TrainConfig
+from medmeta.training import train as run_training
+
+_DEFAULTS = TrainConfig()
+
+
+def train(
+    protocol: Annotated[Path, typer.Option(help="Protocol YAML (class splits, episode shape).")] = Path(_DEFAULTS.protocol),
+    method: Annotated[str, typer.Option(help=f"Meta-learner: {', '.join(list_methods())}.")] = _DEFAULTS.method,
+    backbone: Annotated[str, typer.Option(help=f"Backbone: {', '.join(list_backbones())}.")] = _DEFAULTS.backbone,
+    way: Annotated[Optional[int], typer.Option(help="Classes per episode [default: protocol's].")] = None,
+    shot: Annotated[Optional[int], typer.Option(help="Support scans per class [default: protocol's largest].")] = None,
+    query: Annotated[Optional[int], typer.Option(help="Query scans per class [default: protocol's].")] = None,
+    episodes: Annotated[int, typer.Option(help="Episodic training episodes (total, also on --resume).")] = _DEFAULTS.episodes,
+    pretrain_epochs: Annotated[int, typer.Option(help="Epochs of backbone pre-training on all meta-train classes (0 = none).")] = _DEFAULTS.pretrain_epochs,
+    image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = _DEFAULTS.image_size,
+    channels: Annotated[int, typer.Option(help="Input channels: 3 (RGB) or 1 (grayscale).")] = _DEFAULTS.channels,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of episodic training.")] = _DEFAULTS.lr,
+    augment: Annotated[str, typer.Option(help="Augmentation: none, light, strong.")] = _DEFAULTS.augment,
+    val_interval: Annotated[int, typer.Option(help="Validate on val classes every N episodes.")] = _DEFAULTS.val_interval,
+    val_episodes: Annotated[int, typer.Option(help="Episodes per validation.")] = _DEFAULTS.val_episodes,
+    calibration_episodes: Annotated[int, typer.Option(help="Val-class episodes to fit the temperature on.")] = _DEFAULTS.calibration_episodes,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop episodic training after this many training minutes.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _DEFAULTS.device,
+    seed: Annotated[int, typer.Option(help="Seed of episodes, augmentation and initialisation.")] = _DEFAULTS.seed,
+    out: Annotated[Path, typer.Option(help="Run folder: best.safetensors/best.json, last.* for --resume.")] = Path(_DEFAULTS.out),
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last saved state.")] = False,
+) -> None:
+    """Meta-train: pre-train the backbone, train on episodes, keep the best model on val classes, calibrate.
+
+    With no options it trains on the synthetic demo set in sample_data/ (about a minute on 2 CPU cores).
+    """
+    config = TrainConfig(
+        protocol=str(protocol), out=str(out), method=method, backbone=backbone, way=way, shot=shot, query=query,
+        episodes=episodes, pretrain_epochs=pretrain_epochs, image_size=image_size, channels=channels, lr=lr,
+        augment=augment, val_interval=val_interval, val_episodes=val_episodes,
+        calibration_episodes=calibration_episodes, max_minutes=max_minutes, device=device, seed=seed,
+    )
+    with user_errors():
+        _validate_choices(config)
+        run_training(config, resume=resume)
+
+
+def _validate_choices(config: TrainConfig) -> None:
+    from medmeta.data.augment import AUGMENTATIONS
+    from medmeta.errors import MedmetaError
+
+    if config.method not in list_methods():
+        raise MedmetaError(f"unknown --method {config.method!r}; choose from {', '.join(list_methods())}")
+    if config.backbone not in list_backbones():
+        raise MedmetaError(f"unknown --backbone {config.backbone!r}; choose from {', '.join(list_backbones())}")
+    if config.augment not in AUGMENTATIONS:
+        raise MedmetaError(f"unknown --augment {config.augment!r}; choose from {', '.join(AUGMENTATIONS)}")
+    if config.channels not in (1, 3):
+        raise MedmetaError("--channels must be 1 or 3")
+    if config.image_size < 16:
+        raise MedmetaError("--image-size must be at least 16")

@@ -1,0 +1,175 @@
+"""Checkpoints: weights in safetensors plus a JSON sidecar. Nothing is ever unpickled.
+
+A checkpoint is a pair ``NAME.safetensors`` / ``NAME.json`` (see ``docs/checkpoint.md``). The
+sidecar records everything needed to rebuild and trust the model: method and backbone with
+their arguments, preprocessing, the protocol's class splits, calibration parameters, library
+versions and the sha256 of the weights file, which is checked on load.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from medmeta.errors import CheckpointError
+from medmeta.io import atomic_path, atomic_write_json, sha256_file
+
+FORMAT = "medmeta-checkpoint"
+FORMAT_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    import monai
+
+    import medmeta
+
+    return {
+        "medmeta": medmeta.__version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write tensors atomically as safetensors; returns the file's sha256."""
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp))
+    return sha256_file(path)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``run/``, ``run/best.json`` or ``run/best.safetensors`` -> the JSON sidecar path."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.json"
+    elif path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found (give a run folder, NAME.json or NAME.safetensors)")
+    return path
+
+
+@dataclass
+class Checkpoint:
+    """A loaded, verified checkpoint: its metadata and its tensors."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    path: Path
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def sha256(self) -> str:
+        return str(self.meta["weights"]["sha256"])
+
+
+def save_checkpoint(json_path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``model``'s state dict and a sidecar built from ``meta`` (atomic, weights first)."""
+    json_path = Path(json_path)
+    weights = json_path.with_suffix(".safetensors")
+    digest = save_tensors(weights, model.state_dict())
+    sidecar = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        **meta,
+        "weights": {"file": weights.name, "sha256": digest},
+    }
+    atomic_write_json(json_path, sidecar)
+    return json_path
+
+
+def update_checkpoint_meta(json_path: str | Path, **fields: Any) -> None:
+    """Replace top-level fields of a sidecar (e.g. ``calibration``), keeping the rest."""
+    meta = read_meta(Path(json_path))
+    meta.update(fields)
+    atomic_write_json(json_path, meta)
+
+
+def read_meta(json_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{json_path}: not a medmeta checkpoint (unreadable JSON: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{json_path}: not a medmeta checkpoint (no '\"format\": \"{FORMAT}\"' field)")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{json_path}: checkpoint format {meta['format_version']} is newer than this medmeta reads")
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load and verify a checkpoint (sidecar format, weights present, sha256 matches)."""
+    json_path = resolve_checkpoint(path)
+    meta = read_meta(json_path)
+    try:
+        weights = json_path.parent / meta["weights"]["file"]
+        expected = meta["weights"]["sha256"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{json_path}: not a medmeta checkpoint (no 'weights' entry)") from None
+    if not weights.is_file():
+        raise CheckpointError(f"{json_path}: weights file {weights.name} is missing")
+    actual = sha256_file(weights)
+    if actual != expected:
+        raise CheckpointError(f"{weights}: sha256 {actual[:12]}... does not match the sidecar's {expected[:12]}...; file changed or corrupt")
+    return Checkpoint(meta=meta, tensors=load_tensors(weights), path=json_path)
+
+
+def build_learner(checkpoint: Checkpoint):
+    """Rebuild the meta-learner described by a checkpoint and load its weights."""
+    from medmeta.backbones import create_backbone
+    from medmeta.methods import create_method
+
+    meta = checkpoint.meta
+    try:
+        backbone = create_backbone(meta["backbone"]["name"], **meta["backbone"].get("kwargs", {}))
+        learner = create_method(meta["method"]["name"], backbone, **meta["method"].get("hparams", {}))
+        learner.load_state_dict(checkpoint.tensors, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{checkpoint.path}: cannot rebuild the model ({str(exc).splitlines()[0]})") from None
+    return learner.eval()
+
+
+def optimizer_to_tensors(state: dict[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer ``state_dict`` into tensors (for safetensors) and JSON-able rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], rest: dict[str, Any], prefix: str) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            index, key = name[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    for index, entries in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": rest["param_groups"]}

@@ -1,0 +1,189 @@
+"""Benchmark protocols: which classes meta-train, meta-validate and meta-test, and the episode shape.
+
+A protocol is a YAML file (see ``docs/data.md``)::
+
+    name: derm-rare
+    sources:                       # paths relative to this file
+      isic9: ../datasets/isic9     # class folders, a MedMNIST .npz or a CSV manifest
+    classes:
+      train: ["isic9/nevus", "blood/*"]
+      val:   ["isic9/seborrheic keratosis"]
+      test:  ["isic9/dermatofibroma"]
+    episodes: {way: 3, shot: [1, 5], query: 15, test_episodes: 600}
+
+Loading refuses a class in two splits, an unknown source or class, a class with fewer images
+than ``max(shot) + query``, and a patient whose images fall in two splits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medmeta.data.records import ImageRecord
+from medmeta.data.sources import load_source
+from medmeta.errors import ProtocolError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class EpisodeSettings:
+    way: int = 5
+    shot: list[int] = field(default_factory=lambda: [1, 5])
+    query: int = 15
+    test_episodes: int = 600
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> "EpisodeSettings":
+        unknown = set(data) - {"way", "shot", "query", "test_episodes"}
+        if unknown:
+            raise ProtocolError(f"{where}: unknown episode settings {sorted(unknown)}")
+        shot = data.get("shot", [1, 5])
+        shots = [int(s) for s in (shot if isinstance(shot, list) else [shot])]
+        settings = cls(int(data.get("way", 5)), shots, int(data.get("query", 15)), int(data.get("test_episodes", 600)))
+        if settings.way < 2 or min(settings.shot) < 1 or settings.query < 1 or settings.test_episodes < 1:
+            raise ProtocolError(f"{where}: episodes need way >= 2, shot >= 1, query >= 1, test_episodes >= 1")
+        return settings
+
+
+@dataclass
+class Protocol:
+    """A loaded protocol: the class splits and the records of every class in them."""
+
+    name: str
+    classes: dict[str, list[str]]
+    records: dict[str, list[ImageRecord]]
+    episodes: EpisodeSettings
+    path: Path | None = None
+
+    def split_records(self, split: str) -> dict[str, list[ImageRecord]]:
+        """``{qualified class name: records}`` for one of ``train``, ``val``, ``test``."""
+        return {name: self.records[name] for name in self.classes[split]}
+
+    def check_counts(self, shot: int, query: int, splits: tuple[str, ...] = SPLITS) -> None:
+        """Refuse any class with fewer images than ``shot + query``."""
+        short = [
+            f"'{name}' ({len(self.records[name])} images)"
+            for split in splits
+            for name in self.classes[split]
+            if len(self.records[name]) < shot + query
+        ]
+        if short:
+            where = f"{self.path}: " if self.path else ""
+            raise ProtocolError(
+                f"{where}{len(short)} class(es) have fewer images than shot + query = {shot} + {query}: " + ", ".join(short)
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a checkpoint stores about the protocol (no image data)."""
+        return {
+            "name": self.name,
+            "path": str(self.path) if self.path else None,
+            "classes": self.classes,
+            "episodes": asdict(self.episodes),
+            "class_counts": {name: len(recs) for name, recs in self.records.items()},
+        }
+
+
+def load_protocol(path: str | Path) -> Protocol:
+    """Read and validate a protocol YAML; paths inside are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProtocolError(f"{path}: protocol file not found")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise ProtocolError(f"{path}: a protocol is a mapping with 'sources', 'classes' and 'episodes'")
+    for key in ("sources", "classes"):
+        if not isinstance(spec.get(key), dict) or not spec[key]:
+            raise ProtocolError(f"{path}: missing or empty '{key}'")
+    missing_splits = [s for s in SPLITS if not spec["classes"].get(s)]
+    if missing_splits:
+        raise ProtocolError(f"{path}: 'classes' needs non-empty lists for {', '.join(missing_splits)}")
+    episodes = EpisodeSettings.from_dict(spec.get("episodes") or {}, str(path))
+
+    base = path.parent
+    available: dict[str, list[ImageRecord]] = {}
+    for source_name, source_spec in spec["sources"].items():
+        try:
+            records = load_source(source_spec, base)
+        except ProtocolError as exc:
+            raise ProtocolError(f"{path}: source '{source_name}': {exc}") from None
+        for record in records:
+            available.setdefault(f"{source_name}/{record.label}", []).append(record.relabel(f"{source_name}/{record.label}"))
+
+    classes: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for split in SPLITS:
+        selected: list[str] = []
+        for selector in spec["classes"][split]:
+            matches = _expand(str(selector), available, spec["sources"], path)
+            for name in matches:
+                if name in owner and owner[name] != split:
+                    raise ProtocolError(f"{path}: class '{name}' is in both {owner[name]} and {split}")
+                if name not in selected:
+                    selected.append(name)
+                    owner[name] = split
+        classes[split] = selected
+
+    protocol = Protocol(
+        name=str(spec.get("name") or path.stem),
+        classes=classes,
+        records={name: available[name] for split in SPLITS for name in classes[split]},
+        episodes=episodes,
+        path=path.resolve(),
+    )
+    for split in ("train", "test"):
+        if len(classes[split]) < episodes.way:
+            raise ProtocolError(f"{path}: {split} has {len(classes[split])} classes, fewer than way = {episodes.way}")
+    protocol.check_counts(max(episodes.shot), episodes.query)
+    _check_patients_within_one_split(protocol)
+    return protocol
+
+
+def _expand(selector: str, available: dict[str, list[ImageRecord]], sources: dict, path: Path) -> list[str]:
+    if "/" not in selector:
+        raise ProtocolError(f"{path}: class '{selector}' must be written 'source/class' or 'source/*'")
+    source = selector.split("/", 1)[0]
+    if source not in sources:
+        raise ProtocolError(f"{path}: class '{selector}' names unknown source '{source}' (sources: {', '.join(sources)})")
+    if any(ch in selector for ch in "*?["):
+        matches = sorted(name for name in available if fnmatch.fnmatchcase(name, selector))
+        if not matches:
+            raise ProtocolError(f"{path}: '{selector}' matches no class")
+        return matches
+    if selector not in available:
+        known = sorted(n.split("/", 1)[1] for n in available if n.startswith(source + "/"))
+        raise ProtocolError(f"{path}: unknown class '{selector}' (source '{source}' has: {', '.join(known)})")
+    return [selector]
+
+
+def _check_patients_within_one_split(protocol: Protocol) -> None:
+    seen: dict[str, tuple[str, str]] = {}
+    for split in SPLITS:
+        for name in protocol.classes[split]:
+            for record in protocol.records[name]:
+                if record.patient_id is None:
+                    continue
+                first = seen.setdefault(record.patient_id, (split, name))
+                if first[0] != split:
+                    raise ProtocolError(
+                        f"{protocol.path}: patient '{record.patient_id}' has images in {first[0]} class "
+                        f"'{first[1]}' and {split} class '{name}'; a patient must stay in one split"
+                    )
+
+
+def group_by_patient(records: list[ImageRecord]) -> dict[str, list[ImageRecord]]:
+    """Group records by patient; records without an id form their own singleton group."""
+    groups: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in records:
+        groups[record.patient_id or f"__record__{record.key}"].append(record)
+    return dict(groups)

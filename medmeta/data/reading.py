@@ -1,0 +1,222 @@
+"""Reading one scan (DICOM, NIfTI, PNG/JPEG or an in-memory array) into a model-ready tensor.
+
+Decoding goes through MONAI's ``LoadImage`` with its pydicom, nibabel and PIL readers. Every
+scan leaves here as a channel-first ``float32`` tensor of shape ``(channels, image_size,
+image_size)`` with intensities in ``[0, 1]``:
+
+- spatial layout: every format comes out in display (row, column) layout: DICOM and 2D images
+  as ``pydicom``'s ``pixel_array`` and PIL show them, a NIfTI with its first voxel axis (i, the
+  x direction) as columns. Volumes (NIfTI, multi-frame DICOM) are reduced to their middle slice
+  along the last axis, because the models are 2D.
+- intensity: a CT window (level/width in Hounsfield units) when the DICOM says ``Modality`` CT,
+  robust min-max (percentiles) otherwise; MONOCHROME1 DICOM is inverted so bright means dense.
+- channels: grayscale is repeated to 3 channels, RGB is turned to luminance for 1 channel,
+  alpha is dropped.
+- size: resized to a square ``image_size`` (bilinear with anti-aliasing).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medmeta.errors import ScanReadError
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: Files beside scans that are never scans themselves (skipped silently in class folders).
+SIDECAR_SUFFIXES = (".csv", ".json", ".txt", ".md", ".yaml", ".yml", ".html", ".xml", ".npz")
+
+# MONAI announces at import that an optional GPU DICOM codec is absent; that is expected here.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+_LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def scan_format(path: str | Path) -> str | None:
+    """``"dicom"``, ``"nifti"`` or ``"image"`` by suffix (or the DICOM preamble), else ``None``."""
+    name = Path(path).name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(DICOM_SUFFIXES):
+        return "dicom"
+    if name.endswith(IMAGE_SUFFIXES):
+        return "image"
+    if name.endswith(SIDECAR_SUFFIXES):
+        return None
+    try:  # DICOM files often have no extension: look for the "DICM" magic after the preamble
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+        if len(head) == 132 and head[128:] == b"DICM":
+            return "dicom"
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class Preprocessing:
+    """How a scan becomes a tensor; stored in every checkpoint so adaptation matches training."""
+
+    image_size: int = 64
+    channels: int = 3
+    ct_window: tuple[float, float] = (40.0, 400.0)  # (level, width) in HU
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        return cls(
+            image_size=int(data["image_size"]),
+            channels=int(data["channels"]),
+            ct_window=tuple(data.get("ct_window", (40.0, 400.0))),  # type: ignore[arg-type]
+            percentiles=tuple(data.get("percentiles", (0.5, 99.5))),  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class ScanReader:
+    """Callable that turns a path or an array into a ``(channels, size, size)`` tensor.
+
+    Raises :class:`~medmeta.errors.ScanReadError` naming the file and the reason for anything
+    unreadable: unknown type, corrupt file, empty or constant image, non-finite values.
+    """
+
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+    def __post_init__(self) -> None:
+        from monai.data import NibabelReader, PILReader, PydicomReader
+        from monai.transforms import LoadImage, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+        p = self.preprocessing
+        with warnings.catch_warnings():  # MONAI warns when optional GPU codecs are absent
+            warnings.simplefilter("ignore")
+            self._loaders = self._make_loaders(LoadImage, NibabelReader, PILReader, PydicomReader)
+        level, width = p.ct_window
+
+        self._ct_window = ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True)
+        self._robust = ScaleIntensityRangePercentiles(
+            lower=p.percentiles[0], upper=p.percentiles[1], b_min=0.0, b_max=1.0, clip=True, channel_wise=False
+        )
+        self._resize = Resize(spatial_size=(p.image_size, p.image_size), mode="bilinear", anti_aliasing=True)
+
+    @staticmethod
+    def _make_loaders(LoadImage, NibabelReader, PILReader, PydicomReader) -> dict:
+        return {
+            "dicom": LoadImage(reader=PydicomReader(swap_ij=False), image_only=True, ensure_channel_first=True),
+            "nifti": LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True),
+            "image": LoadImage(reader=PILReader(reverse_indexing=False), image_only=True, ensure_channel_first=True),
+        }
+
+    # -- public -------------------------------------------------------------------------------
+    def __call__(self, source: str | Path | np.ndarray, name: str | None = None) -> torch.Tensor:
+        if isinstance(source, np.ndarray):
+            label = name or "<array>"
+            array = _channel_first_from_array(source, label)
+            is_ct = False
+        else:
+            label = str(source)
+            array, is_ct = self._decode(Path(source))
+        return self._preprocess(array, is_ct, label)
+
+    # -- steps --------------------------------------------------------------------------------
+    def _decode(self, path: Path) -> tuple[np.ndarray, bool]:
+        if not path.is_file():
+            raise ScanReadError(path, "file not found")
+        fmt = scan_format(path)
+        if fmt is None:
+            raise ScanReadError(path, "unsupported file type (expected DICOM, NIfTI, PNG or JPEG)")
+        is_ct, invert = False, False
+        if fmt == "dicom":
+            is_ct, invert = _dicom_header(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                image = self._loaders[fmt](str(path))
+        except Exception as exc:  # every decoder failure becomes one clear line
+            raise ScanReadError(path, f"cannot decode as {fmt}: {_first_line(exc)}") from None
+        array = _reduce_to_2d(np.asarray(image, dtype=np.float32))
+        if fmt == "nifti":  # voxel (i, j) -> display (row = j, column = i)
+            array = np.swapaxes(array, 1, 2)
+        if invert:
+            array = array.max() - array
+        return array, is_ct
+
+    def _preprocess(self, array: np.ndarray, is_ct: bool, label: str) -> torch.Tensor:
+        if array.size == 0 or min(array.shape[1:]) < 2:
+            raise ScanReadError(label, f"empty or degenerate image of shape {tuple(array.shape)}")
+        if not np.isfinite(array).all():
+            raise ScanReadError(label, "image contains NaN or infinite values")
+        array = _to_channels(array, self.preprocessing.channels)
+        if is_ct:
+            scaled = self._ct_window(array)
+        else:
+            if float(array.max()) == float(array.min()):
+                raise ScanReadError(label, "blank image (constant intensity)")
+            scaled = self._robust(array)
+        resized = self._resize(torch.as_tensor(np.asarray(scaled), dtype=torch.float32))
+        return torch.as_tensor(resized, dtype=torch.float32).clamp_(0.0, 1.0).contiguous()
+
+
+def _dicom_header(path: Path) -> tuple[bool, bool]:
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as exc:
+        raise ScanReadError(path, f"not a readable DICOM file: {_first_line(exc)}") from None
+    if "PixelData" not in header and not hasattr(header, "Rows"):
+        raise ScanReadError(path, "DICOM file has no image (no Rows/PixelData)")
+    modality = str(getattr(header, "Modality", "")).upper()
+    photometric = str(getattr(header, "PhotometricInterpretation", "")).upper()
+    return modality == "CT", photometric == "MONOCHROME1"
+
+
+def _reduce_to_2d(array: np.ndarray) -> np.ndarray:
+    """``(C, *spatial)`` -> ``(C, H, W)``: middle slice of volumes along the last axis."""
+    while array.ndim > 3:
+        array = array[..., array.shape[-1] // 2]
+    if array.ndim == 2:
+        array = array[None]
+    return array
+
+
+def _channel_first_from_array(array: np.ndarray, label: str) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3, 4):
+        return np.moveaxis(array, -1, 0)
+    if array.ndim == 3:
+        return array
+    raise ScanReadError(label, f"expected a 2D image array, got shape {tuple(array.shape)}")
+
+
+def _to_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """Bring a ``(C, H, W)`` array to ``channels`` (1 or 3)."""
+    c = array.shape[0]
+    if c == 4:  # RGBA: drop alpha
+        array, c = array[:3], 3
+    elif c not in (1, 3):  # e.g. a 4D NIfTI whose first axis is time: keep the first volume
+        array, c = array[:1], 1
+    if channels == c:
+        return array
+    if channels == 3 and c == 1:
+        return np.repeat(array, 3, axis=0)
+    if channels == 1 and c == 3:
+        return np.tensordot(_LUMINANCE, array, axes=1)[None].astype(np.float32)
+    raise ValueError(f"unsupported channel count {channels} (use 1 or 3)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

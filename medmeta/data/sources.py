@@ -1,0 +1,162 @@
+"""Data sources: class folders, MedMNIST ``.npz`` files and CSV manifests.
+
+Each loader returns a list of :class:`~medmeta.data.records.ImageRecord` (nothing is decoded
+here). Errors name the file and the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from medmeta.data.reading import SIDECAR_SUFFIXES
+from medmeta.data.records import ImageRecord
+from medmeta.errors import ProtocolError
+
+MEDMNIST_SPLITS = ("train", "val", "test")
+
+
+def _is_candidate(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and not path.name.lower().endswith(SIDECAR_SUFFIXES)
+
+
+def class_folder_records(root: str | Path, patient_ids: Mapping[str, str] | None = None) -> list[ImageRecord]:
+    """Records from a tree of class folders.
+
+    A class is the name of the folder that directly holds its files, so split folders above it
+    (``Train/``/``Test/``, ``Training/``/``Testing/``, ``train/val/test``) merge into one class.
+    Names with spaces work. ``patient_ids`` maps a file stem (``ISIC_0024306``) to its patient
+    or lesion id. Files directly in ``root`` have no class and are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ProtocolError(f"{root}: class-folder source is not a directory")
+    records = []
+    for path in sorted(root.rglob("*")):
+        if path.parent == root or not _is_candidate(path):
+            continue
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        pid = patient_ids.get(path.name.split(".")[0]) if patient_ids else None
+        records.append(ImageRecord(key=str(path), label=path.parent.name, path=path, patient_id=pid))
+    if not records:
+        raise ProtocolError(f"{root}: no image files found in class folders")
+    return records
+
+
+def patient_map_from_csv(path: str | Path, image_column: str, patient_column: str) -> dict[str, str]:
+    """Read ``image id -> patient id`` from a metadata CSV (e.g. HAM10000's ``lesion_id``)."""
+    path = Path(path)
+    rows = _read_csv(path)
+    for column in (image_column, patient_column):
+        if rows and column not in rows[0]:
+            raise ProtocolError(f"{path}: no column '{column}' (columns: {', '.join(rows[0])})")
+    return {row[image_column].strip(): row[patient_column].strip() for row in rows}
+
+
+def medmnist_records(path: str | Path, splits: tuple[str, ...] = MEDMNIST_SPLITS) -> list[ImageRecord]:
+    """Records from a MedMNIST ``.npz`` (keys ``train_images``, ``train_labels``, ``val_*``, ``test_*``).
+
+    Labels may be 1-D or ``(n, 1)``. Class names come from the ``medmnist`` package's ``INFO``
+    when it is installed (the flag is the file stem, e.g. ``breastmnist``), else ``class_<i>``.
+    MedMNIST carries no patient ids.
+    """
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ProtocolError(f"{path}: cannot read as a MedMNIST .npz ({exc})") from None
+    names = _medmnist_class_names(path.stem)
+    records = []
+    found = False
+    for split in splits:
+        if f"{split}_images" not in data:
+            continue
+        found = True
+        images = data[f"{split}_images"]
+        if f"{split}_labels" not in data:
+            raise ProtocolError(f"{path}: has '{split}_images' but no '{split}_labels'")
+        labels = np.asarray(data[f"{split}_labels"])
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1:
+            raise ProtocolError(f"{path}: '{split}_labels' has shape {labels.shape}; multi-label sets are not supported")
+        if len(labels) != len(images):
+            raise ProtocolError(f"{path}: {len(images)} {split} images but {len(labels)} labels")
+        for i, (image, label) in enumerate(zip(images, labels)):
+            name = names.get(int(label), f"class_{int(label)}")
+            records.append(ImageRecord(key=f"{path}::{split}::{i}", label=name, array=image))
+    if not found:
+        raise ProtocolError(f"{path}: no '<split>_images' arrays (expected MedMNIST keys train_images, ...)")
+    return records
+
+
+def _medmnist_class_names(flag: str) -> dict[int, str]:
+    try:
+        from medmnist import INFO  # optional dependency
+    except ImportError:
+        return {}
+    info = INFO.get(flag.lower())
+    if not info:
+        return {}
+    return {int(k): str(v) for k, v in info["label"].items()}
+
+
+def csv_manifest_records(path: str | Path) -> list[ImageRecord]:
+    """Records from a CSV with columns ``path,label`` and optional ``patient_id``, ``split``.
+
+    Paths are relative to the CSV's folder (absolute paths are kept).
+    """
+    path = Path(path)
+    rows = _read_csv(path)
+    if not rows or "path" not in rows[0] or "label" not in rows[0]:
+        raise ProtocolError(f"{path}: a manifest needs the columns 'path' and 'label'")
+    records = []
+    for line, row in enumerate(rows, start=2):
+        if not (row.get("path") or "").strip() or not (row.get("label") or "").strip():
+            raise ProtocolError(f"{path}, line {line}: empty path or label")
+        file = Path(row["path"].strip())
+        file = file if file.is_absolute() else path.parent / file
+        pid = (row.get("patient_id") or "").strip() or None
+        records.append(ImageRecord(key=str(file), label=row["label"].strip(), path=file, patient_id=pid))
+    return records
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ProtocolError(f"{path}: cannot read CSV ({exc})") from None
+
+
+def load_source(spec: str | Path | Mapping, base: Path | None = None) -> list[ImageRecord]:
+    """Load a source given as a path (folder, ``.npz`` or ``.csv``) or a mapping.
+
+    The mapping form is ``{path: ..., patients: metadata.csv, image_column: image_id,
+    patient_column: lesion_id}`` for class folders whose patient ids live in a metadata CSV.
+    Relative paths are resolved against ``base``.
+    """
+    base = base or Path.cwd()
+    options: Mapping = spec if isinstance(spec, Mapping) else {"path": spec}
+    if "path" not in options:
+        raise ProtocolError(f"source {dict(options)} has no 'path'")
+    path = (base / str(options["path"])).resolve()
+    if not path.exists():
+        raise ProtocolError(f"{path}: source not found")
+    name = path.name.lower()
+    if name.endswith(".npz"):
+        return medmnist_records(path)
+    if name.endswith(".csv"):
+        return csv_manifest_records(path)
+    patients = None
+    if options.get("patients"):
+        patients = patient_map_from_csv(
+            base / str(options["patients"]),
+            image_column=str(options.get("image_column", "image_id")),
+            patient_column=str(options.get("patient_column", "patient_id")),
+        )
+    return class_folder_records(path, patients)

@@ -1,0 +1,63 @@
+"""The interface every meta-learner shares."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class MetaLearner(nn.Module, ABC):
+    """A few-shot classifier around a backbone.
+
+    Life cycle of an episode (and of ``medmeta adapt``)::
+
+        learner.fit_support(support_images, support_labels)   # returns learner
+        logits = learner.predict_query(query_images)          # (n_query, n_way)
+
+    Meta-training calls :meth:`episode_loss`. Methods hold no device logic: the caller moves
+    the learner and the tensors. Hyperparameters are constructor arguments and are stored in
+    checkpoints through :meth:`hparams`.
+    """
+
+    registry_name: str = "base"
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    @abstractmethod
+    def fit_support(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "MetaLearner":
+        """Adapt to a labelled support set.
+
+        Args:
+            support_images: ``(n_support, C, H, W)``.
+            support_labels: ``(n_support,)`` int64 in ``[0, n_way)``; every class present.
+        """
+
+    @abstractmethod
+    def predict_query(self, query_images: torch.Tensor) -> torch.Tensor:
+        """Logits ``(n_query, n_way)`` for ``query_images`` ``(n_query, C, H, W)``."""
+
+    def support_distance(self, query_images: torch.Tensor) -> torch.Tensor:
+        """``(n_query,)`` distance of each query to the adapted support (for out-of-distribution
+        flags); methods without a natural distance return NaN."""
+        return torch.full((query_images.shape[0],), float("nan"), device=query_images.device)
+
+    def episode_loss(
+        self,
+        support_images: torch.Tensor,
+        support_labels: torch.Tensor,
+        query_images: torch.Tensor,
+        query_labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Meta-training loss of one episode and the query logits ``(n_query, n_way)``."""
+        logits = self.fit_support(support_images, support_labels).predict_query(query_images)
+        return F.cross_entropy(logits, query_labels), logits
+
+    def hparams(self) -> dict[str, Any]:
+        """Constructor arguments other than the backbone (JSON-serialisable)."""
+        return {}

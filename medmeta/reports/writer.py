@@ -1,0 +1,117 @@
+"""Batch diagnosis reports: ``predictions.csv``, ``report.json``, ``report.html``, ``rejected.csv``.
+
+Every file is written atomically; the HTML page is self-contained (thumbnails inlined as PNG
+data URIs, no external URLs) and rendered by Jinja2 with autoescaping on.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from medmeta.adapt import AdaptResult
+from medmeta.io import atomic_path, atomic_write_json, atomic_write_text
+
+REPORT_FILES = ("predictions.csv", "report.json", "report.html", "rejected.csv")
+
+
+def write_rejected(out_dir: str | Path, rejected: list[tuple[str, str]]) -> Path:
+    path = Path(out_dir) / "rejected.csv"
+    _write_csv(path, ["path", "reason"], [list(row) for row in rejected])
+    return path
+
+
+def write_reports(result: AdaptResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write all four report files into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in REPORT_FILES}
+    write_rejected(out, result.rejected)
+    header = ["path", "predicted", *[f"p_{c}" for c in result.conditions]]
+    has_labels = any(case.label is not None for case in result.cases)
+    if has_labels:
+        header.append("label")
+    rows = []
+    for case in result.cases:
+        row = [case.path, case.predicted, *[f"{p:.6f}" for p in case.probabilities]]
+        if has_labels:
+            row.append(case.label or "")
+        rows.append(row)
+    _write_csv(paths["predictions.csv"], header, rows)
+    atomic_write_json(paths["report.json"], report_dict(result))
+    atomic_write_text(paths["report.html"], render_html(result))
+    return paths
+
+
+def report_dict(result: AdaptResult) -> dict[str, Any]:
+    return {
+        "metadata": result.metadata,
+        "conditions": result.conditions,
+        "support": result.support,
+        "cases": [
+            {
+                "path": case.path,
+                "predicted": case.predicted,
+                "probabilities": dict(zip(result.conditions, case.probabilities)),
+                "distance_to_support": case.distance,
+                "sha256": case.sha256,
+                **({"label": case.label} if case.label is not None else {}),
+            }
+            for case in result.cases
+        ],
+        "rejected": [{"path": p, "reason": r} for p, r in result.rejected],
+        "metrics": result.metrics,
+    }
+
+
+def render_html(result: AdaptResult) -> str:
+    env = Environment(loader=PackageLoader("medmeta.reports", "templates"), autoescape=select_autoescape(default=True))
+    template = env.get_template("report.html.j2")
+    cases = [
+        {
+            "path": case.path,
+            "predicted": case.predicted,
+            "confidence": max(case.probabilities),
+            "probabilities": list(zip(result.conditions, case.probabilities)),
+            "thumbnail": thumbnail_data_uri(case.image),
+            "label": case.label,
+            "correct": None if case.label is None else case.label == case.predicted,
+        }
+        for case in result.cases
+    ]
+    counts = {c: sum(1 for case in result.cases if case.predicted == c) for c in result.conditions}
+    return template.render(
+        meta=result.metadata,
+        conditions=result.conditions,
+        support=result.support,
+        cases=cases,
+        counts=counts,
+        rejected=result.rejected,
+        metrics=result.metrics,
+    )
+
+
+def thumbnail_data_uri(image: torch.Tensor) -> str:
+    """``(C, H, W)`` in ``[0, 1]`` -> ``data:image/png;base64,...``."""
+    from PIL import Image
+
+    array = (image.detach().cpu().float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    pil = Image.fromarray(array[0]) if array.shape[0] == 1 else Image.fromarray(np.moveaxis(array[:3], 0, -1))
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)

@@ -1,0 +1,52 @@
+"""Everything that defines a training run (stored in checkpoints and resume state)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of ``medmeta train``; ``None`` episode settings come from the protocol.
+
+    The schedule: decode and cache the train/val images, pre-train the backbone as an ordinary
+    classifier over all meta-train classes (``pretrain_epochs``), then meta-train episodically
+    (``episodes``), validating on val-class episodes every ``val_interval`` episodes and keeping
+    the best; finally fit a temperature on separate val-class episodes.
+    """
+
+    protocol: str = "sample_data/protocol.yaml"
+    out: str = "runs/medmeta"
+    method: str = "protonet"
+    backbone: str = "conv4"
+    way: int | None = None
+    shot: int | None = None
+    query: int | None = None
+    episodes: int = 150
+    image_size: int = 64
+    channels: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_step: int = 2000
+    lr_gamma: float = 0.5
+    pretrain_epochs: int = 10
+    pretrain_lr: float = 0.05
+    pretrain_batch_size: int = 64
+    augment: str = "light"
+    val_interval: int = 50
+    val_episodes: int = 100
+    calibration_episodes: int = 200
+    seed: int = 0
+    device: str = "auto"
+    max_minutes: float | None = None
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

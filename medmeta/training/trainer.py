@@ -1,0 +1,378 @@
+"""The training loop: pre-training, episodic meta-training, model selection, calibration, resume."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from medmeta.backbones import create_backbone
+from medmeta.calibration import TemperatureScaler, expected_calibration_error, softmax
+from medmeta.checkpoint import (
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+    save_tensors,
+    update_checkpoint_meta,
+)
+from medmeta.data.augment import Augmenter
+from medmeta.data.episodes import EpisodeSampler
+from medmeta.data.protocol import Protocol, load_protocol
+from medmeta.data.reading import Preprocessing, ScanReader
+from medmeta.data.store import ImageStore
+from medmeta.device import resolve_device
+from medmeta.errors import CheckpointError, ProtocolError
+from medmeta.evaluation import run_episodes, summarize
+from medmeta.io import atomic_write_json
+from medmeta.methods import MetaLearner, create_method
+from medmeta.progress import console, make_progress
+from medmeta.training.config import TrainConfig
+
+STATE_FORMAT = "medmeta-train-state"
+# Seed offsets keep the episode streams of training, model selection and calibration apart.
+VAL_SEED_OFFSET = 1_000_003
+CALIBRATION_SEED_OFFSET = 2_000_003
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    checkpoint: Path
+    best_val: dict[str, float]
+    calibration: dict[str, float]
+    episodes_done: int
+    episodes_per_second: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_learner(config: TrainConfig) -> MetaLearner:
+    backbone = create_backbone(config.backbone, in_channels=config.channels, **config.backbone_kwargs)
+    return create_method(config.method, backbone, **config.method_kwargs)
+
+
+def _episode_shape(config: TrainConfig, protocol: Protocol) -> tuple[int, int, int]:
+    way = config.way or protocol.episodes.way
+    shot = config.shot or max(protocol.episodes.shot)
+    query = config.query or protocol.episodes.query
+    return way, shot, query
+
+
+class _Run:
+    """State of one training run; ``train()`` below is the entry point."""
+
+    def __init__(self, config: TrainConfig, quiet: bool = False):
+        self.config = config
+        self.quiet = quiet
+        self.out = Path(config.out)
+        self.device = resolve_device(config.device)
+        self.protocol = load_protocol(config.protocol)
+        self.way, self.shot, self.query = _episode_shape(config, self.protocol)
+        self.protocol.check_counts(self.shot, self.query, splits=("train",))
+        self.val_way = min(self.way, len(self.protocol.classes["val"]))
+        self.preprocessing = Preprocessing(image_size=config.image_size, channels=config.channels)
+        self.store = ImageStore(ScanReader(self.preprocessing))
+        self.learner = build_learner(config).to(self.device)
+        self.augment = Augmenter(config.augment, seed=config.seed)
+        self.history: list[dict[str, Any]] = []
+        self.best_val: dict[str, float] = {"accuracy": -1.0}
+        self.phase, self.epoch, self.episode = "pretrain", 0, 0
+        self.train_seconds = 0.0
+        self.head: nn.Linear | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+
+    # ---- data ------------------------------------------------------------------------------
+    def load_images(self) -> None:
+        """Decode and cache train and val images once; unreadable files are reported and dropped."""
+        splits = ("train", "val")
+        records = [r for s in splits for c in self.protocol.classes[s] for r in self.protocol.records[c]]
+        with make_progress(transient=True, disable=self.quiet) as progress:
+            task = progress.add_task("Decoding scans", total=len(records), status="")
+            _, bad = self.store.warm(records, on_progress=lambda: progress.advance(task))
+        if bad:
+            console.print(f"[yellow]{len(bad)} unreadable file(s) skipped[/], e.g. {bad[0][0].key}: {bad[0][1]}")
+            bad_keys = {r.key for r, _ in bad}
+            for name in list(self.protocol.records):
+                self.protocol.records[name] = [r for r in self.protocol.records[name] if r.key not in bad_keys]
+            self.protocol.check_counts(self.shot, self.query, splits=("train",))
+        self.train_sampler = EpisodeSampler(self.protocol.split_records("train"), self.way, self.shot, self.query, self.config.seed)
+        self.val_sampler = EpisodeSampler(
+            self.protocol.split_records("val"), self.val_way, self.shot, self.query, self.config.seed + VAL_SEED_OFFSET
+        )
+        self.calibration_sampler = EpisodeSampler(
+            self.protocol.split_records("val"), self.val_way, self.shot, self.query, self.config.seed + CALIBRATION_SEED_OFFSET
+        )
+
+    # ---- optimisers ------------------------------------------------------------------------
+    def start_phase(self, phase: str) -> None:
+        cfg = self.config
+        self.phase = phase
+        if phase == "pretrain":
+            n_classes = len(self.protocol.classes["train"])
+            torch.manual_seed(cfg.seed)
+            self.head = nn.Linear(self.learner.backbone.num_features, n_classes).to(self.device)
+            params = list(self.learner.backbone.parameters()) + list(self.head.parameters())
+            self.optimizer = torch.optim.SGD(params, lr=cfg.pretrain_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, cfg.pretrain_epochs))
+        else:
+            self.head = None
+            self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+
+    # ---- pre-training ----------------------------------------------------------------------
+    def pretrain(self) -> None:
+        cfg = self.config
+        names = self.protocol.classes["train"]
+        records = [r for i, n in enumerate(names) for r in self.protocol.records[n]]
+        labels = torch.tensor([i for i, n in enumerate(names) for _ in self.protocol.records[n]])
+        batch = cfg.pretrain_batch_size
+        n_batches = max(1, len(records) // batch)
+        self.learner.train()
+        assert self.head is not None and self.optimizer is not None
+        with make_progress(disable=self.quiet) as progress:
+            task = progress.add_task("Pre-training", total=cfg.pretrain_epochs * n_batches, completed=self.epoch * n_batches, status="")
+            while self.epoch < cfg.pretrain_epochs:
+                order = np.random.default_rng([cfg.seed, 7, self.epoch]).permutation(len(records))
+                correct = seen = 0
+                started = time.perf_counter()
+                for b in range(n_batches):
+                    idx = order[b * batch : (b + 1) * batch]
+                    images = self.augment(self.store.stack([records[i] for i in idx]), step=(self.epoch + 1) * 1_000_000 + b)
+                    target = labels[idx].to(self.device)
+                    logits = self.head(self.learner.backbone(images.to(self.device)))
+                    loss = F.cross_entropy(logits, target)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    correct += int((logits.argmax(1) == target).sum())
+                    seen += len(idx)
+                    progress.update(task, advance=1, status=f"epoch {self.epoch + 1} loss {loss.item():.3f} acc {correct / seen:.3f}")
+                self.scheduler.step()
+                self.train_seconds += time.perf_counter() - started
+                self.epoch += 1
+                self.save_state()
+        self.validate(label="after pre-training")
+
+    # ---- episodic meta-training ------------------------------------------------------------
+    def meta_train(self) -> None:
+        cfg = self.config
+        assert self.optimizer is not None
+        self.learner.train()
+        losses: list[float] = []
+        accs: list[float] = []
+        episodes_this_session = 0
+        started_session = time.perf_counter()
+        with make_progress(disable=self.quiet) as progress:
+            task = progress.add_task("Meta-training", total=cfg.episodes, completed=self.episode, status="")
+            while self.episode < cfg.episodes:
+                if cfg.max_minutes is not None and self.train_seconds >= cfg.max_minutes * 60:
+                    console.print(f"Time budget of {cfg.max_minutes} min reached at episode {self.episode}.")
+                    break
+                started = time.perf_counter()
+                ep = self.train_sampler.episode(self.episode)
+                images = self.augment(self.store.stack(ep.support + ep.query), step=self.episode)
+                support, query = images[: len(ep.support)].to(self.device), images[len(ep.support) :].to(self.device)
+                loss, logits = self.learner.episode_loss(
+                    support, ep.support_labels.to(self.device), query, ep.query_labels.to(self.device)
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.episode += 1
+                episodes_this_session += 1
+                self.train_seconds += time.perf_counter() - started
+                losses.append(loss.item())
+                accs.append(float((logits.argmax(1).cpu() == ep.query_labels).float().mean()))
+                window = slice(-50, None)
+                progress.update(
+                    task, advance=1, status=f"loss {np.mean(losses[window]):.3f} acc {np.mean(accs[window]):.3f}"
+                )
+                if self.episode % cfg.val_interval == 0 or self.episode == cfg.episodes:
+                    self.validate(label=f"episode {self.episode}")
+                    self.save_state()
+                    self.learner.train()
+        self.episodes_per_second = episodes_this_session / max(1e-9, time.perf_counter() - started_session)
+
+    # ---- model selection ---------------------------------------------------------------------
+    def validate(self, label: str) -> None:
+        cfg = self.config
+        outputs = run_episodes(self.learner, self.store, self.val_sampler, range(cfg.val_episodes), self.device)
+        stats = summarize(outputs)
+        entry = {"phase": self.phase, "epoch": self.epoch, "episode": self.episode, **stats}
+        self.history.append(entry)
+        improved = stats["accuracy"] > self.best_val["accuracy"]
+        if improved:
+            self.best_val = {"accuracy": stats["accuracy"], "accuracy_ci95": stats["accuracy_ci95"], "episode": self.episode, "phase": self.phase}
+            save_checkpoint(self.out / "best.json", self.learner, self.checkpoint_meta())
+        if not self.quiet:
+            mark = " [green](best, saved)[/]" if improved else ""
+            console.print(
+                f"Validation {label}: accuracy {stats['accuracy']:.3f} ± {stats['accuracy_ci95']:.3f} "
+                f"({cfg.val_episodes} {self.val_way}-way {self.shot}-shot episodes on val classes){mark}"
+            )
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "method": {"name": cfg.method, "hparams": self.learner.hparams()},
+            "backbone": {"name": cfg.backbone, "kwargs": {"in_channels": cfg.channels, **cfg.backbone_kwargs}},
+            "preprocessing": self.preprocessing.to_dict(),
+            "protocol": self.protocol.to_dict(),
+            "training": {
+                "config": cfg.to_dict(),
+                "episode_shape": {"way": self.way, "shot": self.shot, "query": self.query},
+                "phase": self.phase,
+                "pretrain_epochs_done": self.epoch,
+                "episodes_done": self.episode,
+                "best_val": self.best_val,
+                "history": self.history,
+                "device": str(self.device),
+            },
+            "calibration": {"method": "none", "temperature": 1.0},
+        }
+
+    # ---- calibration -------------------------------------------------------------------------
+    def calibrate(self) -> dict[str, float]:
+        """Fit a temperature on calibration episodes of val classes; report ECE before/after on
+        the (disjoint) model-selection val episodes as well."""
+        cfg = self.config
+        best = load_tensors(self.out / "best.safetensors")
+        self.learner.load_state_dict(best)
+        fit_out = run_episodes(self.learner, self.store, self.calibration_sampler, range(cfg.calibration_episodes), self.device)
+        logits, labels = fit_out.pooled()
+        scaler = TemperatureScaler().fit(logits, labels)
+        held_out = summarize(
+            run_episodes(self.learner, self.store, self.val_sampler, range(cfg.val_episodes), self.device),
+            temperature=scaler.temperature_,
+        )
+        calibration = {
+            "method": "temperature",
+            "temperature": scaler.temperature_,
+            "fitted_on": f"{cfg.calibration_episodes} val-class episodes ({self.val_way}-way {self.shot}-shot)",
+            "n_bins": 15,
+            "ece_before_fit_episodes": expected_calibration_error(softmax(logits), labels),
+            "ece_after_fit_episodes": expected_calibration_error(softmax(logits / scaler.temperature_), labels),
+            "ece_before_val": held_out["ece_before"],
+            "ece_after_val": held_out["ece_after"],
+        }
+        update_checkpoint_meta(self.out / "best.json", calibration=calibration)
+        return calibration
+
+    # ---- resume state ------------------------------------------------------------------------
+    def save_state(self) -> None:
+        assert self.optimizer is not None
+        tensors = {f"model.{k}": v for k, v in self.learner.state_dict().items()}
+        if self.head is not None:
+            tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        optim_tensors, optim_rest = optimizer_to_tensors(self.optimizer.state_dict(), "optim")
+        tensors.update(optim_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_tensors(self.out / "last.safetensors", tensors)
+        atomic_write_json(
+            self.out / "last.json",
+            {
+                "format": STATE_FORMAT,
+                "config": self.config.to_dict(),
+                "phase": self.phase,
+                "epoch": self.epoch,
+                "episode": self.episode,
+                "train_seconds": self.train_seconds,
+                "optimizer": optim_rest,
+                "scheduler": self.scheduler.state_dict(),
+                "best_val": self.best_val,
+                "history": self.history,
+            },
+        )
+
+    def load_state(self) -> None:
+        path = self.out / "last.json"
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: cannot resume, no readable training state ({exc})") from None
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{path}: not a medmeta training state")
+        tensors = load_tensors(self.out / "last.safetensors")
+        self.learner.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.epoch, self.episode = int(state["epoch"]), int(state["episode"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.best_val, self.history = state["best_val"], state["history"]
+        self.start_phase(state["phase"])
+        if self.head is not None:
+            self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        assert self.optimizer is not None
+        self.optimizer.load_state_dict(optimizer_from_tensors(tensors, state["optimizer"], "optim"))
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+
+
+def _resumed_config(config: TrainConfig) -> TrainConfig:
+    """On resume the stored configuration wins, except the budget and the device."""
+    path = Path(config.out) / "last.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: nothing to resume (no readable training state in {config.out})") from None
+    merged = TrainConfig.from_dict(stored)
+    merged.episodes, merged.device, merged.max_minutes = config.episodes, config.device, config.max_minutes
+    return merged
+
+
+def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
+    """Run (or resume) training as described by ``config``; returns where the checkpoint is."""
+    if resume:
+        config = _resumed_config(config)
+    if config.episodes < 0 or config.pretrain_epochs < 0:
+        raise ProtocolError("episodes and pretrain epochs must be >= 0")
+    torch.manual_seed(config.seed)
+    run = _Run(config, quiet=quiet)
+    run.out.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        console.print(
+            f"Training [bold]{config.method}[/] on {run.protocol.name}: {len(run.protocol.classes['train'])} train / "
+            f"{len(run.protocol.classes['val'])} val / {len(run.protocol.classes['test'])} test classes, "
+            f"{run.way}-way {run.shot}-shot {run.query}-query, device {run.device}"
+        )
+    run.load_images()
+    if resume:
+        run.load_state()
+        if not quiet:
+            console.print(f"Resumed from {run.out / 'last.json'} at {run.phase} epoch {run.epoch}, episode {run.episode}")
+    elif config.pretrain_epochs > 0:
+        run.start_phase("pretrain")
+    else:
+        run.start_phase("episodic")
+        run.validate(label="at initialisation")
+    if run.phase == "pretrain":
+        if run.epoch < config.pretrain_epochs:
+            run.pretrain()
+        run.start_phase("episodic")
+    run.episodes_per_second = 0.0
+    run.meta_train()
+    run.save_state()
+    calibration = run.calibrate()
+    if not quiet:
+        console.print(
+            f"Best val accuracy {run.best_val['accuracy']:.3f} ± {run.best_val.get('accuracy_ci95', float('nan')):.3f} "
+            f"({run.best_val.get('phase')}, episode {run.best_val.get('episode')}). Temperature {calibration['temperature']:.3f}: "
+            f"ECE (15 bins, held-out val episodes) {calibration['ece_before_val']:.3f} -> {calibration['ece_after_val']:.3f}"
+        )
+        console.print(f"Checkpoint: {run.out / 'best.json'} (+ best.safetensors)")
+    return TrainResult(
+        out=run.out,
+        checkpoint=run.out / "best.json",
+        best_val=run.best_val,
+        calibration=calibration,
+        episodes_done=run.episode,
+        episodes_per_second=run.episodes_per_second,
+        history=run.history,
+    )

@@ -1,0 +1,140 @@
+"""The command line, driven through Typer's CliRunner: train, adapt, evaluate and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from medmeta.methods import list_methods
+
+runner = CliRunner()
+SAMPLE_CASES = Path(__file__).resolve().parents[1] / "sample_data" / "cases"
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+@pytest.fixture
+def cases(tmp_path) -> Path:
+    """A private copy of the demo cases folder, safe to damage."""
+    target = tmp_path / "cases"
+    shutil.copytree(SAMPLE_CASES, target)
+    return target
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_train_help_lists_methods_and_options():
+    result = invoke("train", "--help")
+    assert result.exit_code == 0
+    text = plain(result.output)
+    for option in ("--protocol", "--method", "--backbone", "--way", "--shot", "--query", "--episodes", "--image-size", "--device", "--seed", "--out", "--resume"):
+        assert option in text
+    for name in list_methods():
+        assert name in text
+
+
+def test_adapt_on_sample_data_writes_all_four_reports(trained_run, cases, tmp_path):
+    out = tmp_path / "report"
+    result = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--out", out, "--labels", cases / "labels.csv")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "rejected.csv", "report.html", "report.json"]
+    rows = read_csv(out / "predictions.csv")
+    assert len(rows) == 30
+    conditions = ["concentric_rings", "gradient_halo", "triangle_mass"]
+    assert list(rows[0]) == ["path", "predicted", *[f"p_{c}" for c in conditions], "label"]
+    for row in rows:
+        probs = [float(row[f"p_{c}"]) for c in conditions]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert row["predicted"] == conditions[probs.index(max(probs))]
+    assert any(r["path"].startswith("query/patient_") for r in rows)
+    report = json.loads((out / "report.json").read_text())
+    assert report["metadata"]["checkpoint_sha256"] == json.loads((trained_run / "best.json").read_text())["weights"]["sha256"]
+    assert report["metadata"]["temperature"] > 0
+    assert all(len(c["sha256"]) == 64 for c in report["cases"])
+    assert report["metrics"]["n_labelled"] == 30 and report["metrics"]["accuracy"] > 0.5
+    html = (out / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html
+    assert html.count("data:image/png;base64,") == 30
+    assert read_csv(out / "rejected.csv") == []
+
+
+def test_one_bad_scan_is_rejected_and_the_batch_goes_on(trained_run, cases, tmp_path):
+    (cases / "query" / "broken.dcm").write_bytes(b"\x00" * 300)
+    (cases / "query" / "notes.txt").write_text("not a scan")
+    out = tmp_path / "report"
+    result = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--out", out)
+    assert result.exit_code == 0, result.output
+    rejected = {r["path"]: r["reason"] for r in read_csv(out / "rejected.csv")}
+    assert set(rejected) == {"query/broken.dcm", "query/notes.txt"}
+    assert "unsupported file type" in rejected["query/notes.txt"]
+    assert len(read_csv(out / "predictions.csv")) == 30
+    assert "Traceback" not in result.output
+
+
+def test_support_condition_without_readable_scan_is_a_one_line_error(trained_run, cases, tmp_path):
+    for path in (cases / "support" / "triangle_mass").iterdir():
+        path.write_bytes(b"garbage")
+    out = tmp_path / "report"
+    result = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--out", out)
+    assert result.exit_code == 2
+    assert "no readable scan for condition(s) triangle_mass" in plain(result.output)
+    assert "Traceback" not in result.output
+    assert len(read_csv(out / "rejected.csv")) == 5
+
+
+def test_empty_query_folder_is_a_clear_error(trained_run, cases, tmp_path):
+    shutil.rmtree(cases / "query")
+    (cases / "query").mkdir()
+    result = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--out", tmp_path / "r")
+    assert result.exit_code == 2
+    assert "no cases to diagnose" in plain(result.output)
+
+
+def test_not_a_checkpoint_is_a_clear_error(cases, tmp_path):
+    fake = tmp_path / "model.json"
+    fake.write_text('{"weights": "x"}')
+    result = invoke("adapt", "--checkpoint", fake, "--cases", cases)
+    assert result.exit_code == 2
+    assert "not a medmeta checkpoint" in plain(result.output)
+    assert "Traceback" not in result.output
+
+
+def test_missing_cases_folder_is_a_clear_error(trained_run, tmp_path):
+    result = invoke("adapt", "--checkpoint", trained_run, "--cases", tmp_path / "absent")
+    assert result.exit_code == 2 and "cases folder not found" in plain(result.output)
+
+
+def test_evaluate_writes_json(trained_run, tmp_path):
+    result = invoke("evaluate", "--checkpoint", trained_run, "--episodes", 10, "--shot", 1, "--device", "cpu", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "evaluation_3way_1shot.json").read_text())
+    assert stats["episodes"] == 10 and stats["shot"] == 1 and 0 <= stats["accuracy"] <= 1
+
+
+def test_train_refuses_a_bad_protocol_without_traceback(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("sources: {a: missing_folder}\nclasses: {train: [a/x], val: [a/y], test: [a/z]}\n")
+    result = invoke("train", "--protocol", bad, "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "source not found" in plain(result.output) and "Traceback" not in result.output
+
+
+def test_train_refuses_unknown_method(tmp_path):
+    result = invoke("train", "--method", "nope", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "unknown --method" in plain(result.output)

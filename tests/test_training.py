@@ -1,0 +1,79 @@
+"""Training: resume equality, the end-to-end result, checkpoint contents, calibration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medmeta.checkpoint import load_tensors
+from medmeta.evaluation import evaluate_checkpoint
+from medmeta.training import TrainConfig, train
+
+
+def _config(sample_protocol, out, **overrides):
+    base = dict(
+        protocol=str(sample_protocol), out=str(out), episodes=6, pretrain_epochs=0, val_interval=3, val_episodes=4,
+        calibration_episodes=6, image_size=24, device="cpu", seed=5, augment="light",
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, sample_protocol):
+    train(_config(sample_protocol, tmp_path / "straight", episodes=6), quiet=True)
+    train(_config(sample_protocol, tmp_path / "resumed", episodes=3), quiet=True)
+    result = train(_config(sample_protocol, tmp_path / "resumed", episodes=6), resume=True, quiet=True)
+    assert result.episodes_done == 6
+    straight = load_tensors(tmp_path / "straight" / "last.safetensors")
+    resumed = load_tensors(tmp_path / "resumed" / "last.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_after_pretraining_matches_too(tmp_path, sample_protocol):
+    cfg = dict(pretrain_epochs=2, pretrain_batch_size=64, episodes=2, val_interval=2)
+    train(_config(sample_protocol, tmp_path / "a", **cfg), quiet=True)
+    # stop at the boundary between pre-training and episodes (episodes=0), then resume to 2
+    train(_config(sample_protocol, tmp_path / "b", **{**cfg, "episodes": 0}), quiet=True)
+    train(_config(sample_protocol, tmp_path / "b", **cfg), resume=True, quiet=True)
+    a = load_tensors(tmp_path / "a" / "last.safetensors")
+    b = load_tensors(tmp_path / "b" / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_without_state_is_a_clear_error(tmp_path, sample_protocol):
+    from medmeta.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(_config(sample_protocol, tmp_path / "empty"), resume=True, quiet=True)
+
+
+def test_checkpoint_sidecar_records_what_is_needed(trained_run):
+    meta = json.loads((trained_run / "best.json").read_text())
+    assert meta["format"] == "medmeta-checkpoint"
+    assert meta["method"]["name"] == "protonet" and meta["backbone"]["name"] == "conv4"
+    assert meta["preprocessing"]["image_size"] == 48
+    assert meta["protocol"]["classes"]["test"] == ["synth/gradient_halo", "synth/triangle_mass", "synth/concentric_rings"]
+    assert len(meta["weights"]["sha256"]) == 64
+    cal = meta["calibration"]
+    assert cal["method"] == "temperature" and 0.01 < cal["temperature"] < 100
+    assert cal["ece_after_fit_episodes"] <= cal["ece_before_fit_episodes"] + 1e-9
+
+
+def test_short_run_beats_chance_on_unseen_test_conditions(trained_run):
+    stats = evaluate_checkpoint(trained_run, shot=5, episodes=40, seed=0, device="cpu", quiet=True)
+    assert stats["way"] == 3 and stats["episodes"] == 40
+    # chance is 1/3 on the 3 held-out synthetic conditions
+    assert stats["accuracy"] - stats["accuracy_ci95"] > 0.5, stats
+    assert stats["macro_auc"] > 0.7, stats
+
+
+def test_unknown_shot_query_refused_before_training(tmp_path, sample_protocol):
+    from medmeta.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="fewer images than shot"):
+        train(_config(sample_protocol, tmp_path / "x", shot=25, query=10), quiet=True)
