@@ -9,7 +9,6 @@ import typer
 
 from cli.common import user_errors
 from medmeta.evaluation import evaluate_checkpoint
-from medmeta.io import atomic_write_json
 from medmeta.progress import console
 
 
@@ -22,13 +21,11 @@ def evaluate(
     episodes: Annotated[Optional[int], typer.Option(help="Test episodes [default: protocol's test_episodes].")] = None,
     seed: Annotated[int, typer.Option(help="Episode seed (same seed, same episodes for every model).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Folder for evaluation.json.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the results JSON and the episodes' file lists (CSV).")] = None,
 ) -> None:
     """Accuracy (95% CI), macro AUC, ECE/NLL/Brier before and after temperature scaling on test classes."""
     with user_errors():
-        result = evaluate_checkpoint(checkpoint, protocol, way, shot, query, episodes, seed, device)
-        if out is not None:
-            atomic_write_json(out / f"evaluation_{result['way']}way_{result['shot']}shot.json", result)
+        result = evaluate_checkpoint(checkpoint, protocol, way, shot, query, episodes, seed, device, out_dir=out)
     console.print(
         f"{result['method']} on {result['protocol']} test classes, {result['episodes']} {result['way']}-way "
         f"{result['shot']}-shot episodes: accuracy {100 * result['accuracy']:.1f}% ± {100 * result['accuracy_ci95']:.1f}, "

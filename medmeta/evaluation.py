@@ -20,6 +20,7 @@ from medmeta.calibration import (
 )
 from medmeta.data.episodes import EpisodeSampler
 from medmeta.data.store import ImageStore
+from medmeta.io import atomic_write_json
 from medmeta.methods.base import MetaLearner
 
 
@@ -97,11 +98,14 @@ def evaluate_checkpoint(
     seed: int = 0,
     device: str = "auto",
     quiet: bool = False,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Measure a checkpoint on seeded episodes of the protocol's test classes.
 
     The episodes depend only on the protocol, the episode shape and ``seed``, never on the
-    model, so methods are compared on identical episodes.
+    model, so methods are compared on identical episodes. With ``out_dir``, the results are
+    written there as ``evaluation_<way>way_<shot>shot.json`` and the episodes' file lists as
+    ``episodes_<way>way_<shot>shot_seed<seed>.csv``.
     """
     from medmeta.checkpoint import build_learner, load_checkpoint
     from medmeta.data.protocol import load_protocol
@@ -125,6 +129,9 @@ def evaluate_checkpoint(
     learner.to(torch_device)
     store = ImageStore(ScanReader(Preprocessing.from_dict(ckpt.meta["preprocessing"])))
     sampler = EpisodeSampler(proto.split_records("test"), way, shot, query, seed)
+    tag = f"{way}way_{shot}shot"
+    if out_dir is not None:
+        sampler.save_manifest(Path(out_dir) / f"episodes_{tag}_seed{seed}.csv", range(episodes))
     with make_progress(disable=quiet) as progress:
         task = progress.add_task("Evaluating", total=episodes, status="")
 
@@ -134,7 +141,7 @@ def evaluate_checkpoint(
 
         outputs = run_episodes(learner, store, sampler, range(episodes), torch_device, on_episode=tick)
     stats = summarize(outputs, temperature=ckpt.temperature)
-    return {
+    result = {
         "checkpoint": str(ckpt.path),
         "checkpoint_sha256": ckpt.sha256,
         "method": ckpt.meta["method"]["name"],
@@ -147,3 +154,6 @@ def evaluate_checkpoint(
         "seed": seed,
         **stats,
     }
+    if out_dir is not None:
+        atomic_write_json(Path(out_dir) / f"evaluation_{tag}.json", result)
+    return result

@@ -125,6 +125,9 @@ def test_evaluate_writes_json(trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     stats = json.loads((tmp_path / "evaluation_3way_1shot.json").read_text())
     assert stats["episodes"] == 10 and stats["shot"] == 1 and 0 <= stats["accuracy"] <= 1
+    episodes = read_csv(tmp_path / "episodes_3way_1shot_seed0.csv")
+    assert len(episodes) == 10 * 3 * (1 + 10)  # episodes x way x (shot + query)
+    assert {r["role"] for r in episodes} == {"support", "query"}
 
 
 def test_train_refuses_a_bad_protocol_without_traceback(tmp_path):

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
-_METHODS: dict[str, type] = {}
+from medmeta.registry import Registry
 
-
-def register_method(name: str):
-    def decorator(cls):
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is already registered")
-        _METHODS[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return decorator
+METHODS = Registry("method")
+register_method = METHODS.register
 
 
 def create_method(name: str, backbone: nn.Module, **kwargs):
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(list_methods())}")
-    return _METHODS[name](backbone, **kwargs)
+    """Build a registered :class:`~medmeta.methods.base.MetaLearner` around ``backbone``."""
+    return METHODS.create(name, backbone, **kwargs)
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
