@@ -105,6 +105,9 @@ def load_protocol(path: str | Path) -> Protocol:
     for key in ("sources", "classes"):
         if not isinstance(spec.get(key), dict) or not spec[key]:
             raise ProtocolError(f"{path}: missing or empty '{key}'")
+    not_lists = [s for s in SPLITS if spec["classes"].get(s) is not None and not isinstance(spec["classes"][s], list)]
+    if not_lists:
+        raise ProtocolError(f"{path}: classes.{not_lists[0]} must be a list such as [\"source/class\", \"source/*\"]")
     missing_splits = [s for s in SPLITS if not spec["classes"].get(s)]
     if missing_splits:
         raise ProtocolError(f"{path}: 'classes' needs non-empty lists for {', '.join(missing_splits)}")

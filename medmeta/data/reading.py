@@ -12,7 +12,8 @@ image_size)`` with intensities in ``[0, 1]``:
   robust min-max (percentiles) otherwise; MONOCHROME1 DICOM is inverted so bright means dense.
 - channels: grayscale is repeated to 3 channels, RGB is turned to luminance for 1 channel,
   alpha is dropped.
-- size: resized to a square ``image_size`` (bilinear with anti-aliasing).
+- size: resized to a square ``image_size``: area averaging when shrinking (no aliasing, no
+  darkened border), bilinear when enlarging.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ class Preprocessing:
     ct_window: tuple[float, float] = (40.0, 400.0)  # (level, width) in HU
     percentiles: tuple[float, float] = (0.5, 99.5)
 
+    def __post_init__(self) -> None:
+        from medmeta.errors import MedmetaError
+
+        if self.channels not in (1, 3):
+            raise MedmetaError(f"preprocessing channels must be 1 or 3, got {self.channels}")
+        if self.image_size < 2:
+            raise MedmetaError(f"preprocessing image_size must be at least 2, got {self.image_size}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -107,14 +116,19 @@ class ScanReader:
         self._robust = ScaleIntensityRangePercentiles(
             lower=p.percentiles[0], upper=p.percentiles[1], b_min=0.0, b_max=1.0, clip=True, channel_wise=False
         )
-        self._resize = Resize(spatial_size=(p.image_size, p.image_size), mode="bilinear", anti_aliasing=True)
+        self._shrink = Resize(spatial_size=(p.image_size, p.image_size), mode="area")
+        self._enlarge = Resize(spatial_size=(p.image_size, p.image_size), mode="bilinear", align_corners=False)
 
     @staticmethod
     def _make_loaders(LoadImage, NibabelReader, PILReader, PydicomReader) -> dict:
         return {
             "dicom": LoadImage(reader=PydicomReader(swap_ij=False), image_only=True, ensure_channel_first=True),
             "nifti": LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True),
-            "image": LoadImage(reader=PILReader(reverse_indexing=False), image_only=True, ensure_channel_first=True),
+            "image": LoadImage(
+                reader=PILReader(reverse_indexing=False, converter=_pil_to_intensities),
+                image_only=True,
+                ensure_channel_first=True,
+            ),
         }
 
     # -- public -------------------------------------------------------------------------------
@@ -135,21 +149,23 @@ class ScanReader:
         fmt = scan_format(path)
         if fmt is None:
             raise ScanReadError(path, "unsupported file type (expected DICOM, NIfTI, PNG or JPEG)")
-        is_ct, invert = False, False
-        if fmt == "dicom":
-            is_ct, invert = _dicom_header(path)
+        info = _dicom_header(path) if fmt == "dicom" else None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 image = self._loaders[fmt](str(path))
         except Exception as exc:  # every decoder failure becomes one clear line
             raise ScanReadError(path, f"cannot decode as {fmt}: {_first_line(exc)}") from None
-        array = _reduce_to_2d(np.asarray(image, dtype=np.float32))
+        array = np.asarray(image, dtype=np.float32)
+        if info is not None:
+            array = _dicom_to_chw(array, info)
+            if info.invert:
+                array = array.max() - array
+            return array, info.is_ct
+        array = _reduce_to_2d(array)
         if fmt == "nifti":  # voxel (i, j) -> display (row = j, column = i)
             array = np.swapaxes(array, 1, 2)
-        if invert:
-            array = array.max() - array
-        return array, is_ct
+        return array, False
 
     def _preprocess(self, array: np.ndarray, is_ct: bool, label: str) -> torch.Tensor:
         if array.size == 0 or min(array.shape[1:]) < 2:
@@ -163,11 +179,22 @@ class ScanReader:
             if float(array.max()) == float(array.min()):
                 raise ScanReadError(label, "blank image (constant intensity)")
             scaled = self._robust(array)
-        resized = self._resize(torch.as_tensor(np.asarray(scaled), dtype=torch.float32))
-        return torch.as_tensor(resized, dtype=torch.float32).clamp_(0.0, 1.0).contiguous()
+        tensor = torch.as_tensor(np.asarray(scaled), dtype=torch.float32)
+        size = self.preprocessing.image_size
+        resize = self._shrink if min(tensor.shape[1:]) >= size else self._enlarge
+        resized = torch.as_tensor(resize(tensor)).as_subclass(torch.Tensor)  # plain tensor, no MONAI metadata
+        return resized.to(torch.float32).clamp_(0.0, 1.0).contiguous()
 
 
-def _dicom_header(path: Path) -> tuple[bool, bool]:
+@dataclass(frozen=True)
+class _DicomInfo:
+    is_ct: bool
+    invert: bool
+    frames: int
+    samples: int
+
+
+def _dicom_header(path: Path) -> _DicomInfo:
     import pydicom
 
     try:
@@ -178,7 +205,33 @@ def _dicom_header(path: Path) -> tuple[bool, bool]:
         raise ScanReadError(path, "DICOM file has no image (no Rows/PixelData)")
     modality = str(getattr(header, "Modality", "")).upper()
     photometric = str(getattr(header, "PhotometricInterpretation", "")).upper()
-    return modality == "CT", photometric == "MONOCHROME1"
+    try:
+        frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+        samples = int(getattr(header, "SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        frames, samples = 1, 1
+    return _DicomInfo(modality == "CT", photometric == "MONOCHROME1", frames, samples)
+
+
+def _dicom_to_chw(array: np.ndarray, info: _DicomInfo) -> np.ndarray:
+    """MONAI's DICOM array -> ``(C, H, W)``.
+
+    With ``swap_ij=False`` MONAI gives ``(1, H, W)``, ``(1, H, W, samples)`` for colour,
+    ``(1, frames, H, W[, samples])`` for multi-frame: frames first, colour last.
+    """
+    a = array[0] if array.shape[0] == 1 else array
+    if info.frames > 1 and a.ndim >= 3 and a.shape[0] == info.frames:
+        a = a[info.frames // 2]
+    if info.samples > 1 and a.ndim == 3 and a.shape[-1] == info.samples:
+        return np.moveaxis(a, -1, 0)
+    return _reduce_to_2d(a[None])
+
+
+def _pil_to_intensities(image):
+    """Palette, CMYK and other colour-model images -> RGB, so pixels are intensities, not indices."""
+    if image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "RGB", "RGBA"):
+        return image
+    return image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
 
 
 def _reduce_to_2d(array: np.ndarray) -> np.ndarray:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medmeta.data.reading import SIDECAR_SUFFIXES
+from medmeta.data.reading import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, SIDECAR_SUFFIXES
 from medmeta.data.records import ImageRecord
 from medmeta.errors import ProtocolError
 
 MEDMNIST_SPLITS = ("train", "val", "test")
+SCAN_SUFFIXES = (*NIFTI_SUFFIXES, *DICOM_SUFFIXES, *IMAGE_SUFFIXES)
 
 
 def _is_candidate(path: Path) -> bool:
@@ -40,11 +41,21 @@ def class_folder_records(root: str | Path, patient_ids: Mapping[str, str] | None
             continue
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
-        pid = patient_ids.get(path.name.split(".")[0]) if patient_ids else None
+        pid = patient_ids.get(_stem(path)) if patient_ids else None
         records.append(ImageRecord(key=str(path), label=path.parent.name, path=path, patient_id=pid))
     if not records:
         raise ProtocolError(f"{root}: no image files found in class folders")
     return records
+
+
+def _stem(path: Path) -> str:
+    """File name without its scan extension (``.nii.gz`` counts as one). Other dots are kept,
+    so DICOM files named by UID (``1.2.840.1.dcm`` or extension-less) keep their whole UID."""
+    lower = path.name.lower()
+    for suffix in SCAN_SUFFIXES:
+        if lower.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
 
 
 def patient_map_from_csv(path: str | Path, image_column: str, patient_column: str) -> dict[str, str]:
@@ -142,8 +153,8 @@ def load_source(spec: str | Path | Mapping, base: Path | None = None) -> list[Im
     """
     base = base or Path.cwd()
     options: Mapping = spec if isinstance(spec, Mapping) else {"path": spec}
-    if "path" not in options:
-        raise ProtocolError(f"source {dict(options)} has no 'path'")
+    if not options.get("path"):
+        raise ProtocolError("the source has no path (give a folder, a .npz or a .csv)")
     path = (base / str(options["path"])).resolve()
     if not path.exists():
         raise ProtocolError(f"{path}: source not found")
