@@ -27,7 +27,10 @@ def train(
     pretrain_epochs: Annotated[int, typer.Option(help="Epochs of backbone pre-training on all meta-train classes (0 = none).")] = _DEFAULTS.pretrain_epochs,
     image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = _DEFAULTS.image_size,
     channels: Annotated[int, typer.Option(help="Input channels: 3 (RGB) or 1 (grayscale).")] = _DEFAULTS.channels,
+    meta_batch: Annotated[int, typer.Option(help="Episodes (tasks) averaged per optimiser step.")] = _DEFAULTS.meta_batch,
     lr: Annotated[float, typer.Option(help="Adam learning rate of episodic training.")] = _DEFAULTS.lr,
+    method_option: Annotated[Optional[list[str]], typer.Option(help="Method hyperparameter KEY=VALUE (repeatable), e.g. inner_steps=5.")] = None,
+    backbone_option: Annotated[Optional[list[str]], typer.Option(help="Backbone argument KEY=VALUE (repeatable), e.g. norm_kind=group.")] = None,
     augment: Annotated[str, typer.Option(help="Augmentation: none, light, strong.")] = _DEFAULTS.augment,
     val_interval: Annotated[int, typer.Option(help="Validate on val classes every N episodes.")] = _DEFAULTS.val_interval,
     val_episodes: Annotated[int, typer.Option(help="Episodes per validation.")] = _DEFAULTS.val_episodes,
@@ -45,12 +48,33 @@ def train(
     config = TrainConfig(
         protocol=str(protocol), out=str(out), method=method, backbone=backbone, way=way, shot=shot, query=query,
         episodes=episodes, pretrain_epochs=pretrain_epochs, image_size=image_size, channels=channels, lr=lr,
+        meta_batch=meta_batch,
         augment=augment, val_interval=val_interval, val_episodes=val_episodes,
         calibration_episodes=calibration_episodes, max_minutes=max_minutes, device=device, seed=seed,
     )
     with user_errors():
+        config.method_kwargs = parse_key_values(method_option or [], "--method-option")
+        config.backbone_kwargs = parse_key_values(backbone_option or [], "--backbone-option")
         _validate_choices(config)
         run_training(config, resume=resume)
+
+
+def parse_key_values(items: list[str], option: str) -> dict:
+    """``["inner_steps=5", "first_order=true"]`` -> ``{"inner_steps": 5, "first_order": True}`` (YAML scalars)."""
+    import yaml
+
+    from medmeta.errors import MedmetaError
+
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MedmetaError(f"{option} expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise MedmetaError(f"{option} {item!r}: cannot parse the value") from None
+    return parsed
 
 
 def _validate_choices(config: TrainConfig) -> None:

@@ -24,9 +24,12 @@ class Registry:
         return decorator
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name)(*args, **kwargs)
+
+    def get(self, name: str) -> type:
         if name not in self._classes:
             raise ValueError(f"unknown {self.kind} {name!r}; choose from {', '.join(self.names())}")
-        return self._classes[name](*args, **kwargs)
+        return self._classes[name]
 
     def names(self) -> list[str]:
         return sorted(self._classes)

@@ -21,9 +21,19 @@ class MetaLearner(nn.Module, ABC):
     Meta-training calls :meth:`episode_loss`. Methods hold no device logic: the caller moves
     the learner and the tensors. Hyperparameters are constructor arguments and are stored in
     checkpoints through :meth:`hparams`.
+
+    Contract shared by every method:
+
+    - any number of classes (``n_way``) at adaptation, whatever ``way`` it was trained with;
+    - :meth:`fit_support` may be called under ``torch.no_grad()`` (evaluation, ``adapt``);
+      methods that adapt by gradient steps enable autograd inside it themselves and never
+      modify their own parameters (the checkpoint is unchanged by adaptation);
+    - ``backbone_defaults`` are keyword arguments the training loop passes to the backbone
+      unless the user overrides them (e.g. a normalisation without running statistics).
     """
 
     registry_name: str = "base"
+    backbone_defaults: dict[str, Any] = {}
 
     def __init__(self, backbone: nn.Module):
         super().__init__()

@@ -26,6 +26,7 @@ class TrainConfig:
     episodes: int = 150
     image_size: int = 64
     channels: int = 3
+    meta_batch: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
     lr_step: int = 2000

@@ -29,7 +29,7 @@ from medmeta.data.protocol import Protocol, load_protocol
 from medmeta.data.reading import Preprocessing, ScanReader
 from medmeta.data.store import ImageStore
 from medmeta.device import resolve_device
-from medmeta.errors import CheckpointError, ProtocolError
+from medmeta.errors import CheckpointError, MedmetaError, ProtocolError
 from medmeta.evaluation import run_episodes, summarize
 from medmeta.io import atomic_write_json
 from medmeta.methods import MetaLearner, create_method
@@ -53,9 +53,20 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def backbone_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The method's backbone defaults, overridden by the user's ``backbone_kwargs``."""
+    from medmeta.methods.registry import METHODS
+
+    defaults = dict(getattr(METHODS.get(config.method), "backbone_defaults", {}))
+    return {"in_channels": config.channels, **defaults, **config.backbone_kwargs}
+
+
 def build_learner(config: TrainConfig) -> MetaLearner:
-    backbone = create_backbone(config.backbone, in_channels=config.channels, **config.backbone_kwargs)
-    return create_method(config.method, backbone, **config.method_kwargs)
+    try:
+        backbone = create_backbone(config.backbone, **backbone_kwargs(config))
+        return create_method(config.method, backbone, **config.method_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise MedmetaError(f"cannot build {config.method} on {config.backbone}: {exc}") from None
 
 
 def _episode_shape(config: TrainConfig, protocol: Protocol) -> tuple[int, int, int]:
@@ -177,26 +188,34 @@ class _Run:
                     console.print(f"Time budget of {cfg.max_minutes} min reached at episode {self.episode}.")
                     break
                 started = time.perf_counter()
-                ep = self.train_sampler.episode(self.episode)
-                images = self.augment(self.store.stack(ep.support + ep.query), step=self.episode)
-                support, query = images[: len(ep.support)].to(self.device), images[len(ep.support) :].to(self.device)
-                loss, logits = self.learner.episode_loss(
-                    support, ep.support_labels.to(self.device), query, ep.query_labels.to(self.device)
-                )
+                # one optimiser step per meta-batch of episodes (the mean of their losses)
+                batch = range(self.episode, min(self.episode + cfg.meta_batch, cfg.episodes))
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                step_losses, step_accs = [], []
+                for index in batch:
+                    ep = self.train_sampler.episode(index)
+                    images = self.augment(self.store.stack(ep.support + ep.query), step=index)
+                    support, query = images[: len(ep.support)].to(self.device), images[len(ep.support) :].to(self.device)
+                    loss, logits = self.learner.episode_loss(
+                        support, ep.support_labels.to(self.device), query, ep.query_labels.to(self.device)
+                    )
+                    (loss / len(batch)).backward()
+                    step_losses.append(loss.item())
+                    step_accs.append(float((logits.argmax(1).cpu() == ep.query_labels).float().mean()))
                 self.optimizer.step()
-                self.scheduler.step()
-                self.episode += 1
-                episodes_this_session += 1
+                for _ in batch:
+                    self.scheduler.step()
+                previous = self.episode
+                self.episode += len(batch)
+                episodes_this_session += len(batch)
                 self.train_seconds += time.perf_counter() - started
-                losses.append(loss.item())
-                accs.append(float((logits.argmax(1).cpu() == ep.query_labels).float().mean()))
+                losses += step_losses
+                accs += step_accs
                 window = slice(-50, None)
                 progress.update(
-                    task, advance=1, status=f"loss {np.mean(losses[window]):.3f} acc {np.mean(accs[window]):.3f}"
+                    task, advance=len(batch), status=f"loss {np.mean(losses[window]):.3f} acc {np.mean(accs[window]):.3f}"
                 )
-                if self.episode % cfg.val_interval == 0 or self.episode == cfg.episodes:
+                if self.episode // cfg.val_interval > previous // cfg.val_interval or self.episode == cfg.episodes:
                     self.validate(label=f"episode {self.episode}")
                     self.save_state()
                     self.learner.train()
@@ -224,7 +243,7 @@ class _Run:
         cfg = self.config
         return {
             "method": {"name": cfg.method, "hparams": self.learner.hparams()},
-            "backbone": {"name": cfg.backbone, "kwargs": {"in_channels": cfg.channels, **cfg.backbone_kwargs}},
+            "backbone": {"name": cfg.backbone, "kwargs": backbone_kwargs(cfg)},
             "preprocessing": self.preprocessing.to_dict(),
             "protocol": self.protocol.to_dict(),
             "training": {
