@@ -141,3 +141,23 @@ def test_train_refuses_a_bad_protocol_without_traceback(tmp_path):
 def test_train_refuses_unknown_method(tmp_path):
     result = invoke("train", "--method", "nope", "--out", tmp_path / "run")
     assert result.exit_code == 2 and "unknown --method" in plain(result.output)
+
+
+def test_key_value_options_are_parsed_as_yaml_scalars():
+    from cli.train import parse_key_values
+    from medmeta.errors import MedmetaError
+
+    assert parse_key_values(["inner_steps=5", "first_order=true", "inner_lr=0.01", "norm_kind=group"], "--x") == {
+        "inner_steps": 5,
+        "first_order": True,
+        "inner_lr": 0.01,
+        "norm_kind": "group",
+    }
+    with pytest.raises(MedmetaError, match="KEY=VALUE"):
+        parse_key_values(["oops"], "--method-option")
+
+
+def test_train_refuses_an_option_the_method_does_not_take(tmp_path):
+    result = invoke("train", "--method-option", "bogus=1", "--out", tmp_path / "run", "--episodes", 1, "--pretrain-epochs", 0)
+    assert result.exit_code == 2
+    assert "cannot build protonet" in plain(result.output) and "Traceback" not in result.output
