@@ -36,6 +36,7 @@ def train(
     val_episodes: Annotated[int, typer.Option(help="Episodes per validation.")] = _DEFAULTS.val_episodes,
     calibration_episodes: Annotated[int, typer.Option(help="Val-class episodes to fit the temperature on.")] = _DEFAULTS.calibration_episodes,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop episodic training after this many training minutes.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start the backbone from this checkpoint's backbone (same architecture).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _DEFAULTS.device,
     seed: Annotated[int, typer.Option(help="Seed of episodes, augmentation and initialisation.")] = _DEFAULTS.seed,
     out: Annotated[Path, typer.Option(help="Run folder: best.safetensors/best.json, last.* for --resume.")] = Path(_DEFAULTS.out),
@@ -48,7 +49,7 @@ def train(
     config = TrainConfig(
         protocol=str(protocol), out=str(out), method=method, backbone=backbone, way=way, shot=shot, query=query,
         episodes=episodes, pretrain_epochs=pretrain_epochs, image_size=image_size, channels=channels, lr=lr,
-        meta_batch=meta_batch,
+        meta_batch=meta_batch, init_from=str(init_from) if init_from else None,
         augment=augment, val_interval=val_interval, val_episodes=val_episodes,
         calibration_episodes=calibration_episodes, max_minutes=max_minutes, device=device, seed=seed,
     )

@@ -77,3 +77,19 @@ def test_unknown_shot_query_refused_before_training(tmp_path, sample_protocol):
 
     with pytest.raises(ProtocolError, match="fewer images than shot"):
         train(_config(sample_protocol, tmp_path / "x", shot=25, query=10), quiet=True)
+
+
+def test_init_from_copies_the_backbone_and_refuses_another_architecture(tmp_path, trained_run, sample_protocol):
+    from medmeta.checkpoint import load_checkpoint
+    from medmeta.errors import CheckpointError
+    from medmeta.training.trainer import build_learner, init_backbone
+
+    config = _config(sample_protocol, tmp_path / "x", image_size=48, init_from=str(trained_run / "best.json"))
+    learner = build_learner(config)
+    init_backbone(learner, config)
+    source = load_checkpoint(trained_run).tensors
+    for key, value in learner.backbone.state_dict().items():
+        torch.testing.assert_close(value, source[f"backbone.{key}"], rtol=0, atol=0)
+    other = _config(sample_protocol, tmp_path / "y", init_from=str(trained_run / "best.json"), backbone_kwargs={"hidden": 32})
+    with pytest.raises(CheckpointError, match="differs"):
+        init_backbone(build_learner(other), other)

@@ -13,7 +13,9 @@ class TrainConfig:
     The schedule: decode and cache the train/val images, pre-train the backbone as an ordinary
     classifier over all meta-train classes (``pretrain_epochs``), then meta-train episodically
     (``episodes``), validating on val-class episodes every ``val_interval`` episodes and keeping
-    the best; finally fit a temperature on separate val-class episodes.
+    the best; finally fit a temperature on separate val-class episodes. ``init_from`` starts the
+    backbone from another checkpoint's backbone (same architecture), e.g. one pre-trained
+    backbone shared by several methods.
     """
 
     protocol: str = "sample_data/protocol.yaml"
@@ -41,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_minutes: float | None = None
+    init_from: str | None = None
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 

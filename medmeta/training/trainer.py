@@ -69,6 +69,22 @@ def build_learner(config: TrainConfig) -> MetaLearner:
         raise MedmetaError(f"cannot build {config.method} on {config.backbone}: {exc}") from None
 
 
+def init_backbone(learner: MetaLearner, config: TrainConfig) -> None:
+    """Copy the backbone weights of the checkpoint ``config.init_from`` into ``learner``."""
+    from medmeta.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(config.init_from)
+    theirs = ckpt.meta.get("backbone", {})
+    ours = {"name": config.backbone, "kwargs": backbone_kwargs(config)}
+    if theirs.get("name") != ours["name"] or theirs.get("kwargs") != ours["kwargs"]:
+        raise CheckpointError(
+            f"{ckpt.path}: its backbone {theirs.get('name')} {theirs.get('kwargs')} differs from this run's "
+            f"{ours['name']} {ours['kwargs']}"
+        )
+    weights = {k[len("backbone.") :]: v for k, v in ckpt.tensors.items() if k.startswith("backbone.")}
+    learner.backbone.load_state_dict(weights, strict=True)
+
+
 def _episode_shape(config: TrainConfig, protocol: Protocol) -> tuple[int, int, int]:
     way = config.way or protocol.episodes.way
     shot = config.shot or max(protocol.episodes.shot)
@@ -90,7 +106,10 @@ class _Run:
         self.val_way = min(self.way, len(self.protocol.classes["val"]))
         self.preprocessing = Preprocessing(image_size=config.image_size, channels=config.channels)
         self.store = ImageStore(ScanReader(self.preprocessing))
-        self.learner = build_learner(config).to(self.device)
+        self.learner = build_learner(config)
+        if config.init_from:
+            init_backbone(self.learner, config)
+        self.learner.to(self.device)
         self.augment = Augmenter(config.augment, seed=config.seed)
         self.history: list[dict[str, Any]] = []
         self.best_val: dict[str, float] = {"accuracy": -1.0}
