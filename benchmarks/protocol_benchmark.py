@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+from cli.train import parse_key_values
 from medmeta.data.protocol import load_protocol
 from medmeta.evaluation import evaluate_checkpoint
 from medmeta.io import atomic_write_json
@@ -37,6 +38,11 @@ def main() -> None:
     parser.add_argument("--val-interval", type=int, default=250)
     parser.add_argument("--lr-step", type=int, default=1000)
     parser.add_argument("--augment", default="light")
+    parser.add_argument("--meta-batch", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--init-from", default=None, help="start the backbone from this checkpoint")
+    parser.add_argument("--method-option", action="append", default=[], help="KEY=VALUE (repeatable)")
+    parser.add_argument("--backbone-option", action="append", default=[], help="KEY=VALUE (repeatable)")
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--eval-episodes", type=int, default=None)
     parser.add_argument("--skip-train", action="store_true", help="evaluate the checkpoint already in --out")
@@ -50,7 +56,10 @@ def main() -> None:
             protocol=args.protocol, out=str(out), method=args.method, backbone=args.backbone,
             image_size=args.image_size, episodes=args.episodes, max_minutes=args.max_minutes,
             pretrain_epochs=args.pretrain_epochs, shot=args.shot, val_interval=args.val_interval,
-            lr_step=args.lr_step, augment=args.augment,
+            lr_step=args.lr_step, augment=args.augment, meta_batch=args.meta_batch, lr=args.lr,
+            init_from=args.init_from,
+            method_kwargs=parse_key_values(args.method_option, "--method-option"),
+            backbone_kwargs=parse_key_values(args.backbone_option, "--backbone-option"),
         )
         started = time.perf_counter()
         result = train(config)
