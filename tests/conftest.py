@@ -21,6 +21,11 @@ def require_shared(*parts: str) -> Path:
     return path
 
 
+def require_dataset(*parts: str) -> Path:
+    """Path under ``../shared/datasets``; skips the test with the reason when it is absent."""
+    return require_shared("datasets", *parts)
+
+
 @pytest.fixture(scope="session")
 def sample_protocol() -> Path:
     return SAMPLE_DATA / "protocol.yaml"

@@ -18,16 +18,12 @@ from medmeta.data.records import ImageRecord
 from medmeta.data.sources import class_folder_records, patient_map_from_csv
 from medmeta.data.store import ImageStore
 from medmeta.errors import ProtocolError, ScanReadError
+from conftest import require_dataset as shared
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
 
 
-def shared(*parts: str) -> Path:
-    path = DATASETS.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared dataset not available: {path} (only on the project's machines)")
-    return path
 
 
 def synthetic_classes(n_classes: int = 6, per_class: int = 12) -> dict[str, list[ImageRecord]]:

@@ -24,6 +24,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCapture
 
 from medmeta.data.reading import Preprocessing, ScanReader, scan_format
 from medmeta.errors import MedmetaError, ScanReadError
+from conftest import require_dataset as shared
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -41,11 +42,6 @@ def reader(image_size: int = 32, channels: int = 3, ct_window: tuple[float, floa
     return ScanReader(Preprocessing(image_size=image_size, channels=channels, ct_window=ct_window))
 
 
-def shared(*parts: str) -> Path:
-    path = DATASETS.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared dataset not available: {path} (only on the project's machines)")
-    return path
 
 
 def pydicom_file(name: str) -> Path:

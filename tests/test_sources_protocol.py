@@ -23,17 +23,13 @@ from medmeta.data.sources import (
     patient_map_from_csv,
 )
 from medmeta.errors import MedmetaError, ProtocolError
+from conftest import require_shared as shared
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATASETS = SHARED / "datasets"
 
 
-def shared(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data not available: {path} (only on the project's machines)")
-    return path
 
 
 # -- builders --------------------------------------------------------------------------------
