@@ -20,12 +20,13 @@ def adapt(
     out: Annotated[Optional[Path], typer.Option(help="Report folder [default: CASES/medmeta-report].")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="CSV path,label (paths relative to CASES) to score the batch.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    stability: Annotated[bool, typer.Option(help="Leave-one-out stability per case (one refit per support scan; needs 2+ scans per condition).")] = True,
 ) -> None:
     """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html, rejected.csv."""
     out_dir = out or cases / "medmeta-report"
     with user_errors():
         try:
-            result = run_adapt(checkpoint, cases, labels=labels, device=device)
+            result = run_adapt(checkpoint, cases, labels=labels, device=device, stability=stability)
         except CasesError as exc:
             if exc.rejected:
                 write_rejected(out_dir, exc.rejected)
@@ -35,6 +36,10 @@ def adapt(
     for path, reason in result.rejected:
         console.print(f"[yellow]rejected[/] {path}: {reason}", highlight=False)
     summary = f"Diagnosed {len(result.cases)} case(s) among {len(result.conditions)} conditions"
+    if result.metadata.get("referral") is not None:
+        summary += f", {sum(case.refer for case in result.cases)} referred for review"
     if result.metrics and "accuracy" in result.metrics:
         summary += f"; accuracy {result.metrics['accuracy']:.3f}, ECE {result.metrics['ece']:.3f} on {result.metrics['n_labelled']} labelled"
     console.print(summary + f". Reports in {out_dir}/", highlight=False)
+    for note in result.metadata.get("notes", []):
+        console.print(f"[yellow]note[/] {note}", highlight=False)

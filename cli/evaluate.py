@@ -21,9 +21,10 @@ def evaluate(
     episodes: Annotated[Optional[int], typer.Option(help="Test episodes [default: protocol's test_episodes].")] = None,
     seed: Annotated[int, typer.Option(help="Episode seed (same seed, same episodes for every model).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the results JSON and the episodes' file lists (CSV).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the results JSON, reliability and risk-coverage PNGs and the episodes' file lists (CSV).")] = None,
 ) -> None:
-    """Accuracy (95% CI), macro AUC, ECE/NLL/Brier before and after temperature scaling on test classes."""
+    """Accuracy (95% CI), macro AUC, ECE/MCE/NLL/Brier before and after temperature scaling, per-class
+    recall, conformal coverage and set size, referral and risk-coverage (AURC) on test classes."""
     with user_errors():
         result = evaluate_checkpoint(checkpoint, protocol, way, shot, query, episodes, seed, device, out_dir=out)
     console.print(
@@ -33,3 +34,20 @@ def evaluate(
         f"(T = {result['temperature']:.3f}), NLL {result['nll_before']:.3f} -> {result['nll_after']:.3f}",
         highlight=False,
     )
+    line = f"MCE {result['mce_before']:.3f} -> {result['mce_after']:.3f}, AURC {result['aurc']:.3f}"
+    if result["coverage"] is not None:
+        line += (
+            f"; prediction sets: coverage {100 * result['coverage']:.1f}% (target {100 * result['coverage_target']:.0f}%), "
+            f"mean size {result['mean_set_size']:.2f}"
+        )
+    if result["referral_rate"] is not None:
+        line += (
+            f"; referred {100 * result['referral_rate']:.1f}%, accuracy of the others "
+            f"{100 * result['accuracy_not_referred']:.1f}%"
+        )
+    console.print(line, highlight=False)
+    if result["per_class_recall"]:
+        recalls = ", ".join(f"{name} {100 * r:.1f}%" for name, r in result["per_class_recall"].items())
+        console.print(f"Recall per class: {recalls}", highlight=False)
+    for note in result["notes"]:
+        console.print(f"[yellow]note[/] {note}", highlight=False)

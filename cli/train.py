@@ -35,6 +35,10 @@ def train(
     val_interval: Annotated[int, typer.Option(help="Validate on val classes every N episodes.")] = _DEFAULTS.val_interval,
     val_episodes: Annotated[int, typer.Option(help="Episodes per validation.")] = _DEFAULTS.val_episodes,
     calibration_episodes: Annotated[int, typer.Option(help="Val-class episodes to fit the temperature on.")] = _DEFAULTS.calibration_episodes,
+    conformal_score: Annotated[str, typer.Option(help="Conformal score of the prediction sets: lac (1 - p_true) or aps (cumulative sorted mass).")] = _DEFAULTS.conformal_score,
+    coverage: Annotated[float, typer.Option(help="Target coverage of the prediction sets, e.g. 0.9.")] = _DEFAULTS.coverage,
+    class_conditional: Annotated[bool, typer.Option("--class-conditional", help="Mondrian conformal over the val classes; apply the largest per-class threshold.")] = _DEFAULTS.class_conditional,
+    refer_share: Annotated[float, typer.Option(help="Share of in-distribution (val) cases the distance threshold refers, e.g. 0.05.")] = _DEFAULTS.refer_share,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop episodic training after this many training minutes.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start the backbone from this checkpoint's backbone (same architecture).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _DEFAULTS.device,
@@ -52,6 +56,7 @@ def train(
         meta_batch=meta_batch, init_from=str(init_from) if init_from else None,
         augment=augment, val_interval=val_interval, val_episodes=val_episodes,
         calibration_episodes=calibration_episodes, max_minutes=max_minutes, device=device, seed=seed,
+        conformal_score=conformal_score, coverage=coverage, class_conditional=class_conditional, refer_share=refer_share,
     )
     with user_errors():
         config.method_kwargs = parse_key_values(method_option or [], "--method-option")
@@ -81,6 +86,7 @@ def parse_key_values(items: list[str], option: str) -> dict:
 def _validate_choices(config: TrainConfig) -> None:
     from medmeta.data.augment import AUGMENTATIONS
     from medmeta.errors import MedmetaError
+    from medmeta.training.trainer import check_calibration_settings
 
     if config.method not in list_methods():
         raise MedmetaError(f"unknown --method {config.method!r}; choose from {', '.join(list_methods())}")
@@ -92,3 +98,4 @@ def _validate_choices(config: TrainConfig) -> None:
         raise MedmetaError("--channels must be 1 or 3")
     if config.image_size < 16:
         raise MedmetaError("--image-size must be at least 16")
+    check_calibration_settings(config)

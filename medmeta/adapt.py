@@ -7,6 +7,13 @@ Cases folder layout::
       query/<scans or patient folders>     the unlabelled cases to diagnose
 
 Unreadable files are reported (``rejected.csv``) and skipped; one bad scan never stops a batch.
+
+Besides temperature-scaled probabilities, every case gets the conformal prediction set stored
+in the checkpoint (the conditions compatible with the scan at the target coverage), a referral
+flag with its reasons (a set that is not a single condition, or a scan far from the support
+scans), and, when every condition has at least two support scans, a stability value: the
+largest change of any of its probabilities when one support scan is left out. See
+``docs/calibration.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import numpy as np
 import torch
 
 import medmeta
-from medmeta.calibration import expected_calibration_error, softmax
+from medmeta.calibration import expected_calibration_error, referral, softmax
 from medmeta.checkpoint import build_learner, load_checkpoint
 from medmeta.data.reading import Preprocessing, ScanReader
 from medmeta.device import resolve_device
@@ -31,7 +38,11 @@ from medmeta.io import sha256_file
 
 @dataclass
 class CaseResult:
-    """One diagnosed case. ``probabilities`` are temperature-scaled, in ``conditions`` order."""
+    """One diagnosed case. ``probabilities`` are temperature-scaled, in ``conditions`` order.
+
+    ``prediction_set`` is None when the checkpoint has no conformal calibration;
+    ``stability_max_change`` is None when some condition has a single support scan (or the
+    check was switched off)."""
 
     path: str
     predicted: str
@@ -40,6 +51,10 @@ class CaseResult:
     distance: float
     image: torch.Tensor = field(repr=False)
     label: str | None = None
+    prediction_set: list[str] | None = None
+    refer: bool = False
+    refer_reason: str = ""
+    stability_max_change: float | None = None
 
 
 @dataclass
@@ -101,8 +116,13 @@ def adapt(
     labels: str | Path | None = None,
     device: str = "auto",
     batch_size: int = 64,
+    stability: bool = True,
 ) -> AdaptResult:
-    """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``."""
+    """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``.
+
+    With ``stability`` (and at least two support scans per condition) the support is refitted
+    once per support scan, without it, to measure each case's leave-one-out stability.
+    """
     root = Path(cases_dir)
     ckpt = load_checkpoint(checkpoint)
     learner = build_learner(ckpt)
@@ -143,17 +163,35 @@ def adapt(
         raise CasesError(f"{root / 'query'}: none of the {len(query_files)} case file(s) could be read", rejected)
 
     temperature = ckpt.temperature
+    support_x, support_y = torch.stack(support_images), torch.tensor(support_labels)
+    query_x = torch.stack([img for _, img in queries])
     learner.eval()
-    with torch.no_grad():
-        learner.fit_support(torch.stack(support_images).to(torch_device), torch.tensor(support_labels, device=torch_device))
-        logits_parts, distance_parts = [], []
-        for start in range(0, len(queries), batch_size):
-            batch = torch.stack([img for _, img in queries[start : start + batch_size]]).to(torch_device)
-            logits_parts.append(learner.predict_query(batch).double().cpu())
-            distance_parts.append(learner.support_distance(batch).double().cpu())
-    logits = torch.cat(logits_parts).numpy()
-    distances = torch.cat(distance_parts).numpy()
+    logits, distances = predict_cases(learner, support_x, support_y, query_x, torch_device, batch_size)
     probs = softmax(logits / temperature)
+
+    notes: list[str] = []
+    conformal, distance_threshold = ckpt.conformal, ckpt.distance_threshold
+    sets = conformal.predict_sets(probs) if conformal is not None else None
+    if conformal is None:
+        notes.append("The checkpoint has no conformal calibration (trained before medmeta had it): no prediction sets.")
+    if distance_threshold is None:
+        notes.append("The checkpoint has no referral distance threshold: no out-of-distribution flags.")
+    elif np.isnan(distance_threshold):
+        notes.append(f"{ckpt.meta['method']['name']} gives no distance to the support: no out-of-distribution flags.")
+    refer, reasons = referral(sets, distances, distance_threshold, conditions)
+
+    min_support = min(len(support_info[c]) for c in conditions)
+    changes: np.ndarray | None = None
+    if not stability:
+        notes.append("Leave-one-out stability was not computed (switched off).")
+    elif min_support < 2:
+        single = [c for c in conditions if len(support_info[c]) < 2]
+        notes.append(
+            f"Leave-one-out stability was not computed: condition(s) {', '.join(single)} have a single support scan "
+            "(leaving it out would remove the condition)."
+        )
+    else:
+        changes = leave_one_out_stability(learner, support_x, support_y, query_x, temperature, torch_device, batch_size)
 
     cases = [
         CaseResult(
@@ -164,8 +202,12 @@ def adapt(
             distance=float(d),
             image=image,
             label=label_map.get(rel(path)),
+            prediction_set=[c for c, inside in zip(conditions, sets[i]) if inside] if sets is not None else None,
+            refer=bool(refer[i]),
+            refer_reason=reasons[i],
+            stability_max_change=float(changes[i]) if changes is not None else None,
         )
-        for (path, image), p, d in zip(queries, probs, distances)
+        for i, ((path, image), p, d) in enumerate(zip(queries, probs, distances))
     ]
     metadata = {
         "medmeta_version": medmeta.__version__,
@@ -175,6 +217,20 @@ def adapt(
         "method": ckpt.meta["method"]["name"],
         "backbone": ckpt.meta["backbone"]["name"],
         "temperature": temperature,
+        "conformal": conformal.to_dict() if conformal is not None else None,
+        "referral": None
+        if distance_threshold is None and conformal is None
+        else {
+            # None when nothing is flagged on distance (no distance, no threshold, or share 0)
+            "distance_threshold": distance_threshold if distance_threshold is not None and np.isfinite(distance_threshold) else None,
+            "share": ckpt.meta.get("calibration", {}).get("referral", {}).get("share"),
+        },
+        "stability": {
+            "computed": changes is not None,
+            "min_support_scans_per_condition": min_support,
+            "refits": len(support_labels) if changes is not None else 0,
+        },
+        "notes": notes,
         "preprocessing": preprocessing.to_dict(),
         "cases_dir": str(root.resolve()),
         "device": str(torch_device),
@@ -185,8 +241,65 @@ def adapt(
     return result
 
 
+@torch.no_grad()
+def predict_cases(
+    learner,
+    support_images: torch.Tensor,
+    support_labels: torch.Tensor,
+    query_images: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit ``learner`` to the support (``(n_support, C, H, W)`` images, ``(n_support,)`` labels)
+    and predict ``query_images`` ``(n_query, C, H, W)`` in batches: logits ``(n_query, n_way)``
+    and support distances ``(n_query,)``, float64 on the CPU."""
+    learner.fit_support(support_images.to(device), support_labels.to(device))
+    logits_parts, distance_parts = [], []
+    for start in range(0, len(query_images), batch_size):
+        batch = query_images[start : start + batch_size].to(device)
+        logits_parts.append(learner.predict_query(batch).double().cpu())
+        distance_parts.append(learner.support_distance(batch).double().cpu())
+    return torch.cat(logits_parts).numpy(), torch.cat(distance_parts).numpy()
+
+
+def leave_one_out_stability(
+    learner,
+    support_images: torch.Tensor,
+    support_labels: torch.Tensor,
+    query_images: torch.Tensor,
+    temperature: float = 1.0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> np.ndarray:
+    """For each support scan, refit without it and recompute every query's temperature-scaled
+    probabilities; returns ``(n_query,)``: the largest absolute change of any class probability
+    over all these refits, against the fit on the full support.
+
+    Args:
+        support_images: ``(n_support, C, H, W)``.
+        support_labels: ``(n_support,)`` in ``[0, n_way)``, at least two scans per class (so
+            every class keeps a scan in every refit).
+        query_images: ``(n_query, C, H, W)``.
+
+    The learner is left fitted to the last refit; fit it again before using it.
+    """
+    device = torch.device(device)
+    counts = torch.bincount(support_labels)
+    if len(counts) == 0 or int(counts.min()) < 2:
+        raise ValueError("leave-one-out stability needs at least two support scans per class")
+    base = softmax(predict_cases(learner, support_images, support_labels, query_images, device, batch_size)[0] / temperature)
+    worst = np.zeros(len(query_images))
+    for left_out in range(len(support_labels)):
+        keep = torch.arange(len(support_labels)) != left_out
+        logits, _ = predict_cases(learner, support_images[keep], support_labels[keep], query_images, device, batch_size)
+        worst = np.maximum(worst, np.abs(softmax(logits / temperature) - base).max(axis=1))
+    return worst
+
+
 def score(result: AdaptResult, probs: np.ndarray) -> dict[str, Any]:
-    """Accuracy and ECE (15 bins) over the cases that have a label naming a support condition."""
+    """Accuracy and ECE (15 bins) over the cases that have a label naming a support condition;
+    with prediction sets, their coverage and mean size; the referral rate and the accuracy of
+    the cases not referred."""
     index = {c: i for i, c in enumerate(result.conditions)}
     labelled = [(i, index[case.label]) for i, case in enumerate(result.cases) if case.label in index]
     unknown = sorted({case.label for case in result.cases if case.label is not None and case.label not in index})
@@ -195,4 +308,11 @@ def score(result: AdaptResult, probs: np.ndarray) -> dict[str, Any]:
         rows, targets = np.array([i for i, _ in labelled]), np.array([t for _, t in labelled])
         metrics["accuracy"] = float((probs[rows].argmax(1) == targets).mean())
         metrics["ece"] = expected_calibration_error(probs[rows], targets, n_bins=15)
+        cases = [result.cases[i] for i in rows]
+        if all(case.prediction_set is not None for case in cases):
+            metrics["coverage"] = float(np.mean([case.label in case.prediction_set for case in cases]))
+            metrics["mean_set_size"] = float(np.mean([len(case.prediction_set) for case in cases]))
+        kept = [case for case in cases if not case.refer]
+        metrics["referral_rate"] = 1.0 - len(kept) / len(cases)
+        metrics["accuracy_not_referred"] = float(np.mean([case.predicted == case.label for case in kept])) if kept else None
     return metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from medmeta.errors import CheckpointError
+from medmeta.errors import CheckpointError, MedmetaError
 from medmeta.io import atomic_path, atomic_write_json, sha256_file
 
 FORMAT = "medmeta-checkpoint"
@@ -77,6 +78,33 @@ class Checkpoint:
     @property
     def temperature(self) -> float:
         return float(self.meta.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def conformal(self):
+        """The fitted :class:`~medmeta.calibration.ConformalPredictor` stored by ``medmeta train``,
+        or None for checkpoints written before conformal calibration existed."""
+        from medmeta.calibration import ConformalPredictor
+
+        record = self.meta.get("calibration", {}).get("conformal")
+        if not record:
+            return None
+        try:
+            return ConformalPredictor.from_dict(record)
+        except MedmetaError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from None
+
+    @property
+    def distance_threshold(self) -> float | None:
+        """The out-of-distribution distance threshold, or None for checkpoints without referral
+        calibration. JSON has no NaN or infinity: a null threshold means ``inf`` when the share
+        to refer is 0 (nothing is flagged) and NaN otherwise (the method has no distance)."""
+        record = self.meta.get("calibration", {}).get("referral")
+        if not record:
+            return None
+        value = record.get("distance_threshold")
+        if value is None:
+            return math.inf if record.get("share") == 0 else math.nan
+        return float(value)
 
     @property
     def sha256(self) -> str:

@@ -24,6 +24,11 @@ class CheckpointError(MedmetaError):
     """A file is not a usable medmeta checkpoint."""
 
 
+class CalibrationError(MedmetaError):
+    """A calibration setting (target coverage, conformal score, referral share) is invalid, or
+    there is nothing to calibrate on."""
+
+
 class CasesError(MedmetaError):
     """A cases folder for `medmeta adapt` cannot be diagnosed; ``rejected`` lists the
     ``(file, reason)`` pairs found unreadable before the batch had to stop."""

@@ -11,29 +11,59 @@ import numpy as np
 import torch
 
 from medmeta.calibration import (
+    ConformalPredictor,
+    aurc,
     brier_score,
+    distance_flags,
     expected_calibration_error,
     macro_auc,
+    maximum_calibration_error,
     mean_confidence_interval,
     negative_log_likelihood,
+    per_class_recall,
+    referral,
+    risk_at_coverage,
+    risk_coverage_curve,
     softmax,
 )
 from medmeta.data.episodes import EpisodeSampler
 from medmeta.data.store import ImageStore
-from medmeta.io import atomic_write_json
+from medmeta.io import atomic_write_json, json_safe
 from medmeta.methods.base import MetaLearner
+
+
+# Coverage levels at which evaluation JSON records the risk-coverage curve.
+RISK_COVERAGE_LEVELS = np.round(np.arange(1, 101) / 100, 2)
 
 
 @dataclass
 class EpisodeOutputs:
-    """Per-episode query logits ``(n_query, n_way)``, labels ``(n_query,)`` and support distances."""
+    """Per episode: query logits ``(n_query, n_way)``, labels ``(n_query,)``, support distances
+    ``(n_query,)`` and the episode's class names (``n_way``; label ``i`` is ``classes[i]``)."""
 
     logits: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     distances: list[np.ndarray] = field(default_factory=list)
+    classes: list[list[str]] = field(default_factory=list)
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         return np.concatenate(self.logits), np.concatenate(self.labels)
+
+    def pooled_distances(self) -> np.ndarray:
+        """``(n,)`` support distances of all query cases, in :meth:`pooled` order."""
+        return np.concatenate(self.distances) if self.distances else np.zeros(0)
+
+    def pooled_class_names(self) -> np.ndarray | None:
+        """``(n,)`` true class name of every query case (None when class names were not kept)."""
+        if len(self.classes) != len(self.labels):
+            return None
+        return np.concatenate([np.asarray(names, dtype=object)[lb] for names, lb in zip(self.classes, self.labels)])
+
+    def pooled_predicted_names(self) -> np.ndarray | None:
+        """``(n,)`` class name of every query case's top logit (None without class names)."""
+        if len(self.classes) != len(self.logits):
+            return None
+        return np.concatenate([np.asarray(names, dtype=object)[lg.argmax(1)] for names, lg in zip(self.classes, self.logits)])
 
 
 @torch.no_grad()
@@ -58,6 +88,7 @@ def run_episodes(
             out.logits.append(learner.predict_query(query).double().cpu().numpy())
             out.labels.append(ep.query_labels.numpy())
             out.distances.append(learner.support_distance(query).double().cpu().numpy())
+            out.classes.append(list(ep.classes))
             if on_episode is not None:
                 on_episode(out)
     finally:
@@ -65,26 +96,92 @@ def run_episodes(
     return out
 
 
-def summarize(outputs: EpisodeOutputs, temperature: float = 1.0, n_bins: int = 15) -> dict[str, float]:
+def summarize(
+    outputs: EpisodeOutputs,
+    temperature: float = 1.0,
+    n_bins: int = 15,
+    conformal: ConformalPredictor | None = None,
+    distance_threshold: float | None = None,
+) -> dict[str, Any]:
     """Accuracy (mean over episodes, 95% CI), macro AUC (mean over episodes), and pooled ECE,
-    NLL and Brier before and after dividing logits by ``temperature``."""
+    MCE, NLL and Brier before and after dividing logits by ``temperature``; the AURC of the
+    calibrated confidence; per-class recall by class name (pooled over episodes).
+
+    With a fitted ``conformal`` predictor (applied to the temperature-scaled probabilities):
+    empirical coverage, mean set size and their breakdowns. With sets and/or a
+    ``distance_threshold``: the referral rate (see :func:`medmeta.calibration.referral`) and
+    the accuracy of the cases not referred. Entries that cannot be computed are None.
+    """
     accs = np.array([(lg.argmax(1) == lb).mean() for lg, lb in zip(outputs.logits, outputs.labels)])
     aucs = np.array([macro_auc(softmax(lg), lb) for lg, lb in zip(outputs.logits, outputs.labels)])
     logits, labels = outputs.pooled()
     before, after = softmax(logits), softmax(logits / temperature)
     mean, ci = mean_confidence_interval(accs)
-    return {
+    correct = after.argmax(1) == labels
+    stats: dict[str, Any] = {
         "episodes": len(accs),
+        "n_cases": len(labels),
         "accuracy": mean,
         "accuracy_ci95": ci,
-        "macro_auc": float(np.nanmean(aucs)) if len(aucs) else float("nan"),
+        "macro_auc": float(np.nanmean(aucs)) if len(aucs) and not np.isnan(aucs).all() else float("nan"),
         "temperature": float(temperature),
         "ece_before": expected_calibration_error(before, labels, n_bins),
         "ece_after": expected_calibration_error(after, labels, n_bins),
+        "mce_before": maximum_calibration_error(before, labels, n_bins),
+        "mce_after": maximum_calibration_error(after, labels, n_bins),
         "nll_before": negative_log_likelihood(before, labels),
         "nll_after": negative_log_likelihood(after, labels),
         "brier_before": brier_score(before, labels),
         "brier_after": brier_score(after, labels),
+        "aurc": aurc(after.max(1), correct),
+    }
+    true_names, predicted_names = outputs.pooled_class_names(), outputs.pooled_predicted_names()
+    stats["per_class_recall"] = per_class_recall(true_names, predicted_names) if true_names is not None else None
+    stats.update(_set_stats(after, labels, true_names, conformal))
+    stats.update(_referral_stats(after, labels, outputs.pooled_distances(), conformal, distance_threshold))
+    return stats
+
+
+def _set_stats(probs: np.ndarray, labels: np.ndarray, names: np.ndarray | None, conformal: ConformalPredictor | None) -> dict[str, Any]:
+    keys = ("coverage_target", "coverage", "mean_set_size", "empty_set_rate", "singleton_rate", "per_class_coverage")
+    if conformal is None:
+        return dict.fromkeys(keys)
+    sets = conformal.predict_sets(probs)
+    covered = sets[np.arange(len(labels)), labels]
+    size = sets.sum(axis=1)
+    per_class = None
+    if names is not None:
+        per_class = {str(c): float(covered[names == c].mean()) for c in sorted(set(names.tolist()), key=str)}
+    return {
+        "coverage_target": float(conformal.coverage),
+        "coverage": float(covered.mean()),
+        "mean_set_size": float(size.mean()),
+        "empty_set_rate": float((size == 0).mean()),
+        "singleton_rate": float((size == 1).mean()),
+        "per_class_coverage": per_class,
+    }
+
+
+def _referral_stats(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    distances: np.ndarray,
+    conformal: ConformalPredictor | None,
+    distance_threshold: float | None,
+) -> dict[str, Any]:
+    keys = ("referral_rate", "referral_rate_set", "referral_rate_distance", "accuracy_not_referred", "n_not_referred")
+    if conformal is None and distance_threshold is None:
+        return dict.fromkeys(keys)
+    sets = conformal.predict_sets(probs) if conformal is not None else None
+    refer, _ = referral(sets, distances, distance_threshold, [str(i) for i in range(probs.shape[1])])
+    kept = ~refer
+    correct = probs.argmax(1) == labels
+    return {
+        "referral_rate": float(refer.mean()),
+        "referral_rate_set": float((sets.sum(axis=1) != 1).mean()) if sets is not None else None,
+        "referral_rate_distance": float(distance_flags(distances, distance_threshold).mean()) if distance_threshold is not None else None,
+        "accuracy_not_referred": float(correct[kept].mean()) if kept.any() else float("nan"),
+        "n_not_referred": int(kept.sum()),
     }
 
 
@@ -103,8 +200,13 @@ def evaluate_checkpoint(
     """Measure a checkpoint on seeded episodes of the protocol's test classes.
 
     The episodes depend only on the protocol, the episode shape and ``seed``, never on the
-    model, so methods are compared on identical episodes. With ``out_dir``, the results are
-    written there as ``evaluation_<way>way_<shot>shot.json`` and the episodes' file lists as
+    model, so methods are compared on identical episodes. The checkpoint's conformal predictor
+    and distance threshold (fitted on val-class episodes by ``medmeta train``) give coverage,
+    set sizes and referral; checkpoints without them are evaluated without (and ``notes`` says so).
+    With ``out_dir``, the results are written there as ``evaluation_<way>way_<shot>shot.json``
+    (with the risk-coverage curve at coverage 1%, 2%, ..., 100%), the reliability diagram as
+    ``reliability_<way>way_<shot>shot.png``, the risk-coverage curve as
+    ``risk_coverage_<way>way_<shot>shot.png`` and the episodes' file lists as
     ``episodes_<way>way_<shot>shot_seed<seed>.csv``.
     """
     from medmeta.checkpoint import build_learner, load_checkpoint
@@ -140,7 +242,18 @@ def evaluate_checkpoint(
             progress.update(task, advance=1, status=f"acc {np.mean(accs):.3f}")
 
         outputs = run_episodes(learner, store, sampler, range(episodes), torch_device, on_episode=tick)
-    stats = summarize(outputs, temperature=ckpt.temperature)
+    conformal, distance_threshold = ckpt.conformal, ckpt.distance_threshold
+    notes = []
+    if conformal is None:
+        notes.append("the checkpoint has no conformal calibration (trained before medmeta had it): no prediction sets")
+    if distance_threshold is None:
+        notes.append("the checkpoint has no referral distance threshold: no out-of-distribution flags")
+    elif np.isnan(distance_threshold):
+        notes.append(f"{ckpt.meta['method']['name']} gives no distance to the support: no out-of-distribution flags")
+    stats = summarize(outputs, temperature=ckpt.temperature, conformal=conformal, distance_threshold=distance_threshold)
+    logits, labels = outputs.pooled()
+    calibrated = softmax(logits / ckpt.temperature)
+    confidence, correct = calibrated.max(1), calibrated.argmax(1) == labels
     result = {
         "checkpoint": str(ckpt.path),
         "checkpoint_sha256": ckpt.sha256,
@@ -153,7 +266,26 @@ def evaluate_checkpoint(
         "query": query,
         "seed": seed,
         **stats,
+        "conformal": conformal.to_dict() if conformal is not None else None,
+        "distance_threshold": distance_threshold,
+        "risk_coverage": {
+            "coverage": RISK_COVERAGE_LEVELS.tolist(),
+            "risk": risk_at_coverage(confidence, correct, RISK_COVERAGE_LEVELS).tolist(),
+        },
+        "notes": notes,
     }
     if out_dir is not None:
-        atomic_write_json(Path(out_dir) / f"evaluation_{tag}.json", result)
+        from medmeta.reports.plots import reliability_diagram, risk_coverage_plot
+
+        out = Path(out_dir)
+        title = f"{result['method']} on {proto.name}, {episodes} {way}-way {shot}-shot test episodes"
+        reliability_diagram(
+            out / f"reliability_{tag}.png",
+            {"before": softmax(logits), f"after temperature scaling (T = {ckpt.temperature:.3g})": calibrated},
+            labels,
+            title=title,
+        )
+        risk_coverage_plot(out / f"risk_coverage_{tag}.png", *risk_coverage_curve(confidence, correct), stats["aurc"], title=title)
+        result["figures"] = {"reliability": f"reliability_{tag}.png", "risk_coverage": f"risk_coverage_{tag}.png"}
+        atomic_write_json(out / f"evaluation_{tag}.json", json_safe(result))
     return result

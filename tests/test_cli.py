@@ -43,7 +43,7 @@ def test_train_help_lists_methods_and_options():
     result = invoke("train", "--help")
     assert result.exit_code == 0
     text = plain(result.output)
-    for option in ("--protocol", "--method", "--backbone", "--way", "--shot", "--query", "--episodes", "--image-size", "--device", "--seed", "--out", "--resume"):
+    for option in ("--protocol", "--method", "--backbone", "--way", "--shot", "--query", "--episodes", "--image-size", "--device", "--seed", "--out", "--resume", "--conformal-score", "--coverage", "--class-conditional", "--refer-share"):
         assert option in text
     for name in list_methods():
         assert name in text
@@ -57,20 +57,38 @@ def test_adapt_on_sample_data_writes_all_four_reports(trained_run, cases, tmp_pa
     rows = read_csv(out / "predictions.csv")
     assert len(rows) == 30
     conditions = ["concentric_rings", "gradient_halo", "triangle_mass"]
-    assert list(rows[0]) == ["path", "predicted", *[f"p_{c}" for c in conditions], "label"]
+    assert list(rows[0]) == [
+        "path", "predicted", *[f"p_{c}" for c in conditions],
+        "prediction_set", "refer", "refer_reason", "stability_max_change", "label",
+    ]
     for row in rows:
         probs = [float(row[f"p_{c}"]) for c in conditions]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
         assert row["predicted"] == conditions[probs.index(max(probs))]
+        members = row["prediction_set"].split(";") if row["prediction_set"] else []
+        assert set(members) <= set(conditions)
+        assert row["refer"] in ("true", "false")
+        assert (row["refer"] == "true") == bool(row["refer_reason"])
+        if len(members) != 1:
+            assert row["refer"] == "true" and ("empty prediction set" in row["refer_reason"] or "conditions" in row["refer_reason"])
+        assert 0.0 <= float(row["stability_max_change"]) <= 1.0
     assert any(r["path"].startswith("query/patient_") for r in rows)
     report = json.loads((out / "report.json").read_text())
     assert report["metadata"]["checkpoint_sha256"] == json.loads((trained_run / "best.json").read_text())["weights"]["sha256"]
     assert report["metadata"]["temperature"] > 0
     assert all(len(c["sha256"]) == 64 for c in report["cases"])
     assert report["metrics"]["n_labelled"] == 30 and report["metrics"]["accuracy"] > 0.5
+    assert report["metadata"]["conformal"]["score"] == "lac" and report["metadata"]["stability"]["computed"]
+    for case, row in zip(report["cases"], rows):
+        assert case["prediction_set"] == (row["prediction_set"].split(";") if row["prediction_set"] else [])
+        assert case["refer"] == (row["refer"] == "true") and case["refer_reason"] == row["refer_reason"]
+        assert case["stability_max_change"] == pytest.approx(float(row["stability_max_change"]), abs=1e-6)
+    assert 0 <= report["metrics"]["coverage"] <= 1 and 0 <= report["metrics"]["referral_rate"] <= 1
     html = (out / "report.html").read_text()
     assert "http://" not in html and "https://" not in html
     assert html.count("data:image/png;base64,") == 30
+    assert "Prediction set" in html and "stability: up to" in html
+    assert html.count('class="refer"') == sum(r["refer"] == "true" for r in rows)
     assert read_csv(out / "rejected.csv") == []
 
 
@@ -125,6 +143,13 @@ def test_evaluate_writes_json(trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     stats = json.loads((tmp_path / "evaluation_3way_1shot.json").read_text())
     assert stats["episodes"] == 10 and stats["shot"] == 1 and 0 <= stats["accuracy"] <= 1
+    for key in ("coverage", "mean_set_size", "referral_rate", "accuracy_not_referred", "mce_before", "mce_after", "aurc"):
+        assert isinstance(stats[key], float), key
+    assert 0 <= stats["coverage"] <= 1 and 0 <= stats["mean_set_size"] <= 3 and 0 <= stats["referral_rate"] <= 1
+    assert set(stats["per_class_recall"]) == {"synth/gradient_halo", "synth/triangle_mass", "synth/concentric_rings"}
+    assert len(stats["risk_coverage"]["coverage"]) == len(stats["risk_coverage"]["risk"]) == 100
+    for name in ("reliability_3way_1shot.png", "risk_coverage_3way_1shot.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     episodes = read_csv(tmp_path / "episodes_3way_1shot_seed0.csv")
     assert len(episodes) == 10 * 3 * (1 + 10)  # episodes x way x (shot + query)
     assert {r["role"] for r in episodes} == {"support", "query"}

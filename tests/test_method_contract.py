@@ -122,5 +122,7 @@ def test_adapt_works_from_a_saved_checkpoint(tmp_path, name, kwargs):
     result = adapt(path, SAMPLE_CASES, device="cpu")
     assert result.conditions == ["concentric_rings", "gradient_halo", "triangle_mass"]
     assert len(result.cases) == 30 and not result.rejected
+    assert result.metadata["stability"]["computed"]  # leave-one-out refits work for every method
     for case in result.cases:
         assert sum(case.probabilities) == pytest.approx(1.0, abs=1e-6)
+        assert 0.0 <= case.stability_max_change <= 1.0

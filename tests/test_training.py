@@ -62,6 +62,13 @@ def test_checkpoint_sidecar_records_what_is_needed(trained_run):
     cal = meta["calibration"]
     assert cal["method"] == "temperature" and 0.01 < cal["temperature"] < 100
     assert cal["ece_after_fit_episodes"] <= cal["ece_before_fit_episodes"] + 1e-9
+    conformal, referral = cal["conformal"], cal["referral"]
+    assert conformal["score"] == "lac" and conformal["coverage"] == 0.9 and conformal["class_conditional"] is False
+    assert conformal["threshold"] is None or 0 <= conformal["threshold"] <= 1
+    assert conformal["n_calibration"] == 40 * 2 * 10  # calibration episodes x val way x query
+    assert 0 <= conformal["coverage_val"] <= 1 and conformal["mean_set_size_val"] >= 0
+    assert referral["share"] == 0.05 and referral["distance_threshold"] > 0  # ProtoNet has a distance
+    assert "NaN" not in (trained_run / "best.json").read_text().split('"calibration"')[1]
 
 
 def test_short_run_beats_chance_on_unseen_test_conditions(trained_run):

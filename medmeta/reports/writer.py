@@ -2,6 +2,12 @@
 
 Every file is written atomically; the HTML page is self-contained (thumbnails inlined as PNG
 data URIs, no external URLs) and rendered by Jinja2 with autoescaping on.
+
+``predictions.csv`` columns: ``path``, ``predicted``, one ``p_<condition>`` per condition,
+``prediction_set`` (conditions joined by ``;``, empty for an empty set; absent when the
+checkpoint has no conformal calibration), ``refer`` (``true``/``false``) and ``refer_reason``
+(reasons joined by ``; ``; both absent when the checkpoint has no referral calibration),
+``stability_max_change`` (empty when not computed) and ``label`` (with ``--labels``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from medmeta.adapt import AdaptResult
-from medmeta.io import atomic_path, atomic_write_json, atomic_write_text
+from medmeta.io import atomic_path, atomic_write_json, atomic_write_text, json_safe
 
 REPORT_FILES = ("predictions.csv", "report.json", "report.html", "rejected.csv")
 
@@ -34,13 +40,25 @@ def write_reports(result: AdaptResult, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in REPORT_FILES}
     write_rejected(out, result.rejected)
+    has_sets = result.metadata.get("conformal") is not None
+    has_referral = result.metadata.get("referral") is not None
     header = ["path", "predicted", *[f"p_{c}" for c in result.conditions]]
+    if has_sets:
+        header.append("prediction_set")
+    if has_referral:
+        header += ["refer", "refer_reason"]
+    header.append("stability_max_change")
     has_labels = any(case.label is not None for case in result.cases)
     if has_labels:
         header.append("label")
     rows = []
     for case in result.cases:
         row = [case.path, case.predicted, *[f"{p:.6f}" for p in case.probabilities]]
+        if has_sets:
+            row.append(";".join(case.prediction_set or []))
+        if has_referral:
+            row += ["true" if case.refer else "false", case.refer_reason]
+        row.append("" if case.stability_max_change is None else f"{case.stability_max_change:.6f}")
         if has_labels:
             row.append(case.label or "")
         rows.append(row)
@@ -51,7 +69,8 @@ def write_reports(result: AdaptResult, out_dir: str | Path) -> dict[str, Path]:
 
 
 def report_dict(result: AdaptResult) -> dict[str, Any]:
-    return {
+    """The content of ``report.json`` (standard JSON: NaN and infinities become null)."""
+    return json_safe({
         "metadata": result.metadata,
         "conditions": result.conditions,
         "support": result.support,
@@ -60,6 +79,10 @@ def report_dict(result: AdaptResult) -> dict[str, Any]:
                 "path": case.path,
                 "predicted": case.predicted,
                 "probabilities": dict(zip(result.conditions, case.probabilities)),
+                "prediction_set": case.prediction_set,
+                "refer": case.refer,
+                "refer_reason": case.refer_reason,
+                "stability_max_change": case.stability_max_change,
                 "distance_to_support": case.distance,
                 "sha256": case.sha256,
                 **({"label": case.label} if case.label is not None else {}),
@@ -68,7 +91,7 @@ def report_dict(result: AdaptResult) -> dict[str, Any]:
         ],
         "rejected": [{"path": p, "reason": r} for p, r in result.rejected],
         "metrics": result.metrics,
-    }
+    })
 
 
 def render_html(result: AdaptResult) -> str:
@@ -83,16 +106,22 @@ def render_html(result: AdaptResult) -> str:
             "thumbnail": thumbnail_data_uri(case.image),
             "label": case.label,
             "correct": None if case.label is None else case.label == case.predicted,
+            "prediction_set": case.prediction_set,
+            "refer": case.refer,
+            "refer_reasons": case.refer_reason.split("; ") if case.refer_reason else [],
+            "stability": case.stability_max_change,
         }
         for case in result.cases
     ]
     counts = {c: sum(1 for case in result.cases if case.predicted == c) for c in result.conditions}
+    referred = sum(1 for case in result.cases if case.refer)
     return template.render(
         meta=result.metadata,
         conditions=result.conditions,
         support=result.support,
         cases=cases,
         counts=counts,
+        referred=referred,
         rejected=result.rejected,
         metrics=result.metrics,
     )

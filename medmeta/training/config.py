@@ -13,7 +13,10 @@ class TrainConfig:
     The schedule: decode and cache the train/val images, pre-train the backbone as an ordinary
     classifier over all meta-train classes (``pretrain_epochs``), then meta-train episodically
     (``episodes``), validating on val-class episodes every ``val_interval`` episodes and keeping
-    the best; finally fit a temperature on separate val-class episodes. ``init_from`` starts the
+    the best; finally calibrate on separate val-class episodes: a temperature, then split
+    conformal prediction sets (``conformal_score`` ``"lac"`` or ``"aps"``, target ``coverage``,
+    optionally ``class_conditional``) and the distance threshold above which ``refer_share`` of
+    in-distribution cases would be referred (see ``docs/calibration.md``). ``init_from`` starts the
     backbone from another checkpoint's backbone (same architecture), e.g. one pre-trained
     backbone shared by several methods.
     """
@@ -40,6 +43,10 @@ class TrainConfig:
     val_interval: int = 50
     val_episodes: int = 100
     calibration_episodes: int = 200
+    conformal_score: str = "lac"
+    coverage: float = 0.9
+    class_conditional: bool = False
+    refer_share: float = 0.05
     seed: int = 0
     device: str = "auto"
     max_minutes: float | None = None

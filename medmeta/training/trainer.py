@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from medmeta.backbones import create_backbone
-from medmeta.calibration import TemperatureScaler, expected_calibration_error, softmax
+from medmeta.calibration import ConformalPredictor, DistanceThreshold, TemperatureScaler, expected_calibration_error, softmax
 from medmeta.checkpoint import (
     load_tensors,
     optimizer_from_tensors,
@@ -29,9 +29,9 @@ from medmeta.data.protocol import Protocol, load_protocol
 from medmeta.data.reading import Preprocessing, ScanReader
 from medmeta.data.store import ImageStore
 from medmeta.device import resolve_device
-from medmeta.errors import CheckpointError, MedmetaError, ProtocolError
+from medmeta.errors import CalibrationError, CheckpointError, MedmetaError, ProtocolError
 from medmeta.evaluation import run_episodes, summarize
-from medmeta.io import atomic_write_json
+from medmeta.io import atomic_write_json, json_safe
 from medmeta.methods import MetaLearner, create_method
 from medmeta.progress import console, make_progress
 from medmeta.training.config import TrainConfig
@@ -47,7 +47,7 @@ class TrainResult:
     out: Path
     checkpoint: Path
     best_val: dict[str, float]
-    calibration: dict[str, float]
+    calibration: dict[str, Any]
     episodes_done: int
     episodes_per_second: float
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -245,7 +245,8 @@ class _Run:
         cfg = self.config
         outputs = run_episodes(self.learner, self.store, self.val_sampler, range(cfg.val_episodes), self.device)
         stats = summarize(outputs)
-        entry = {"phase": self.phase, "epoch": self.epoch, "episode": self.episode, **stats}
+        # no prediction sets or referral during model selection: leave their (None) entries out
+        entry = {"phase": self.phase, "epoch": self.epoch, "episode": self.episode, **{k: v for k, v in stats.items() if v is not None}}
         self.history.append(entry)
         improved = stats["accuracy"] > self.best_val["accuracy"]
         if improved:
@@ -279,29 +280,54 @@ class _Run:
         }
 
     # ---- calibration -------------------------------------------------------------------------
-    def calibrate(self) -> dict[str, float]:
-        """Fit a temperature on calibration episodes of val classes; report ECE before/after on
-        the (disjoint) model-selection val episodes as well."""
+    def calibrate(self) -> dict[str, Any]:
+        """Calibrate the best model on calibration episodes of val classes (query cases pooled):
+        fit a temperature, then a split conformal predictor on the temperature-scaled
+        probabilities (Mondrian over the val class names when ``class_conditional``) and the
+        out-of-distribution distance threshold. Report ECE, coverage, set size and the distance
+        flag rate on the (disjoint) model-selection val episodes as well."""
         cfg = self.config
         best = load_tensors(self.out / "best.safetensors")
         self.learner.load_state_dict(best)
         fit_out = run_episodes(self.learner, self.store, self.calibration_sampler, range(cfg.calibration_episodes), self.device)
         logits, labels = fit_out.pooled()
         scaler = TemperatureScaler().fit(logits, labels)
+        probs = softmax(logits / scaler.temperature_)
+        conformal = ConformalPredictor(cfg.conformal_score, cfg.coverage, cfg.class_conditional).fit(
+            probs, labels, classes=fit_out.pooled_class_names()
+        )
+        distance = DistanceThreshold(cfg.refer_share).fit(fit_out.pooled_distances())
         held_out = summarize(
             run_episodes(self.learner, self.store, self.val_sampler, range(cfg.val_episodes), self.device),
             temperature=scaler.temperature_,
+            conformal=conformal,
+            distance_threshold=distance.threshold_,
         )
+        fitted_on = f"{cfg.calibration_episodes} val-class episodes ({self.val_way}-way {self.shot}-shot)"
         calibration = {
             "method": "temperature",
             "temperature": scaler.temperature_,
-            "fitted_on": f"{cfg.calibration_episodes} val-class episodes ({self.val_way}-way {self.shot}-shot)",
+            "fitted_on": fitted_on,
             "n_bins": 15,
             "ece_before_fit_episodes": expected_calibration_error(softmax(logits), labels),
-            "ece_after_fit_episodes": expected_calibration_error(softmax(logits / scaler.temperature_), labels),
+            "ece_after_fit_episodes": expected_calibration_error(probs, labels),
             "ece_before_val": held_out["ece_before"],
             "ece_after_val": held_out["ece_after"],
+            "conformal": {
+                **conformal.to_dict(),
+                "fitted_on": f"query cases of the {fitted_on}, temperature-scaled",
+                "coverage_val": held_out["coverage"],
+                "mean_set_size_val": held_out["mean_set_size"],
+            },
+            "referral": {
+                "share": float(cfg.refer_share),
+                "distance_threshold": distance.threshold_,
+                "n_calibration": distance.n_calibration_,
+                "distance_flag_rate_val": held_out["referral_rate_distance"],
+                "referral_rate_val": held_out["referral_rate"],
+            },
         }
+        calibration = json_safe(calibration)
         update_checkpoint_meta(self.out / "best.json", calibration=calibration)
         return calibration
 
@@ -365,12 +391,29 @@ def _resumed_config(config: TrainConfig) -> TrainConfig:
     return merged
 
 
+def check_calibration_settings(config: TrainConfig) -> None:
+    """Refuse invalid conformal/referral settings before any training time is spent."""
+    from medmeta.calibration.conformal import SCORES
+
+    if config.conformal_score not in SCORES:
+        raise CalibrationError(f"unknown conformal score {config.conformal_score!r}; choose from {', '.join(SCORES)}")
+    if not 0.0 < config.coverage < 1.0:
+        raise CalibrationError(f"target coverage must be between 0 and 1 (exclusive), got {config.coverage}")
+    if not 0.0 <= config.refer_share < 1.0:
+        raise CalibrationError(f"the share of cases to refer must be in [0, 1), got {config.refer_share}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Run (or resume) training as described by ``config``; returns where the checkpoint is."""
     if resume:
         config = _resumed_config(config)
     if config.episodes < 0 or config.pretrain_epochs < 0:
         raise ProtocolError("episodes and pretrain epochs must be >= 0")
+    check_calibration_settings(config)
     torch.manual_seed(config.seed)
     run = _Run(config, quiet=quiet)
     run.out.mkdir(parents=True, exist_ok=True)
@@ -403,6 +446,15 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> Tra
             f"Best val accuracy {run.best_val['accuracy']:.3f} ± {run.best_val.get('accuracy_ci95', float('nan')):.3f} "
             f"({run.best_val.get('phase')}, episode {run.best_val.get('episode')}). Temperature {calibration['temperature']:.3f}: "
             f"ECE (15 bins, held-out val episodes) {calibration['ece_before_val']:.3f} -> {calibration['ece_after_val']:.3f}"
+        )
+        conformal, referral = calibration["conformal"], calibration["referral"]
+        console.print(
+            f"Conformal sets ({conformal['score']}{', class-conditional' if conformal['class_conditional'] else ''}, "
+            f"target coverage {conformal['coverage']:.0%}): coverage {_fmt(conformal['coverage_val'])}, mean set size "
+            f"{_fmt(conformal['mean_set_size_val'])} on held-out val episodes; distance threshold "
+            f"{_fmt(referral['distance_threshold'])} flags {_fmt(referral['distance_flag_rate_val'])} of them, "
+            f"{_fmt(referral['referral_rate_val'])} referred in all",
+            highlight=False,
         )
         console.print(f"Checkpoint: {run.out / 'best.json'} (+ best.safetensors)")
     return TrainResult(
