@@ -100,3 +100,11 @@ def test_init_from_copies_the_backbone_and_refuses_another_architecture(tmp_path
     other = _config(sample_protocol, tmp_path / "y", init_from=str(trained_run / "best.json"), backbone_kwargs={"hidden": 32})
     with pytest.raises(CheckpointError, match="differs"):
         init_backbone(build_learner(other), other)
+
+
+def test_backbone_arguments_compare_with_their_defaults_filled_in():
+    from medmeta.training.trainer import _with_defaults
+
+    assert _with_defaults("conv4", {"in_channels": 3}) == _with_defaults("conv4", {"in_channels": 3, "norm_kind": "batch"})
+    assert _with_defaults("conv4", {}) != _with_defaults("conv4", {"norm_kind": "group"})
+    assert _with_defaults("resnet12", {"channels": (4, 8)}) == _with_defaults("resnet12", {"channels": [4, 8]})

@@ -76,13 +76,27 @@ def init_backbone(learner: MetaLearner, config: TrainConfig) -> None:
     ckpt = load_checkpoint(config.init_from)
     theirs = ckpt.meta.get("backbone", {})
     ours = {"name": config.backbone, "kwargs": backbone_kwargs(config)}
-    if theirs.get("name") != ours["name"] or theirs.get("kwargs") != ours["kwargs"]:
+    if theirs.get("name") != ours["name"] or _with_defaults(ours["name"], theirs.get("kwargs", {})) != _with_defaults(
+        ours["name"], ours["kwargs"]
+    ):
         raise CheckpointError(
             f"{ckpt.path}: its backbone {theirs.get('name')} {theirs.get('kwargs')} differs from this run's "
             f"{ours['name']} {ours['kwargs']}"
         )
     weights = {k[len("backbone.") :]: v for k, v in ckpt.tensors.items() if k.startswith("backbone.")}
     learner.backbone.load_state_dict(weights, strict=True)
+
+
+def _with_defaults(backbone: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Backbone arguments with the constructor's defaults filled in (``{}`` == ``{"hidden": 64}``)."""
+    import inspect
+
+    from medmeta.backbones.registry import BACKBONES
+
+    params = inspect.signature(BACKBONES.get(backbone)).parameters
+    full = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    full.update(kwargs)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()}
 
 
 def _episode_shape(config: TrainConfig, protocol: Protocol) -> tuple[int, int, int]:
