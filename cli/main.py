@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import adapt, evaluate, train
+from cli import adapt, calibrate, evaluate, train
 
 app = typer.Typer(
     name="medmeta",
@@ -16,6 +16,7 @@ app = typer.Typer(
 app.command("train")(train.train)
 app.command("adapt")(adapt.adapt)
 app.command("evaluate")(evaluate.evaluate)
+app.command("calibrate")(calibrate.calibrate)
 
 
 @app.callback()

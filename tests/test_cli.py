@@ -186,3 +186,17 @@ def test_train_refuses_an_option_the_method_does_not_take(tmp_path):
     result = invoke("train", "--method-option", "bogus=1", "--out", tmp_path / "run", "--episodes", 1, "--pretrain-epochs", 0)
     assert result.exit_code == 2
     assert "cannot build protonet" in plain(result.output) and "Traceback" not in result.output
+
+
+def test_calibrate_refits_on_val_classes_without_touching_the_weights(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = json.loads((run / "best.json").read_text())
+    result = invoke("calibrate", "--checkpoint", run, "--coverage", 0.8, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    after = json.loads((run / "best.json").read_text())
+    assert after["weights"] == before["weights"]
+    assert after["calibration"]["conformal"]["coverage"] == 0.8
+    # same seeds, same episodes: the temperature is refitted to the same value
+    assert after["calibration"]["temperature"] == pytest.approx(before["calibration"]["temperature"], rel=1e-9)
+    assert invoke("calibrate", "--checkpoint", run, "--coverage", 1.5).exit_code == 2

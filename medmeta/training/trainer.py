@@ -295,53 +295,13 @@ class _Run:
 
     # ---- calibration -------------------------------------------------------------------------
     def calibrate(self) -> dict[str, Any]:
-        """Calibrate the best model on calibration episodes of val classes (query cases pooled):
-        fit a temperature, then a split conformal predictor on the temperature-scaled
-        probabilities (Mondrian over the val class names when ``class_conditional``) and the
-        out-of-distribution distance threshold. Report ECE, coverage, set size and the distance
-        flag rate on the (disjoint) model-selection val episodes as well."""
+        """Calibrate the best model on val-class episodes (see :func:`fit_calibration`) and store
+        the result in ``best.json``."""
         cfg = self.config
-        best = load_tensors(self.out / "best.safetensors")
-        self.learner.load_state_dict(best)
-        fit_out = run_episodes(self.learner, self.store, self.calibration_sampler, range(cfg.calibration_episodes), self.device)
-        logits, labels = fit_out.pooled()
-        scaler = TemperatureScaler().fit(logits, labels)
-        probs = softmax(logits / scaler.temperature_)
-        conformal = ConformalPredictor(cfg.conformal_score, cfg.coverage, cfg.class_conditional).fit(
-            probs, labels, classes=fit_out.pooled_class_names()
+        self.learner.load_state_dict(load_tensors(self.out / "best.safetensors"))
+        calibration = fit_calibration(
+            self.learner, self.store, self.calibration_sampler, self.val_sampler, cfg, self.device
         )
-        distance = DistanceThreshold(cfg.refer_share).fit(fit_out.pooled_distances())
-        held_out = summarize(
-            run_episodes(self.learner, self.store, self.val_sampler, range(cfg.val_episodes), self.device),
-            temperature=scaler.temperature_,
-            conformal=conformal,
-            distance_threshold=distance.threshold_,
-        )
-        fitted_on = f"{cfg.calibration_episodes} val-class episodes ({self.val_way}-way {self.shot}-shot)"
-        calibration = {
-            "method": "temperature",
-            "temperature": scaler.temperature_,
-            "fitted_on": fitted_on,
-            "n_bins": 15,
-            "ece_before_fit_episodes": expected_calibration_error(softmax(logits), labels),
-            "ece_after_fit_episodes": expected_calibration_error(probs, labels),
-            "ece_before_val": held_out["ece_before"],
-            "ece_after_val": held_out["ece_after"],
-            "conformal": {
-                **conformal.to_dict(),
-                "fitted_on": f"query cases of the {fitted_on}, temperature-scaled",
-                "coverage_val": held_out["coverage"],
-                "mean_set_size_val": held_out["mean_set_size"],
-            },
-            "referral": {
-                "share": float(cfg.refer_share),
-                "distance_threshold": distance.threshold_,
-                "n_calibration": distance.n_calibration_,
-                "distance_flag_rate_val": held_out["referral_rate_distance"],
-                "referral_rate_val": held_out["referral_rate"],
-            },
-        }
-        calibration = json_safe(calibration)
         update_checkpoint_meta(self.out / "best.json", calibration=calibration)
         return calibration
 
@@ -391,6 +351,124 @@ class _Run:
         self.optimizer.load_state_dict(optimizer_from_tensors(tensors, state["optimizer"], "optim"))
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
+
+
+def fit_calibration(
+    learner: MetaLearner,
+    store: ImageStore,
+    calibration_sampler: EpisodeSampler,
+    val_sampler: EpisodeSampler,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Calibrate ``learner`` on ``cfg.calibration_episodes`` episodes of ``calibration_sampler``
+    (val classes, query cases pooled): fit a temperature, then a split conformal predictor on the
+    temperature-scaled probabilities (Mondrian over the val class names when
+    ``cfg.class_conditional``) and the out-of-distribution distance threshold. ECE, coverage,
+    set size and the distance flag rate are also reported on ``cfg.val_episodes`` disjoint
+    episodes of ``val_sampler``. Returns the checkpoint's ``calibration`` entry (JSON-safe)."""
+    fit_out = run_episodes(learner, store, calibration_sampler, range(cfg.calibration_episodes), device)
+    logits, labels = fit_out.pooled()
+    scaler = TemperatureScaler().fit(logits, labels)
+    probs = softmax(logits / scaler.temperature_)
+    conformal = ConformalPredictor(cfg.conformal_score, cfg.coverage, cfg.class_conditional).fit(
+        probs, labels, classes=fit_out.pooled_class_names()
+    )
+    distance = DistanceThreshold(cfg.refer_share).fit(fit_out.pooled_distances())
+    held_out = summarize(
+        run_episodes(learner, store, val_sampler, range(cfg.val_episodes), device),
+        temperature=scaler.temperature_,
+        conformal=conformal,
+        distance_threshold=distance.threshold_,
+    )
+    fitted_on = f"{cfg.calibration_episodes} val-class episodes ({calibration_sampler.way}-way {calibration_sampler.shot}-shot)"
+    calibration = {
+        "method": "temperature",
+        "temperature": scaler.temperature_,
+        "fitted_on": fitted_on,
+        "n_bins": 15,
+        "ece_before_fit_episodes": expected_calibration_error(softmax(logits), labels),
+        "ece_after_fit_episodes": expected_calibration_error(probs, labels),
+        "ece_before_val": held_out["ece_before"],
+        "ece_after_val": held_out["ece_after"],
+        "conformal": {
+            **conformal.to_dict(),
+            "fitted_on": f"query cases of the {fitted_on}, temperature-scaled",
+            "coverage_val": held_out["coverage"],
+            "mean_set_size_val": held_out["mean_set_size"],
+        },
+        "referral": {
+            "share": float(cfg.refer_share),
+            "distance_threshold": distance.threshold_,
+            "n_calibration": distance.n_calibration_,
+            "distance_flag_rate_val": held_out["referral_rate_distance"],
+            "referral_rate_val": held_out["referral_rate"],
+        },
+    }
+    return json_safe(calibration)
+
+
+def print_calibration(calibration: dict[str, Any]) -> None:
+    """One paragraph on the fitted calibration, for the console."""
+    console.print(
+        f"Temperature {calibration['temperature']:.3f}: ECE (15 bins, held-out val episodes) "
+        f"{calibration['ece_before_val']:.3f} -> {calibration['ece_after_val']:.3f}",
+        highlight=False,
+    )
+    conformal, referral = calibration["conformal"], calibration["referral"]
+    console.print(
+        f"Conformal sets ({conformal['score']}{', class-conditional' if conformal['class_conditional'] else ''}, "
+        f"target coverage {conformal['coverage']:.0%}): coverage {_fmt(conformal['coverage_val'])}, mean set size "
+        f"{_fmt(conformal['mean_set_size_val'])} on held-out val episodes; distance threshold "
+        f"{_fmt(referral['distance_threshold'])} flags {_fmt(referral['distance_flag_rate_val'])} of them, "
+        f"{_fmt(referral['referral_rate_val'])} referred in all",
+        highlight=False,
+    )
+
+
+def recalibrate(
+    checkpoint: str | Path,
+    shot: int | None = None,
+    coverage: float | None = None,
+    conformal_score: str | None = None,
+    class_conditional: bool | None = None,
+    refer_share: float | None = None,
+    calibration_episodes: int | None = None,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Refit the calibration of an existing checkpoint on its protocol's val classes (e.g. for
+    another coverage or shot) and rewrite its sidecar; the weights are untouched. Episodes use
+    the training run's seeds, so the result equals what training would have stored."""
+    from medmeta.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    try:
+        cfg = TrainConfig.from_dict(ckpt.meta["training"]["config"])
+        trained_shape = ckpt.meta["training"]["episode_shape"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{ckpt.path}: no training record to recalibrate from") from None
+    for name, value in (("coverage", coverage), ("conformal_score", conformal_score), ("class_conditional", class_conditional),
+                        ("refer_share", refer_share), ("calibration_episodes", calibration_episodes)):
+        if value is not None:
+            setattr(cfg, name, value)
+    check_calibration_settings(cfg)
+    protocol = load_protocol(ckpt.meta["protocol"]["path"])
+    shot = shot or int(trained_shape["shot"])
+    query = int(trained_shape["query"])
+    protocol.check_counts(shot, query, splits=("val",))
+    way = min(int(trained_shape["way"]), len(protocol.classes["val"]))
+    from medmeta.checkpoint import build_learner as build_from_checkpoint
+
+    torch_device = resolve_device(device)
+    learner = build_from_checkpoint(ckpt).to(torch_device)
+    store = ImageStore(ScanReader(Preprocessing.from_dict(ckpt.meta["preprocessing"])))
+    val = protocol.split_records("val")
+    calibration_sampler = EpisodeSampler(val, way, shot, query, cfg.seed + CALIBRATION_SEED_OFFSET)
+    val_sampler = EpisodeSampler(val, way, shot, query, cfg.seed + VAL_SEED_OFFSET)
+    calibration = fit_calibration(learner, store, calibration_sampler, val_sampler, cfg, torch_device)
+    update_checkpoint_meta(ckpt.path, calibration=calibration)
+    return calibration
 
 
 def _resumed_config(config: TrainConfig) -> TrainConfig:
@@ -458,18 +536,9 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> Tra
     if not quiet:
         console.print(
             f"Best val accuracy {run.best_val['accuracy']:.3f} ± {run.best_val.get('accuracy_ci95', float('nan')):.3f} "
-            f"({run.best_val.get('phase')}, episode {run.best_val.get('episode')}). Temperature {calibration['temperature']:.3f}: "
-            f"ECE (15 bins, held-out val episodes) {calibration['ece_before_val']:.3f} -> {calibration['ece_after_val']:.3f}"
+            f"({run.best_val.get('phase')}, episode {run.best_val.get('episode')})."
         )
-        conformal, referral = calibration["conformal"], calibration["referral"]
-        console.print(
-            f"Conformal sets ({conformal['score']}{', class-conditional' if conformal['class_conditional'] else ''}, "
-            f"target coverage {conformal['coverage']:.0%}): coverage {_fmt(conformal['coverage_val'])}, mean set size "
-            f"{_fmt(conformal['mean_set_size_val'])} on held-out val episodes; distance threshold "
-            f"{_fmt(referral['distance_threshold'])} flags {_fmt(referral['distance_flag_rate_val'])} of them, "
-            f"{_fmt(referral['referral_rate_val'])} referred in all",
-            highlight=False,
-        )
+        print_calibration(calibration)
         console.print(f"Checkpoint: {run.out / 'best.json'} (+ best.safetensors)")
     return TrainResult(
         out=run.out,

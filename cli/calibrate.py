@@ -1,0 +1,30 @@
+"""``medmeta calibrate``: refit a checkpoint's calibration on its val classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import user_errors
+from medmeta.training.trainer import print_calibration, recalibrate
+
+
+def calibrate(
+    checkpoint: Annotated[Path, typer.Option(help="Run folder, NAME.json or NAME.safetensors.")],
+    shot: Annotated[Optional[int], typer.Option(help="Support scans per class in the calibration episodes [default: training's].")] = None,
+    coverage: Annotated[Optional[float], typer.Option(help="Target coverage of the prediction sets, e.g. 0.9.")] = None,
+    conformal_score: Annotated[Optional[str], typer.Option(help="Conformal score: lac or aps.")] = None,
+    class_conditional: Annotated[Optional[bool], typer.Option("--class-conditional/--marginal", help="Mondrian calibration over val classes.")] = None,
+    refer_share: Annotated[Optional[float], typer.Option(help="Share of in-distribution val cases to flag as far from the support.")] = None,
+    episodes: Annotated[Optional[int], typer.Option(help="Calibration episodes [default: training's].")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Refit temperature, conformal threshold and referral threshold on val-class episodes; weights are untouched."""
+    with user_errors():
+        calibration = recalibrate(
+            checkpoint, shot=shot, coverage=coverage, conformal_score=conformal_score,
+            class_conditional=class_conditional, refer_share=refer_share, calibration_episodes=episodes, device=device,
+        )
+    print_calibration(calibration)
