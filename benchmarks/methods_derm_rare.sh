@@ -11,13 +11,13 @@
 set -euo pipefail
 P=${1:-../shared/protocols/derm-rare.yaml}
 EM=${2:-300}
-MIN=${3:-6}
-B="python benchmarks/protocol_benchmark.py $P --val-interval 100 --pretrain-epochs 0"
-$B --out runs/fomaml --method fomaml --init-from runs/derm-rare --backbone-option norm_kind=batch --meta-batch 4 --lr 5e-4 \
-  --method-option inner_steps=5 --method-option adapt_steps=10 --max-minutes "$MIN" --eval-episodes "$EM"
-$B --out runs/anil --method anil --init-from runs/derm-rare --backbone-option norm_kind=batch --meta-batch 4 --lr 5e-4 \
-  --method-option inner_steps=5 --method-option adapt_steps=10 --max-minutes "$MIN" --eval-episodes "$EM"
-$B --out runs/maml --method maml --init-from runs/derm-rare --backbone-option norm_kind=batch --meta-batch 4 --lr 5e-4 \
-  --method-option inner_steps=2 --method-option adapt_steps=10 --max-minutes "$MIN" --eval-episodes "$EM"
-$B --out runs/matching --method matching --init-from runs/derm-rare --lr 5e-4 --max-minutes "$MIN"
-$B --out runs/mann --method mann --init-from runs/derm-rare --lr 5e-4 --max-minutes "$MIN"
+MIN=${3:-4}
+# validation only at the start and the end of the short episodic phase, to keep wall time down
+B="python benchmarks/protocol_benchmark.py $P --val-interval 100000 --pretrain-epochs 0 --calibration-episodes 100"
+MAML="--init-from runs/derm-rare --backbone-option norm_kind=batch --meta-batch 4 --lr 5e-4 --method-option adapt_steps=10"
+run() { [ -f "runs/$1/benchmark.json" ] || "${@:2}"; }
+run fomaml $B --out runs/fomaml --method fomaml $MAML --method-option inner_steps=5 --max-minutes "$MIN" --eval-episodes "$EM"
+run anil $B --out runs/anil --method anil $MAML --method-option inner_steps=5 --max-minutes "$MIN" --eval-episodes "$EM"
+run matching $B --out runs/matching --method matching --init-from runs/derm-rare --lr 5e-4 --max-minutes "$MIN"
+run mann $B --out runs/mann --method mann --init-from runs/derm-rare --lr 5e-4 --max-minutes "$MIN"
+run maml $B --out runs/maml --method maml $MAML --method-option inner_steps=2 --max-minutes "$MIN" --eval-episodes "$EM"

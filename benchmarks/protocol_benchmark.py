@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--shot", type=int, default=None, help="training shot [default: protocol's largest]")
     parser.add_argument("--val-interval", type=int, default=250)
+    parser.add_argument("--val-episodes", type=int, default=100)
+    parser.add_argument("--calibration-episodes", type=int, default=200)
     parser.add_argument("--lr-step", type=int, default=1000)
     parser.add_argument("--augment", default="light")
     parser.add_argument("--meta-batch", type=int, default=1)
@@ -57,6 +59,7 @@ def main() -> None:
             image_size=args.image_size, episodes=args.episodes, max_minutes=args.max_minutes,
             pretrain_epochs=args.pretrain_epochs, shot=args.shot, val_interval=args.val_interval,
             lr_step=args.lr_step, augment=args.augment, meta_batch=args.meta_batch, lr=args.lr,
+            val_episodes=args.val_episodes, calibration_episodes=args.calibration_episodes,
             init_from=args.init_from,
             method_kwargs=parse_key_values(args.method_option, "--method-option"),
             backbone_kwargs=parse_key_values(args.backbone_option, "--backbone-option"),

@@ -108,3 +108,9 @@ def test_backbone_arguments_compare_with_their_defaults_filled_in():
     assert _with_defaults("conv4", {"in_channels": 3}) == _with_defaults("conv4", {"in_channels": 3, "norm_kind": "batch"})
     assert _with_defaults("conv4", {}) != _with_defaults("conv4", {"norm_kind": "group"})
     assert _with_defaults("resnet12", {"channels": (4, 8)}) == _with_defaults("resnet12", {"channels": [4, 8]})
+
+
+def test_time_budget_stop_still_validates_the_final_model(tmp_path, sample_protocol):
+    result = train(_config(sample_protocol, tmp_path / "t", episodes=50, val_interval=1000, max_minutes=1e-9), quiet=True)
+    assert result.episodes_done == 1  # the first step runs, then the budget is spent
+    assert [h["episode"] for h in result.history] == [0, 1]

@@ -219,6 +219,8 @@ class _Run:
             while self.episode < cfg.episodes:
                 if cfg.max_minutes is not None and self.train_seconds >= cfg.max_minutes * 60:
                     console.print(f"Time budget of {cfg.max_minutes} min reached at episode {self.episode}.")
+                    if not self.history or self.history[-1]["episode"] != self.episode:
+                        self.validate(label=f"episode {self.episode} (end of the time budget)")
                     break
                 started = time.perf_counter()
                 # one optimiser step per meta-batch of episodes (the mean of their losses)
