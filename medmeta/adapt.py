@@ -169,15 +169,9 @@ def adapt(
     logits, distances = predict_cases(learner, support_x, support_y, query_x, torch_device, batch_size)
     probs = softmax(logits / temperature)
 
-    notes: list[str] = []
     conformal, distance_threshold = ckpt.conformal, ckpt.distance_threshold
     sets = conformal.predict_sets(probs) if conformal is not None else None
-    if conformal is None:
-        notes.append("The checkpoint has no conformal calibration (trained before medmeta had it): no prediction sets.")
-    if distance_threshold is None:
-        notes.append("The checkpoint has no referral distance threshold: no out-of-distribution flags.")
-    elif np.isnan(distance_threshold):
-        notes.append(f"{ckpt.meta['method']['name']} gives no distance to the support: no out-of-distribution flags.")
+    notes = ckpt.calibration_notes()
     refer, reasons = referral(sets, distances, distance_threshold, conditions)
 
     min_support = min(len(support_info[c]) for c in conditions)

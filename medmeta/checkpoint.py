@@ -93,6 +93,18 @@ class Checkpoint:
         except MedmetaError as exc:
             raise CheckpointError(f"{self.path}: {exc}") from None
 
+    def calibration_notes(self) -> list[str]:
+        """What this checkpoint's calibration cannot provide, as sentences for reports."""
+        notes = []
+        if self.conformal is None:
+            notes.append("The checkpoint has no conformal calibration (trained before medmeta had it): no prediction sets.")
+        threshold = self.distance_threshold
+        if threshold is None:
+            notes.append("The checkpoint has no referral distance threshold: no out-of-distribution flags.")
+        elif threshold != threshold:  # NaN: the method has no distance to the support
+            notes.append(f"{self.meta['method']['name']} gives no distance to the support: no out-of-distribution flags.")
+        return notes
+
     @property
     def distance_threshold(self) -> float | None:
         """The out-of-distribution distance threshold, or None for checkpoints without referral

@@ -243,13 +243,7 @@ def evaluate_checkpoint(
 
         outputs = run_episodes(learner, store, sampler, range(episodes), torch_device, on_episode=tick)
     conformal, distance_threshold = ckpt.conformal, ckpt.distance_threshold
-    notes = []
-    if conformal is None:
-        notes.append("the checkpoint has no conformal calibration (trained before medmeta had it): no prediction sets")
-    if distance_threshold is None:
-        notes.append("the checkpoint has no referral distance threshold: no out-of-distribution flags")
-    elif np.isnan(distance_threshold):
-        notes.append(f"{ckpt.meta['method']['name']} gives no distance to the support: no out-of-distribution flags")
+    notes = ckpt.calibration_notes()
     stats = summarize(outputs, temperature=ckpt.temperature, conformal=conformal, distance_threshold=distance_threshold)
     logits, labels = outputs.pooled()
     calibrated = softmax(logits / ckpt.temperature)

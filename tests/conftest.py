@@ -26,6 +26,26 @@ def require_dataset(*parts: str) -> Path:
     return require_shared("datasets", *parts)
 
 
+def toy_episode(way: int, shot: int = 2, query: int = 2, seed: int = 1, size: int = 16, normal_centres: bool = False):
+    """A learnable ``way``-way task of ``size`` x ``size`` one-channel images: class-dependent
+    means (uniform, or standard normal) plus noise.
+
+    Returns ``(support (way*shot, 1, size, size), support labels, query (way*query, 1, size, size), query labels)``.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    draw_centres = torch.randn if normal_centres else torch.rand
+    centres = draw_centres(way, 1, size, size, generator=g)
+
+    def draw(n):
+        labels = torch.arange(way).repeat_interleave(n)
+        return centres[labels] + 0.1 * torch.randn(len(labels), 1, size, size, generator=g), labels
+
+    (xs, ys), (xq, yq) = draw(shot), draw(query)
+    return xs, ys, xq, yq
+
+
 @pytest.fixture(scope="session")
 def sample_protocol() -> Path:
     return SAMPLE_DATA / "protocol.yaml"

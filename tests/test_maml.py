@@ -15,6 +15,7 @@ from medmeta.methods import create_method
 from medmeta.methods.maml import HEAD_BIAS, HEAD_WEIGHT, prototype_head
 from medmeta.methods.protonet import squared_distances
 from medmeta.methods.registry import METHODS
+from conftest import toy_episode as image_episode
 
 NAMES = ("maml", "fomaml", "anil")
 INNER_LR = 0.5
@@ -57,16 +58,6 @@ def conv4_learner(name: str, seed: int = 0, **kwargs):
     return create_method(name, backbone, **{"inner_steps": 2, "adapt_steps": 3, **kwargs})
 
 
-def image_episode(way: int, shot: int = 2, query: int = 2, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(way, 1, 16, 16, generator=g)
-
-    def draw(n):
-        labels = torch.arange(way).repeat_interleave(n)
-        return centres[labels] + 0.1 * torch.randn(len(labels), 1, 16, 16, generator=g), labels
-
-    (xs, ys), (xq, yq) = draw(shot), draw(query)
-    return xs, ys, xq, yq
 
 
 # ---- the meta-gradient -----------------------------------------------------------------------

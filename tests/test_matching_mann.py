@@ -14,6 +14,7 @@ import medmeta.methods.matching  # noqa: F401  (registration)
 from medmeta.methods.mann import MANN, least_used_weights, lrua_write_weights
 from medmeta.methods.matching import MatchingNetworks
 from medmeta.methods.registry import METHODS, create_method
+from conftest import toy_episode
 
 
 class FlatBackbone(nn.Module):
@@ -45,15 +46,9 @@ def points(*rows) -> torch.Tensor:
 
 
 def episode(way: int, shot: int = 2, query: int = 2, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(way, 1, 4, 4, generator=g)
+    return toy_episode(way, shot, query, seed, size=4, normal_centres=True)
 
-    def draw(n):
-        labels = torch.arange(way).repeat_interleave(n)
-        return centres[labels] + 0.1 * torch.randn(len(labels), 1, 4, 4, generator=g), labels
 
-    (xs, ys), (xq, yq) = draw(shot), draw(query)
-    return xs, ys, xq, yq
 
 
 SMALL_MANN = {"memory_slots": 16, "memory_size": 8, "controller_size": 16, "n_reads": 2, "max_way": 6}

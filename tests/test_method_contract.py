@@ -12,6 +12,7 @@ from medmeta.backbones import create_backbone
 from medmeta.checkpoint import build_learner, load_checkpoint, save_checkpoint
 from medmeta.methods import create_method, list_methods
 from medmeta.methods.registry import METHODS
+from conftest import toy_episode as episode
 
 SAMPLE_CASES = Path(__file__).resolve().parents[1] / "sample_data" / "cases"
 # Small, fast settings per method (CPU); methods not listed here use their defaults.
@@ -35,15 +36,6 @@ def make(name: str, kwargs: dict, seed: int = 0):
     return create_method(name, create_backbone("conv4", **backbone_kwargs), **kwargs), backbone_kwargs
 
 
-def episode(way: int, shot: int = 2, query: int = 2, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    # class-dependent means so the task is learnable, plus noise
-    centres = torch.rand(way, 1, 16, 16, generator=g)
-    def draw(n):
-        labels = torch.arange(way).repeat_interleave(n)
-        return centres[labels] + 0.1 * torch.randn(len(labels), 1, 16, 16, generator=g), labels
-    (xs, ys), (xq, yq) = draw(shot), draw(query)
-    return xs, ys, xq, yq
 
 
 @pytest.mark.parametrize("name, kwargs", VARIANTS, ids=IDS)
