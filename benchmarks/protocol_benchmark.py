@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--augment", default="light")
     parser.add_argument("--meta-batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--backbone-lr", type=float, default=None, help="0 freezes the backbone")
+    parser.add_argument("--grad-clip", type=float, default=None)
     parser.add_argument("--init-from", default=None, help="start the backbone from this checkpoint")
     parser.add_argument("--method-option", action="append", default=[], help="KEY=VALUE (repeatable)")
     parser.add_argument("--backbone-option", action="append", default=[], help="KEY=VALUE (repeatable)")
@@ -59,6 +61,7 @@ def main() -> None:
             image_size=args.image_size, episodes=args.episodes, max_minutes=args.max_minutes,
             pretrain_epochs=args.pretrain_epochs, shot=args.shot, val_interval=args.val_interval,
             lr_step=args.lr_step, augment=args.augment, meta_batch=args.meta_batch, lr=args.lr,
+            backbone_lr=args.backbone_lr, grad_clip=args.grad_clip,
             val_episodes=args.val_episodes, calibration_episodes=args.calibration_episodes,
             init_from=args.init_from,
             method_kwargs=parse_key_values(args.method_option, "--method-option"),

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import user_errors
+from cli.common import check_choice, user_errors
+from medmeta.calibration import CONFORMAL_SOURCES
 from medmeta.adapt import adapt as run_adapt
 from medmeta.errors import CasesError
 from medmeta.progress import console
@@ -21,12 +22,14 @@ def adapt(
     labels: Annotated[Optional[Path], typer.Option(help="CSV path,label (paths relative to CASES) to score the batch.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     stability: Annotated[bool, typer.Option(help="Leave-one-out stability per case (one refit per support scan; needs 2+ scans per condition).")] = True,
+    conformal_source: Annotated[str, typer.Option(help="Threshold of the prediction sets: val (fitted on validation conditions, in the checkpoint) or support (fitted on this support's leave-one-out predictions; 2+ scans per condition).")] = "val",
 ) -> None:
     """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html, rejected.csv."""
     out_dir = out or cases / "medmeta-report"
     with user_errors():
+        check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
         try:
-            result = run_adapt(checkpoint, cases, labels=labels, device=device, stability=stability)
+            result = run_adapt(checkpoint, cases, labels=labels, device=device, stability=stability, conformal_source=conformal_source)
         except CasesError as exc:
             if exc.rejected:
                 write_rejected(out_dir, exc.rejected)

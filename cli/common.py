@@ -21,3 +21,10 @@ def user_errors() -> Iterator[None]:
     except MedmetaError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
+    """Refuse a value outside ``choices`` with a :class:`MedmetaError` naming the option."""
+    if value not in choices:
+        raise MedmetaError(f"unknown {option} {value!r}; choose from {', '.join(choices)}")
+    return value

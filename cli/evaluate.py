@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import user_errors
+from cli.common import check_choice, user_errors
+from medmeta.calibration import CONFORMAL_SOURCES
 from medmeta.evaluation import evaluate_checkpoint
 from medmeta.progress import console
 
@@ -22,11 +23,15 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Episode seed (same seed, same episodes for every model).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Folder for the results JSON, reliability and risk-coverage PNGs and the episodes' file lists (CSV).")] = None,
+    conformal_source: Annotated[str, typer.Option(help="Threshold of the prediction sets: val (the checkpoint's, fitted on validation conditions) or support (fitted per episode on the support's leave-one-out predictions; 2+ shots).")] = "val",
 ) -> None:
     """Accuracy (95% CI), macro AUC, ECE/MCE/NLL/Brier before and after temperature scaling, per-class
     recall, conformal coverage and set size, referral and risk-coverage (AURC) on test classes."""
     with user_errors():
-        result = evaluate_checkpoint(checkpoint, protocol, way, shot, query, episodes, seed, device, out_dir=out)
+        check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
+        result = evaluate_checkpoint(
+            checkpoint, protocol, way, shot, query, episodes, seed, device, out_dir=out, conformal_source=conformal_source
+        )
     console.print(
         f"{result['method']} on {result['protocol']} test classes, {result['episodes']} {result['way']}-way "
         f"{result['shot']}-shot episodes: accuracy {100 * result['accuracy']:.1f}% ± {100 * result['accuracy_ci95']:.1f}, "
@@ -37,7 +42,8 @@ def evaluate(
     line = f"MCE {result['mce_before']:.3f} -> {result['mce_after']:.3f}, AURC {result['aurc']:.3f}"
     if result["coverage"] is not None:
         line += (
-            f"; prediction sets: coverage {100 * result['coverage']:.1f}% (target {100 * result['coverage_target']:.0f}%), "
+            f"; prediction sets ({result['conformal_source']}-calibrated): coverage {100 * result['coverage']:.1f}% "
+            f"(target {100 * result['coverage_target']:.0f}%), "
             f"mean size {result['mean_set_size']:.2f}"
         )
     if result["referral_rate"] is not None:

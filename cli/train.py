@@ -29,6 +29,8 @@ def train(
     channels: Annotated[int, typer.Option(help="Input channels: 3 (RGB) or 1 (grayscale).")] = _DEFAULTS.channels,
     meta_batch: Annotated[int, typer.Option(help="Episodes (tasks) averaged per optimiser step.")] = _DEFAULTS.meta_batch,
     lr: Annotated[float, typer.Option(help="Adam learning rate of episodic training.")] = _DEFAULTS.lr,
+    backbone_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the backbone in episodic training [default: --lr]; 0 freezes it.")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm of each episodic step to this value.")] = None,
     method_option: Annotated[Optional[list[str]], typer.Option(help="Method hyperparameter KEY=VALUE (repeatable), e.g. inner_steps=5.")] = None,
     backbone_option: Annotated[Optional[list[str]], typer.Option(help="Backbone argument KEY=VALUE (repeatable), e.g. norm_kind=group.")] = None,
     augment: Annotated[str, typer.Option(help="Augmentation: none, light, strong.")] = _DEFAULTS.augment,
@@ -53,6 +55,7 @@ def train(
     config = TrainConfig(
         protocol=str(protocol), out=str(out), method=method, backbone=backbone, way=way, shot=shot, query=query,
         episodes=episodes, pretrain_epochs=pretrain_epochs, image_size=image_size, channels=channels, lr=lr,
+        backbone_lr=backbone_lr, grad_clip=grad_clip,
         meta_batch=meta_batch, init_from=str(init_from) if init_from else None,
         augment=augment, val_interval=val_interval, val_episodes=val_episodes,
         calibration_episodes=calibration_episodes, max_minutes=max_minutes, device=device, seed=seed,
@@ -98,4 +101,8 @@ def _validate_choices(config: TrainConfig) -> None:
         raise MedmetaError("--channels must be 1 or 3")
     if config.image_size < 16:
         raise MedmetaError("--image-size must be at least 16")
+    if config.backbone_lr is not None and config.backbone_lr < 0:
+        raise MedmetaError("--backbone-lr must be 0 (frozen) or positive")
+    if config.grad_clip is not None and config.grad_clip <= 0:
+        raise MedmetaError("--grad-clip must be positive")
     check_calibration_settings(config)

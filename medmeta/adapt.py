@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 import medmeta
-from medmeta.calibration import expected_calibration_error, referral, softmax
+from medmeta.calibration import CONFORMAL_SOURCES, episode_conformal, expected_calibration_error, referral, softmax
 from medmeta.checkpoint import build_learner, load_checkpoint
 from medmeta.data.reading import Preprocessing, ScanReader
 from medmeta.device import resolve_device
 from medmeta.errors import CasesError, ScanReadError
 from medmeta.io import sha256_file
+from medmeta.leave_one_out import has_two_per_class, leave_one_out
 
 
 @dataclass
@@ -117,12 +118,21 @@ def adapt(
     device: str = "auto",
     batch_size: int = 64,
     stability: bool = True,
+    conformal_source: str = "val",
 ) -> AdaptResult:
     """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``.
 
     With ``stability`` (and at least two support scans per condition) the support is refitted
     once per support scan, without it, to measure each case's leave-one-out stability.
+
+    ``conformal_source`` says where the prediction sets' threshold comes from: ``"val"``, the
+    one fitted on validation conditions and stored in the checkpoint; ``"support"``, one fitted
+    on this support's own leave-one-out predictions (same score and coverage; needs two support
+    scans per condition, else the checkpoint's is used and a note says so; see
+    :func:`medmeta.calibration.episode_conformal`).
     """
+    if conformal_source not in CONFORMAL_SOURCES:
+        raise ValueError(f"conformal_source must be one of {', '.join(CONFORMAL_SOURCES)}, got {conformal_source!r}")
     root = Path(cases_dir)
     ckpt = load_checkpoint(checkpoint)
     learner = build_learner(ckpt)
@@ -170,22 +180,36 @@ def adapt(
     probs = softmax(logits / temperature)
 
     conformal, distance_threshold = ckpt.conformal, ckpt.distance_threshold
-    sets = conformal.predict_sets(probs) if conformal is not None else None
     notes = ckpt.calibration_notes()
-    refer, reasons = referral(sets, distances, distance_threshold, conditions)
-
     min_support = min(len(support_info[c]) for c in conditions)
+    single = [c for c in conditions if len(support_info[c]) < 2]
+    wants_support_sets = conformal_source == "support" and conformal is not None
     changes: np.ndarray | None = None
+    if (stability or wants_support_sets) and has_two_per_class(support_y):
+        loo = leave_one_out(
+            learner, support_x, support_y, query_x if stability else None, temperature, torch_device, batch_size
+        )
+        changes = loo.max_change
+        if wants_support_sets:
+            conformal = episode_conformal(conformal, softmax(loo.support_logits / temperature), support_y.numpy())
+            notes.append(
+                f"Prediction sets are calibrated on this support's own leave-one-out predictions "
+                f"({len(support_y)} scans, threshold {conformal.threshold_:.3f}), not on the validation conditions."
+            )
+    elif wants_support_sets:
+        notes.append(
+            f"Prediction sets use the validation-calibrated threshold: support calibration needs two support scans "
+            f"per condition and {', '.join(single)} have one."
+        )
     if not stability:
         notes.append("Leave-one-out stability was not computed (switched off).")
-    elif min_support < 2:
-        single = [c for c in conditions if len(support_info[c]) < 2]
+    elif changes is None:
         notes.append(
             f"Leave-one-out stability was not computed: condition(s) {', '.join(single)} have a single support scan "
             "(leaving it out would remove the condition)."
         )
-    else:
-        changes = leave_one_out_stability(learner, support_x, support_y, query_x, temperature, torch_device, batch_size)
+    sets = conformal.predict_sets(probs) if conformal is not None else None
+    refer, reasons = referral(sets, distances, distance_threshold, conditions)
 
     cases = [
         CaseResult(
@@ -211,7 +235,9 @@ def adapt(
         "method": ckpt.meta["method"]["name"],
         "backbone": ckpt.meta["backbone"]["name"],
         "temperature": temperature,
-        "conformal": conformal.to_dict() if conformal is not None else None,
+        "conformal": {**conformal.to_dict(), "source": conformal_source if conformal.interpolate else "val"}
+        if conformal is not None
+        else None,
         "referral": None
         if distance_threshold is None and conformal is None
         else {
@@ -265,29 +291,10 @@ def leave_one_out_stability(
     device: torch.device | str = "cpu",
     batch_size: int = 64,
 ) -> np.ndarray:
-    """For each support scan, refit without it and recompute every query's temperature-scaled
-    probabilities; returns ``(n_query,)``: the largest absolute change of any class probability
-    over all these refits, against the fit on the full support.
-
-    Args:
-        support_images: ``(n_support, C, H, W)``.
-        support_labels: ``(n_support,)`` in ``[0, n_way)``, at least two scans per class (so
-            every class keeps a scan in every refit).
-        query_images: ``(n_query, C, H, W)``.
-
-    The learner is left fitted to the last refit; fit it again before using it.
-    """
-    device = torch.device(device)
-    counts = torch.bincount(support_labels)
-    if len(counts) == 0 or int(counts.min()) < 2:
-        raise ValueError("leave-one-out stability needs at least two support scans per class")
-    base = softmax(predict_cases(learner, support_images, support_labels, query_images, device, batch_size)[0] / temperature)
-    worst = np.zeros(len(query_images))
-    for left_out in range(len(support_labels)):
-        keep = torch.arange(len(support_labels)) != left_out
-        logits, _ = predict_cases(learner, support_images[keep], support_labels[keep], query_images, device, batch_size)
-        worst = np.maximum(worst, np.abs(softmax(logits / temperature) - base).max(axis=1))
-    return worst
+    """``(n_query,)``: for each query, the largest absolute change of any temperature-scaled class
+    probability when one support scan is left out (see :func:`medmeta.leave_one_out.leave_one_out`;
+    at least two support scans per class). The learner is left fitted to the last refit."""
+    return leave_one_out(learner, support_images, support_labels, query_images, temperature, device, batch_size).max_change
 
 
 def score(result: AdaptResult, probs: np.ndarray) -> dict[str, Any]:

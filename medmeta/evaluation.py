@@ -15,6 +15,7 @@ from medmeta.calibration import (
     aurc,
     brier_score,
     distance_flags,
+    episode_conformal,
     expected_calibration_error,
     macro_auc,
     maximum_calibration_error,
@@ -29,6 +30,7 @@ from medmeta.calibration import (
 from medmeta.data.episodes import EpisodeSampler
 from medmeta.data.store import ImageStore
 from medmeta.io import atomic_write_json, json_safe
+from medmeta.leave_one_out import has_two_per_class, leave_one_out
 from medmeta.methods.base import MetaLearner
 
 
@@ -39,12 +41,21 @@ RISK_COVERAGE_LEVELS = np.round(np.arange(1, 101) / 100, 2)
 @dataclass
 class EpisodeOutputs:
     """Per episode: query logits ``(n_query, n_way)``, labels ``(n_query,)``, support distances
-    ``(n_query,)`` and the episode's class names (``n_way``; label ``i`` is ``classes[i]``)."""
+    ``(n_query,)`` and the episode's class names (``n_way``; label ``i`` is ``classes[i]``).
+    With leave-one-out support predictions (``run_episodes(..., support_loo=True)``): each
+    support scan's logits from the fit without it ``(n_support, n_way)`` and the support labels
+    ``(n_support,)`` (both None for an episode with a single scan of some class)."""
 
     logits: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     distances: list[np.ndarray] = field(default_factory=list)
     classes: list[list[str]] = field(default_factory=list)
+    support_logits: list[np.ndarray | None] = field(default_factory=list)
+    support_labels: list[np.ndarray | None] = field(default_factory=list)
+
+    def has_support_loo(self) -> bool:
+        """Whether every episode has leave-one-out support predictions."""
+        return len(self.support_logits) == len(self.logits) > 0 and all(s is not None for s in self.support_logits)
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         return np.concatenate(self.logits), np.concatenate(self.labels)
@@ -74,8 +85,12 @@ def run_episodes(
     indices: Iterable[int],
     device: torch.device,
     on_episode=None,
+    support_loo: bool = False,
 ) -> EpisodeOutputs:
-    """Adapt to and predict every episode in ``indices`` (eval mode: no statistics are updated)."""
+    """Adapt to and predict every episode in ``indices`` (eval mode: no statistics are updated).
+
+    With ``support_loo``, also refit once per support scan without it and keep that scan's
+    logits (for prediction sets calibrated on the episode's own support)."""
     was_training = learner.training
     learner.eval()
     out = EpisodeOutputs()
@@ -89,6 +104,13 @@ def run_episodes(
             out.labels.append(ep.query_labels.numpy())
             out.distances.append(learner.support_distance(query).double().cpu().numpy())
             out.classes.append(list(ep.classes))
+            if support_loo and has_two_per_class(ep.support_labels):
+                loo = leave_one_out(learner, support, ep.support_labels.to(device), device=device)
+                out.support_logits.append(loo.support_logits)
+                out.support_labels.append(ep.support_labels.numpy())
+            elif support_loo:
+                out.support_logits.append(None)
+                out.support_labels.append(None)
             if on_episode is not None:
                 on_episode(out)
     finally:
@@ -102,6 +124,7 @@ def summarize(
     n_bins: int = 15,
     conformal: ConformalPredictor | None = None,
     distance_threshold: float | None = None,
+    conformal_source: str = "val",
 ) -> dict[str, Any]:
     """Accuracy (mean over episodes, 95% CI), macro AUC (mean over episodes), and pooled ECE,
     MCE, NLL and Brier before and after dividing logits by ``temperature``; the AURC of the
@@ -111,6 +134,12 @@ def summarize(
     empirical coverage, mean set size and their breakdowns. With sets and/or a
     ``distance_threshold``: the referral rate (see :func:`medmeta.calibration.referral`) and
     the accuracy of the cases not referred. Entries that cannot be computed are None.
+
+    ``conformal_source="support"`` replaces ``conformal``'s threshold, in every episode, by one
+    fitted on that episode's leave-one-out support predictions (same score and coverage; see
+    :func:`medmeta.calibration.episode_conformal`); it needs ``outputs`` from
+    ``run_episodes(..., support_loo=True)`` with two support scans per class, and falls back to
+    ``conformal`` itself otherwise (``conformal_source`` in the result says which was used).
     """
     accs = np.array([(lg.argmax(1) == lb).mean() for lg, lb in zip(outputs.logits, outputs.labels)])
     aucs = np.array([macro_auc(softmax(lg), lb) for lg, lb in zip(outputs.logits, outputs.labels)])
@@ -137,23 +166,35 @@ def summarize(
     }
     true_names, predicted_names = outputs.pooled_class_names(), outputs.pooled_predicted_names()
     stats["per_class_recall"] = per_class_recall(true_names, predicted_names) if true_names is not None else None
-    stats.update(_set_stats(after, labels, true_names, conformal))
-    stats.update(_referral_stats(after, labels, outputs.pooled_distances(), conformal, distance_threshold))
+    sets, used = None, None
+    if conformal is not None:
+        if conformal_source == "support" and outputs.has_support_loo():
+            parts, thresholds = [], []
+            for lg, sl, sy in zip(outputs.logits, outputs.support_logits, outputs.support_labels):
+                episode = episode_conformal(conformal, softmax(sl / temperature), sy)
+                parts.append(episode.predict_sets(softmax(lg / temperature)))
+                thresholds.append(episode.threshold_)
+            sets, used = np.concatenate(parts), "support"
+            stats["support_threshold_mean"] = float(np.mean(thresholds))
+        else:
+            sets, used = conformal.predict_sets(after), "val"
+    stats["conformal_source"] = used
+    stats.update(_set_stats(sets, labels, true_names, conformal.coverage if conformal is not None else None))
+    stats.update(_referral_stats(after, labels, outputs.pooled_distances(), sets, distance_threshold))
     return stats
 
 
-def _set_stats(probs: np.ndarray, labels: np.ndarray, names: np.ndarray | None, conformal: ConformalPredictor | None) -> dict[str, Any]:
+def _set_stats(sets: np.ndarray | None, labels: np.ndarray, names: np.ndarray | None, target: float | None) -> dict[str, Any]:
     keys = ("coverage_target", "coverage", "mean_set_size", "empty_set_rate", "singleton_rate", "per_class_coverage")
-    if conformal is None:
+    if sets is None:
         return dict.fromkeys(keys)
-    sets = conformal.predict_sets(probs)
     covered = sets[np.arange(len(labels)), labels]
     size = sets.sum(axis=1)
     per_class = None
     if names is not None:
         per_class = {str(c): float(covered[names == c].mean()) for c in sorted(set(names.tolist()), key=str)}
     return {
-        "coverage_target": float(conformal.coverage),
+        "coverage_target": float(target),
         "coverage": float(covered.mean()),
         "mean_set_size": float(size.mean()),
         "empty_set_rate": float((size == 0).mean()),
@@ -166,13 +207,12 @@ def _referral_stats(
     probs: np.ndarray,
     labels: np.ndarray,
     distances: np.ndarray,
-    conformal: ConformalPredictor | None,
+    sets: np.ndarray | None,
     distance_threshold: float | None,
 ) -> dict[str, Any]:
     keys = ("referral_rate", "referral_rate_set", "referral_rate_distance", "accuracy_not_referred", "n_not_referred")
-    if conformal is None and distance_threshold is None:
+    if sets is None and distance_threshold is None:
         return dict.fromkeys(keys)
-    sets = conformal.predict_sets(probs) if conformal is not None else None
     refer, _ = referral(sets, distances, distance_threshold, [str(i) for i in range(probs.shape[1])])
     kept = ~refer
     correct = probs.argmax(1) == labels
@@ -196,6 +236,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     quiet: bool = False,
     out_dir: str | Path | None = None,
+    conformal_source: str = "val",
 ) -> dict[str, Any]:
     """Measure a checkpoint on seeded episodes of the protocol's test classes.
 
@@ -207,7 +248,9 @@ def evaluate_checkpoint(
     (with the risk-coverage curve at coverage 1%, 2%, ..., 100%), the reliability diagram as
     ``reliability_<way>way_<shot>shot.png``, the risk-coverage curve as
     ``risk_coverage_<way>way_<shot>shot.png`` and the episodes' file lists as
-    ``episodes_<way>way_<shot>shot_seed<seed>.csv``.
+    ``episodes_<way>way_<shot>shot_seed<seed>.csv``. ``conformal_source="support"`` calibrates
+    each episode's prediction sets on its own support instead (leave-one-out refits; see
+    :func:`summarize`); the file names then end in ``_support``.
     """
     from medmeta.checkpoint import build_learner, load_checkpoint
     from medmeta.data.protocol import load_protocol
@@ -216,6 +259,10 @@ def evaluate_checkpoint(
     from medmeta.errors import ProtocolError
     from medmeta.progress import make_progress
 
+    from medmeta.calibration import CONFORMAL_SOURCES
+
+    if conformal_source not in CONFORMAL_SOURCES:
+        raise ProtocolError(f"unknown conformal source {conformal_source!r}; choose from {', '.join(CONFORMAL_SOURCES)}")
     ckpt = load_checkpoint(checkpoint)
     protocol_path = protocol or ckpt.meta.get("protocol", {}).get("path")
     if not protocol_path:
@@ -232,6 +279,7 @@ def evaluate_checkpoint(
     store = ImageStore(ScanReader(Preprocessing.from_dict(ckpt.meta["preprocessing"])))
     sampler = EpisodeSampler(proto.split_records("test"), way, shot, query, seed)
     tag = f"{way}way_{shot}shot"
+    support_loo = conformal_source == "support" and ckpt.conformal is not None and shot >= 2
     if out_dir is not None:
         sampler.save_manifest(Path(out_dir) / f"episodes_{tag}_seed{seed}.csv", range(episodes))
     with make_progress(disable=quiet) as progress:
@@ -241,10 +289,19 @@ def evaluate_checkpoint(
             accs = [(lg.argmax(1) == lb).mean() for lg, lb in zip(out.logits, out.labels)]
             progress.update(task, advance=1, status=f"acc {np.mean(accs):.3f}")
 
-        outputs = run_episodes(learner, store, sampler, range(episodes), torch_device, on_episode=tick)
+        outputs = run_episodes(
+            learner, store, sampler, range(episodes), torch_device, on_episode=tick, support_loo=support_loo
+        )
     conformal, distance_threshold = ckpt.conformal, ckpt.distance_threshold
     notes = ckpt.calibration_notes()
-    stats = summarize(outputs, temperature=ckpt.temperature, conformal=conformal, distance_threshold=distance_threshold)
+    stats = summarize(
+        outputs, temperature=ckpt.temperature, conformal=conformal, distance_threshold=distance_threshold,
+        conformal_source=conformal_source,
+    )
+    if conformal_source == "support" and stats["conformal_source"] != "support" and conformal is not None:
+        notes.append(f"Support-calibrated sets need two support scans per class ({shot}-shot given): the validation threshold was used.")
+    if stats["conformal_source"] == "support":
+        tag += "_support"
     logits, labels = outputs.pooled()
     calibrated = softmax(logits / ckpt.temperature)
     confidence, correct = calibrated.max(1), calibrated.argmax(1) == labels

@@ -155,6 +155,20 @@ def test_evaluate_writes_json(trained_run, tmp_path):
     assert {r["role"] for r in episodes} == {"support", "query"}
 
 
+def test_evaluate_with_support_calibrated_sets(trained_run, tmp_path):
+    args = ("evaluate", "--checkpoint", trained_run, "--episodes", 6, "--shot", 3, "--device", "cpu", "--out", tmp_path)
+    result = invoke(*args, "--conformal-source", "support")
+    assert result.exit_code == 0, result.output
+    assert "support-calibrated" in plain(result.output)
+    support = json.loads((tmp_path / "evaluation_3way_3shot_support.json").read_text())
+    assert support["conformal_source"] == "support" and 0 <= support["support_threshold_mean"] <= 1
+    assert invoke(*args).exit_code == 0
+    val = json.loads((tmp_path / "evaluation_3way_3shot.json").read_text())
+    assert val["conformal_source"] == "val" and val["accuracy"] == support["accuracy"]
+    bad = invoke(*args, "--conformal-source", "test")
+    assert bad.exit_code == 2 and "--conformal-source" in plain(bad.output)
+
+
 def test_train_refuses_a_bad_protocol_without_traceback(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("sources: {a: missing_folder}\nclasses: {train: [a/x], val: [a/y], test: [a/z]}\n")

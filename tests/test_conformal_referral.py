@@ -296,6 +296,64 @@ def test_summarize_pools_sets_referral_and_recall_by_class_name():
     assert bare["coverage"] is None and bare["referral_rate"] is None and bare["per_class_recall"] == stats["per_class_recall"]
 
 
+
+def test_summarize_with_support_calibrated_sets_fits_one_threshold_per_episode():
+    from medmeta.evaluation import EpisodeOutputs, summarize
+
+    probs = [np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]]), np.array([[0.8, 0.2], [0.5, 0.5], [0.7, 0.3]])]
+    support = [np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]]), np.array([[0.95, 0.05], [0.9, 0.1], [0.1, 0.9], [0.05, 0.95]])]
+    outputs = EpisodeOutputs(
+        logits=[np.log(p) for p in probs],
+        labels=[np.array([0, 1, 1]), np.array([0, 1, 0])],
+        distances=[np.zeros(3), np.zeros(3)],
+        classes=[["x", "y"], ["y", "x"]],
+        support_logits=[np.log(p) for p in support],
+        support_labels=[np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])],
+    )
+    template = ConformalPredictor.from_dict({"score": "lac", "coverage": 0.5, "threshold": 0.99})
+    stats = summarize(outputs, conformal=template, conformal_source="support")
+    # LAC scores of the support: 0.1 0.2 0.3 0.4 and 0.05 0.1 0.1 0.05; rank (4 + 1) * 0.5 = 2.5
+    # interpolates between the 2nd and 3rd smallest: thresholds 0.25 and 0.075 (sets p >= 0.75, p >= 0.925)
+    assert stats["conformal_source"] == "support"
+    assert stats["support_threshold_mean"] == pytest.approx((0.25 + 0.075) / 2)
+    # sets: {x} {} {} | {} {} {}: only the first case is covered
+    assert stats["coverage"] == pytest.approx(1 / 6) and stats["mean_set_size"] == pytest.approx(1 / 6)
+    assert stats["empty_set_rate"] == pytest.approx(5 / 6) and stats["referral_rate"] == pytest.approx(5 / 6)
+    # without leave-one-out support predictions the checkpoint's threshold is used
+    plain = EpisodeOutputs(logits=outputs.logits, labels=outputs.labels, distances=outputs.distances, classes=outputs.classes)
+    fallback = summarize(plain, conformal=template, conformal_source="support")
+    assert fallback["conformal_source"] == "val" and fallback["mean_set_size"] == pytest.approx(2.0)
+
+
+def test_interpolated_quantile_by_hand_and_its_coverage_on_exchangeable_scores():
+    scores = np.arange(1.0, 10.0)  # n = 9
+    assert conformal_quantile(scores, 0.85, interpolate=True) == pytest.approx(8.5)  # rank 8.5
+    assert conformal_quantile(scores, 0.5, interpolate=True) == pytest.approx(5.0)  # rank 5
+    assert conformal_quantile(scores, 0.9, interpolate=True) == 9.0  # rank 9 = n: the largest
+    assert conformal_quantile(scores, 0.05, interpolate=True) == 1.0  # rank 0.5: the smallest
+    assert conformal_quantile(scores, 0.9) == 9.0 and conformal_quantile(scores, 0.85) == 9.0  # ceil(8.5) = 9
+    # 15 calibration scores per trial (one 3-way 5-shot support): the guaranteed threshold covers
+    # k / (n + 1) = 15/16 on average, the interpolated one the target itself
+    rng = np.random.default_rng(0)
+    calibration, new = rng.uniform(size=(20000, 15)), rng.uniform(size=20000)
+    interpolated = np.mean([x <= conformal_quantile(c, 0.9, interpolate=True) for c, x in zip(calibration, new)])
+    guaranteed = np.mean([x <= conformal_quantile(c, 0.9) for c, x in zip(calibration, new)])
+    assert abs(interpolated - 0.9) < 0.006 and abs(guaranteed - 15 / 16) < 0.006
+    predictor = ConformalPredictor("lac", 0.9, interpolate=True).fit(np.array([[0.8, 0.2], [0.3, 0.7]]), np.array([0, 1]))
+    assert ConformalPredictor.from_dict(predictor.to_dict()).interpolate is True
+
+
+def test_episode_conformal_keeps_the_score_and_coverage_and_interpolates():
+    from medmeta.calibration import episode_conformal
+
+    template = ConformalPredictor("aps", 0.8, class_conditional=True)
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55]])
+    fitted = episode_conformal(template, probs, np.array([0, 0, 1, 1]))
+    assert (fitted.score, fitted.coverage, fitted.class_conditional, fitted.interpolate) == ("aps", 0.8, False, True)
+    # APS scores of the true labels: 0.9, 0.6, 0.8, 0.55; rank 5 * 0.8 = 4 >= n: the largest
+    assert fitted.threshold_ == pytest.approx(0.9)
+
+
 # ---- stability ---------------------------------------------------------------------------------
 def test_leave_one_out_stability_by_hand():
     """Identity backbone on 1-pixel images: features are the pixel values, logits -d^2."""
@@ -314,6 +372,18 @@ def test_leave_one_out_stability_by_hand():
     np.testing.assert_allclose(leave_one_out_stability(learner, support, labels, query, temperature=2.0)[0], sigmoid(2.5) - 0.5)
     with pytest.raises(ValueError, match="two support scans"):
         leave_one_out_stability(learner, support[1:], labels[1:], query)
+
+
+def test_leave_one_out_support_logits_by_hand():
+    from medmeta.leave_one_out import leave_one_out
+
+    learner = ProtoNet(nn.Flatten()).eval()
+    support = torch.tensor([0.0, 2.0, 4.0, 6.0], dtype=torch.float64).view(4, 1, 1, 1)
+    loo = leave_one_out(learner, support, torch.tensor([0, 0, 1, 1]))
+    # without 0: prototypes 2 and 5; without 2: 0 and 5; without 4: 1 and 6; without 6: 1 and 4
+    expected = -np.array([[4.0, 25.0], [4.0, 9.0], [9.0, 4.0], [25.0, 4.0]])
+    np.testing.assert_allclose(loo.support_logits, expected)
+    assert loo.max_change is None
 
 
 # ---- adapt and the reports ---------------------------------------------------------------------
@@ -379,6 +449,50 @@ def test_adapt_with_a_single_support_scan_skips_stability(tmp_path):
     assert any("triangle_mass have a single support scan" in note for note in result.metadata["notes"])
     write_reports(result, tmp_path / "report")
     assert {row["stability_max_change"] for row in _read_csv(tmp_path / "report" / "predictions.csv")} == {""}
+
+
+def test_adapt_with_support_calibrated_sets(tmp_path):
+    path = _checkpoint(tmp_path, CALIBRATED)
+    result = adapt(path, SAMPLE_CASES, device="cpu", stability=False, conformal_source="support")
+    conformal = result.metadata["conformal"]
+    assert conformal["source"] == "support" and conformal["interpolate"] is True and conformal["n_calibration"] == 15
+    assert any("leave-one-out predictions (15 scans" in note for note in result.metadata["notes"])
+    threshold = conformal["threshold"]
+    assert threshold != 0.6
+    for case in result.cases:
+        assert case.prediction_set == [c for c, p in zip(CONDITIONS, case.probabilities) if 1 - p <= threshold + 1e-10]
+        assert case.stability_max_change is None
+    # the threshold is the interpolated quantile of the support's leave-one-out LAC scores
+    from medmeta.adapt import discover_cases
+    from medmeta.data.reading import Preprocessing, ScanReader
+    from medmeta.leave_one_out import leave_one_out
+
+    reader = ScanReader(Preprocessing(image_size=16, channels=1))
+    files, _ = discover_cases(SAMPLE_CASES)
+    images = torch.stack([reader(f) for c in files for f in files[c]])
+    labels = torch.tensor([i for i, c in enumerate(files) for _ in files[c]])
+    learner = load_checkpoint_learner(path)
+    loo_probs = softmax(leave_one_out(learner, images, labels).support_logits)
+    scores = 1 - loo_probs[np.arange(15), labels.numpy()]
+    assert threshold == pytest.approx(conformal_quantile(scores, 0.9, interpolate=True))
+
+
+def test_adapt_support_sets_fall_back_to_val_with_one_scan(tmp_path):
+    cases = tmp_path / "cases"
+    shutil.copytree(SAMPLE_CASES, cases)
+    for extra in sorted((cases / "support" / "triangle_mass").iterdir())[1:]:
+        extra.unlink()
+    result = adapt(_checkpoint(tmp_path, CALIBRATED), cases, device="cpu", conformal_source="support")
+    assert result.metadata["conformal"]["source"] == "val" and result.metadata["conformal"]["threshold"] == 0.6
+    assert any("validation-calibrated threshold" in note and "triangle_mass" in note for note in result.metadata["notes"])
+    with pytest.raises(ValueError, match="conformal_source"):
+        adapt(_checkpoint(tmp_path, CALIBRATED), cases, device="cpu", conformal_source="test")
+
+
+def load_checkpoint_learner(path):
+    from medmeta.checkpoint import build_learner
+
+    return build_learner(load_checkpoint(path))
 
 
 def test_older_checkpoint_without_conformal_falls_back_and_says_so(tmp_path):

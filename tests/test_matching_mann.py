@@ -211,7 +211,9 @@ def test_mann_fit_support_under_no_grad_keeps_the_state_dict():
     # fitting with autograd on also stores a detached state
     learner.fit_support(xs, ys)
     assert all(not t.requires_grad for t in learner.state_)
-    assert learner.hparams() == {**SMALL_MANN, "gamma": 0.95}
+    assert learner.hparams() == {
+        **SMALL_MANN, "gamma": 0.95, "sequence_loss": 1.0, "episode_norm": "support", "key_strength_init": 11.0
+    }
 
 
 def test_mann_every_parameter_gets_a_gradient_from_episode_loss():
@@ -269,10 +271,59 @@ def test_mann_memory_is_cleared_between_episodes_and_queries_are_independent():
 
 
 def test_mann_episode_loss_in_eval_mode_matches_fit_and_predict():
-    learner = small_mann().eval()
+    learner = small_mann(sequence_loss=0.0).eval()
     xs, ys, xq, yq = episode(3)
     loss, logits = learner.episode_loss(xs, ys, xq, yq)
     with torch.no_grad():
         expected = learner.fit_support(xs, ys).predict_query(xq)
     torch.testing.assert_close(logits.detach(), expected)
     torch.testing.assert_close(loss.detach(), F.cross_entropy(expected, yq))
+
+
+def test_mann_sequence_loss_adds_the_weighted_per_step_support_loss():
+    xs, ys, xq, yq = episode(3)
+    query_only, _ = small_mann(sequence_loss=0.0).eval().episode_loss(xs, ys, xq, yq)
+    learner = small_mann(sequence_loss=0.5).eval()
+    loss, _ = learner.episode_loss(xs, ys, xq, yq)
+    with torch.no_grad():
+        _, slots, _, step_logits, step_slots = learner.encode_support(xs, ys)
+    # eval mode: identity slots, support in the fixed order; one prediction per support scan
+    order = torch.randperm(len(ys), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(step_slots, ys[order])
+    assert step_logits.shape == (len(ys), learner.max_way)
+    torch.testing.assert_close(loss.detach(), query_only.detach() + 0.5 * F.cross_entropy(step_logits, step_slots))
+
+
+def test_mann_support_norm_exact_values():
+    learner = small_mann()
+    mean, scale = learner.support_norm(torch.tensor([[0.0, 0.0], [4.0, 0.0], [2.0, 3.0]]))
+    torch.testing.assert_close(mean, torch.tensor([[2.0, 1.0]]))
+    torch.testing.assert_close(scale, torch.tensor(math.sqrt(14.0 / 3.0)))
+    # a single scan has no spread: scale 1, not a division by zero
+    mean, scale = learner.support_norm(torch.tensor([[3.0, -1.0]]))
+    torch.testing.assert_close(scale, torch.tensor(1.0))
+    mean, scale = small_mann(episode_norm="none").support_norm(torch.tensor([[3.0, -1.0], [1.0, 1.0]]))
+    torch.testing.assert_close(mean, torch.zeros(1, 2))
+    torch.testing.assert_close(scale, torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("norm, invariant", [("support", True), ("none", False)])
+def test_mann_episode_norm_makes_predictions_invariant_to_shift_and_scale_of_the_embedding(norm, invariant):
+    torch.manual_seed(0)
+    learner = create_method("mann", FlatBackbone(16), **SMALL_MANN, episode_norm=norm).eval()
+    xs, ys, xq, _ = episode(3)
+    with torch.no_grad():
+        logits = learner.fit_support(xs, ys).predict_query(xq)
+        moved = learner.fit_support(3.0 * xs + 5.0, ys).predict_query(3.0 * xq + 5.0)
+    assert torch.allclose(moved, logits, atol=1e-5) is invariant
+
+
+def test_mann_heads_start_with_the_requested_key_strength_and_options_are_checked():
+    learner = small_mann(key_strength_init=4.0)
+    _, _, strengths = learner._heads(torch.zeros(1, learner.controller_size))
+    torch.testing.assert_close(strengths, torch.full((1, 2), 4.0))
+    for bad, match in [({"sequence_loss": -1.0}, "sequence_loss"), ({"episode_norm": "batch"}, "episode_norm"),
+                       ({"key_strength_init": 1.0}, "key_strength_init")]:
+        with pytest.raises(ValueError, match=match):
+            small_mann(**bad)
+

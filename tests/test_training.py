@@ -114,3 +114,49 @@ def test_time_budget_stop_still_validates_the_final_model(tmp_path, sample_proto
     result = train(_config(sample_protocol, tmp_path / "t", episodes=50, val_interval=1000, max_minutes=1e-9), quiet=True)
     assert result.episodes_done == 1  # the first step runs, then the budget is spent
     assert [h["episode"] for h in result.history] == [0, 1]
+
+
+def test_backbone_lr_zero_freezes_the_backbone_and_its_statistics_while_the_method_learns(tmp_path, sample_protocol, trained_run):
+    from medmeta.checkpoint import load_checkpoint
+
+    start = load_checkpoint(trained_run).tensors
+    config = _config(
+        sample_protocol, tmp_path / "frozen", method="matching", method_kwargs={"fce": True}, image_size=48,
+        init_from=str(trained_run / "best.json"), backbone_lr=0.0, episodes=3,
+    )
+    train(config, quiet=True)
+    state = load_tensors(tmp_path / "frozen" / "last.safetensors")
+    after = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    backbone = [k for k in after if k.startswith("backbone.")]
+    assert any("running_mean" in k for k in backbone)  # BatchNorm statistics are frozen too
+    for key in backbone:
+        torch.testing.assert_close(after[key], start[key], rtol=0, atol=0, msg=key)
+    from medmeta.methods import create_method
+    from medmeta.backbones import create_backbone
+
+    torch.manual_seed(config.seed)
+    fresh = create_method("matching", create_backbone("conv4"), fce=True).state_dict()
+    own = [k for k in after if not k.startswith("backbone.")]
+    assert own and any(not torch.equal(after[k], fresh[k]) for k in own)
+
+
+def test_backbone_lr_zero_refused_for_a_method_with_nothing_else_to_train(tmp_path, sample_protocol):
+    with pytest.raises(ValueError, match="would train nothing"):
+        train(_config(sample_protocol, tmp_path / "p", backbone_lr=0.0), quiet=True)
+
+
+def test_grad_clip_caps_the_gradient_norm_of_every_step(tmp_path, sample_protocol, monkeypatch):
+    norms = []
+    original = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    train(_config(sample_protocol, tmp_path / "c", episodes=3, grad_clip=1e-3), quiet=True)
+    assert len(norms) == 3 and max(norms) <= 1e-3 * (1 + 1e-4)
+    norms.clear()
+    train(_config(sample_protocol, tmp_path / "u", episodes=3), quiet=True)
+    assert min(norms) > 1e-3  # without clipping the same steps are far larger

@@ -1,6 +1,6 @@
 """Calibration: temperature scaling, conformal prediction sets, referral and their metrics."""
 
-from medmeta.calibration.conformal import ConformalPredictor, conformal_quantile
+from medmeta.calibration.conformal import CONFORMAL_SOURCES, ConformalPredictor, conformal_quantile, episode_conformal
 from medmeta.calibration.metrics import (
     aurc,
     brier_score,
@@ -19,6 +19,7 @@ from medmeta.calibration.referral import DistanceThreshold, distance_flags, refe
 from medmeta.calibration.temperature import TemperatureScaler
 
 __all__ = [
+    "CONFORMAL_SOURCES",
     "ConformalPredictor",
     "DistanceThreshold",
     "TemperatureScaler",
@@ -26,6 +27,7 @@ __all__ = [
     "brier_score",
     "conformal_quantile",
     "distance_flags",
+    "episode_conformal",
     "expected_calibration_error",
     "macro_auc",
     "maximum_calibration_error",

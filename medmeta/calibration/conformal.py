@@ -35,7 +35,7 @@ SCORES = ("lac", "aps")
 SCORE_TOLERANCE = 1e-10
 
 
-def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+def conformal_quantile(scores: np.ndarray, coverage: float, interpolate: bool = False) -> float:
     """The split-conformal threshold of ``scores`` ``(n,)`` for target ``coverage = 1 - alpha``.
 
     The ``k``-th smallest score with ``k = ceil((n + 1) * coverage)``, i.e. the empirical
@@ -44,11 +44,26 @@ def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
     ``n - 1`` gaps and would return the ``(k + 1)``-th smallest, one order statistic more
     conservative than the bound needs). ``+inf`` when ``k > n`` (too few calibration cases for
     that coverage: every label is then in every set).
+
+    With ``interpolate``, the threshold is instead interpolated linearly between the order
+    statistics around rank ``r = (n + 1) * coverage`` (the ``k``-th smallest of ``n`` continuous
+    exchangeable scores is exceeded by a new score with probability ``1 - k / (n + 1)``, so rank
+    ``r`` targets ``coverage`` itself rather than at least ``coverage``); the largest score when
+    ``r > n``. Meant for a handful of calibration scores (e.g. one episode's support), where the
+    rank steps by ``1 / (n + 1)`` (6% with 15 scores) and the guaranteed threshold over-covers by
+    up to that much; coverage is then approximately, not at least, the target.
     """
     scores = np.sort(np.asarray(scores, dtype=np.float64).ravel())
     n = len(scores)
     if n == 0:
         raise CalibrationError("conformal calibration needs at least one calibration case")
+    if interpolate:
+        rank = (n + 1) * coverage  # 1-based, fractional
+        if rank >= n:
+            return float(scores[-1])
+        low = max(int(math.floor(rank)), 1)
+        fraction = min(max(rank - low, 0.0), 1.0)
+        return float(scores[low - 1] + fraction * (scores[low] - scores[low - 1]))
     # the small offset keeps (n + 1) * coverage = 9.000000000000002 from rounding up to 10
     k = math.ceil((n + 1) * coverage - 1e-9)
     return math.inf if k > n else float(scores[max(k, 1) - 1])
@@ -80,6 +95,8 @@ class ConformalPredictor:
             to every case. Test conditions are new classes, so no per-class threshold can be
             looked up for them; the largest threshold is conservative: it reaches the target
             coverage on every calibration class, not only on average over them.
+        interpolate: interpolate the threshold between order statistics (see
+            :func:`conformal_quantile`); for very few calibration cases.
 
     Attributes (after :meth:`fit`):
         threshold_: the score threshold applied at prediction time (``inf`` = every label).
@@ -87,10 +104,11 @@ class ConformalPredictor:
         n_calibration_: number of calibration cases.
     """
 
-    def __init__(self, score: str = "lac", coverage: float = 0.9, class_conditional: bool = False):
+    def __init__(self, score: str = "lac", coverage: float = 0.9, class_conditional: bool = False, interpolate: bool = False):
         self.score = score
         self.coverage = coverage
         self.class_conditional = class_conditional
+        self.interpolate = interpolate
 
     def fit(self, probs: np.ndarray, labels: np.ndarray, classes: np.ndarray | None = None) -> "ConformalPredictor":
         """Calibrate on held-out cases.
@@ -115,12 +133,13 @@ class ConformalPredictor:
             if groups.shape != scores.shape:
                 raise ValueError(f"classes {groups.shape} must have the shape of labels {scores.shape}")
             self.thresholds_ = {
-                str(c): conformal_quantile(scores[groups == c], self.coverage) for c in sorted(np.unique(groups), key=str)
+                str(c): conformal_quantile(scores[groups == c], self.coverage, self.interpolate)
+                for c in sorted(np.unique(groups), key=str)
             }
             self.threshold_ = max(self.thresholds_.values())
         else:
             self.thresholds_ = {}
-            self.threshold_ = conformal_quantile(scores, self.coverage)
+            self.threshold_ = conformal_quantile(scores, self.coverage, self.interpolate)
         return self
 
     def scores(self, probs: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
@@ -147,6 +166,7 @@ class ConformalPredictor:
             "score": self.score,
             "coverage": float(self.coverage),
             "class_conditional": bool(self.class_conditional),
+            "interpolate": bool(self.interpolate),
             "threshold": finite(self.threshold_),
             "n_calibration": int(self.n_calibration_),
         }
@@ -158,7 +178,10 @@ class ConformalPredictor:
     def from_dict(cls, data: dict[str, Any]) -> "ConformalPredictor":
         """Rebuild a fitted predictor from :meth:`to_dict` (``None`` thresholds mean ``inf``)."""
         try:
-            predictor = cls(str(data["score"]), float(data["coverage"]), bool(data.get("class_conditional", False)))
+            predictor = cls(
+                str(data["score"]), float(data["coverage"]), bool(data.get("class_conditional", False)),
+                bool(data.get("interpolate", False)),
+            )
             threshold = data["threshold"]
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(f"incomplete conformal calibration record ({exc})") from None
@@ -168,3 +191,26 @@ class ConformalPredictor:
         }
         predictor.n_calibration_ = int(data.get("n_calibration", 0))
         return predictor
+
+
+# Where the conformal threshold of a prediction set comes from.
+CONFORMAL_SOURCES = ("val", "support")
+
+
+def episode_conformal(template: ConformalPredictor, support_probs: np.ndarray, support_labels: np.ndarray) -> ConformalPredictor:
+    """A conformal predictor calibrated on one episode's own support (``conformal_source="support"``).
+
+    The calibration scores are those of the support scans' true labels under their
+    leave-one-out probabilities ``support_probs`` ``(n_support, n_way)`` (each from the fit on
+    the other scans; see :mod:`medmeta.leave_one_out`), ``support_labels`` ``(n_support,)``.
+    Support scans and cases of an episode come from the same conditions, so these scores are
+    exchangeable with the cases' (validation conditions need not resemble the new ones), except
+    that each was predicted from one scan fewer, which makes them slightly pessimistic and the
+    sets slightly larger. With so few scores the threshold is interpolated between order
+    statistics (:func:`conformal_quantile`), so coverage is close to, not guaranteed above, the
+    target. Keeps ``template``'s score and coverage; never class-conditional (a handful of scans
+    per condition cannot give per-condition thresholds).
+    """
+    return ConformalPredictor(template.score, template.coverage, class_conditional=False, interpolate=True).fit(
+        support_probs, support_labels
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -13,6 +14,8 @@ from medmeta.methods.registry import register_method
 
 # Seed of the fixed support order used outside training mode (adaptation is deterministic).
 EVAL_ORDER_SEED = 0
+# How embeddings are normalised within an episode before they reach the controller.
+EPISODE_NORMS = ("support", "none")
 
 
 class MemoryState(NamedTuple):
@@ -61,8 +64,16 @@ class MANN(MetaLearner):
     3. read weights ``w^r_t = softmax_i(beta * cos(k, M_t(i)))``, read vectors ``r = w^r_t M_t``;
     4. usage ``w^u_t = gamma w^u_{t-1} + sum_j (w^r_j + w^w_j)``.
 
-    The key strength ``beta`` is a deviation from the paper (taken from the Neural Turing Machine's
-    content addressing): a bare softmax of cosines over 128 slots is almost uniform.
+    Deviations from the paper, each needed for MANN to leave chance within a CPU budget (see
+    ``docs/methods/mann.md`` for the measurements):
+
+    - the key strength ``beta`` (from the Neural Turing Machine's content addressing), started
+      sharp (``key_strength_init``): a bare softmax of cosines over 128 slots is almost uniform,
+      so reads carry no gradient signal;
+    - **episode normalisation** (``episode_norm="support"``): embeddings are centred on the mean
+      of the episode's support embeddings and divided by their root-mean-square spread, queries
+      with the support's statistics (so no query influences another). Without it the controller
+      learns keys that tell the meta-training conditions apart and collapse on new ones.
 
     Presentation of an episode (the design choices of this implementation):
 
@@ -85,7 +96,8 @@ class MANN(MetaLearner):
     :meth:`fit_support` starts from an empty memory every time and stores the final state,
     detached, in attributes ending in ``_`` (not parameters or buffers: the state dict is
     unchanged). :meth:`episode_loss` runs the same computation without detaching, so the query
-    loss trains the backbone, the controller and the heads through the memory.
+    loss trains the backbone, the controller and the heads through the memory; as in the paper,
+    every support step also predicts the label of the scan it is shown (``sequence_loss``).
 
     Args:
         backbone: module mapping ``(n, C, H, W)`` to ``(n, d)``; must expose ``num_features``.
@@ -95,6 +107,9 @@ class MANN(MetaLearner):
         n_reads: number of read heads (each also writes).
         gamma: usage decay, in ``[0, 1]``.
         max_way: size of the label input and output; any ``n_way <= max_way`` works.
+        sequence_loss: weight of the per-step support loss added to the query loss (0: queries only).
+        episode_norm: ``"support"`` (normalise embeddings by the support's mean and spread) or ``"none"``.
+        key_strength_init: initial key strength ``beta`` of every head (> 1).
     """
 
     def __init__(
@@ -106,6 +121,9 @@ class MANN(MetaLearner):
         n_reads: int = 4,
         gamma: float = 0.95,
         max_way: int = 10,
+        sequence_loss: float = 1.0,
+        episode_norm: str = "support",
+        key_strength_init: float = 11.0,
     ):
         super().__init__(backbone)
         d = getattr(backbone, "num_features", None)
@@ -117,20 +135,33 @@ class MANN(MetaLearner):
             raise ValueError(f"n_reads ({n_reads}) cannot exceed memory_slots ({memory_slots})")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+        if sequence_loss < 0:
+            raise ValueError(f"sequence_loss must be non-negative, got {sequence_loss}")
+        if episode_norm not in EPISODE_NORMS:
+            raise ValueError(f"episode_norm must be one of {', '.join(EPISODE_NORMS)}, got {episode_norm!r}")
+        if key_strength_init <= 1.0:
+            raise ValueError(f"key_strength_init must exceed 1 (beta = 1 + softplus), got {key_strength_init}")
         self.memory_slots = int(memory_slots)
         self.memory_size = int(memory_size)
         self.controller_size = int(controller_size)
         self.n_reads = int(n_reads)
         self.gamma = float(gamma)
         self.max_way = int(max_way)
+        self.sequence_loss = float(sequence_loss)
+        self.episode_norm = episode_norm
+        self.key_strength_init = float(key_strength_init)
         self.embedding_size = d
         read_size = self.n_reads * self.memory_size
         self.controller = nn.LSTMCell(d + self.max_way + read_size, self.controller_size)
         # per head: key (memory_size), write-gate logit, key-strength logit
         self.heads = nn.Linear(self.controller_size, self.n_reads * (self.memory_size + 2))
         self.output = nn.Linear(self.controller_size + read_size, self.max_way)
+        with torch.no_grad():  # every head starts with key strength beta = key_strength_init
+            bias = self.heads.bias.view(self.n_reads, self.memory_size + 2)
+            bias[:, -1] = math.log(math.expm1(self.key_strength_init - 1.0))
 
         self.state_: MemoryState | None = None
+        self.norm_: tuple[torch.Tensor, torch.Tensor] | None = None  # support (mean, scale)
         self.label_slots_: torch.Tensor | None = None  # (n_way,) output slot of each class
 
     # ---- episode plumbing ----------------------------------------------------------------------
@@ -197,7 +228,19 @@ class MANN(MetaLearner):
         written = (state.written & (erased == 0)) | targets
         return MemoryState(memory, usage, read_weights, reads, hidden, cell, written)
 
-    def encode_support(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> tuple[MemoryState, torch.Tensor]:
+    def support_norm(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Episode normalisation from the support embeddings ``(n_support, d)`` alone: their mean
+        ``(1, d)`` and the root-mean-square distance to it ``()`` (1 when that is ~0, e.g. a single
+        scan). Identity (0, 1) when ``episode_norm == "none"``."""
+        if self.episode_norm == "none":
+            return embeddings.new_zeros(1, embeddings.shape[1]), embeddings.new_ones(())
+        mean = embeddings.mean(dim=0, keepdim=True)
+        scale = (embeddings - mean).pow(2).sum(dim=1).mean().sqrt()
+        return mean, torch.where(scale > 1e-6, scale, torch.ones_like(scale))
+
+    def encode_support(
+        self, support_images: torch.Tensor, support_labels: torch.Tensor
+    ) -> tuple[MemoryState, torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Write a support set to a fresh memory.
 
         Args:
@@ -205,32 +248,44 @@ class MANN(MetaLearner):
             support_labels: ``(n_support,)`` int64 in ``[0, n_way)``, ``n_way <= max_way``.
 
         Returns:
-            The state after the closing label step, and the ``(n_way,)`` label slot of each class.
+            The state after the closing label step; the ``(n_way,)`` label slot of each class; the
+            episode normalisation ``(mean (1, d), scale ())``; the ``(n_support, max_way)`` logits
+            of every support step for the scan shown at that step (before its label arrives); and
+            the ``(n_support,)`` label slot of the scan shown at each step.
         """
         n_way = self._check_way(support_labels)
         slots = self._label_slots(n_way, support_labels.device)
         order = self._support_order(len(support_labels), support_labels.device)
-        embeddings = self.backbone(support_images)[order]  # (n_support, d)
-        labels = F.one_hot(slots[support_labels[order]], self.max_way).to(embeddings.dtype)  # (n_support, max_way)
+        embeddings = self.backbone(support_images)  # (n_support, d)
+        norm = self.support_norm(embeddings)
+        embeddings = ((embeddings - norm[0]) / norm[1])[order]
+        step_slots = slots[support_labels[order]]  # (n_support,)
+        labels = F.one_hot(step_slots, self.max_way).to(embeddings.dtype)  # (n_support, max_way)
         state = self.initial_state(embeddings)
         previous = torch.zeros(1, self.max_way, dtype=embeddings.dtype, device=embeddings.device)
+        step_logits = []
         for t in range(len(order)):
             state = self._step(state, embeddings[t : t + 1], previous)
+            step_logits.append(self.output(torch.cat([state.hidden, state.reads], dim=1)))
             previous = labels[t : t + 1]
-        return self._step(state, torch.zeros_like(embeddings[:1]), previous), slots
+        state = self._step(state, torch.zeros_like(embeddings[:1]), previous)
+        return state, slots, norm, torch.cat(step_logits), step_slots
 
-    def read_queries(self, state: MemoryState, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_queries(
+        self, state: MemoryState, norm: tuple[torch.Tensor, torch.Tensor], query_images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One read-only step per query from ``state``, with a zero label.
 
         Args:
             state: the state after the support.
+            norm: the support's episode normalisation (see :meth:`support_norm`).
             query_images: ``(n_query, C, H, W)``.
 
         Returns:
             Output logits over all label slots ``(n_query, max_way)`` and the query keys
             ``(n_query, n_reads, memory_size)``.
         """
-        embeddings = self.backbone(query_images)  # (n_query, d)
+        embeddings = (self.backbone(query_images) - norm[0]) / norm[1]  # (n_query, d)
         n = embeddings.shape[0]
         inputs = torch.cat([embeddings, embeddings.new_zeros(n, self.max_way), state.reads.expand(n, -1)], dim=1)
         hidden, _ = self.controller(inputs, (state.hidden.expand(n, -1), state.cell.expand(n, -1)))
@@ -242,13 +297,14 @@ class MANN(MetaLearner):
 
     # ---- MetaLearner -----------------------------------------------------------------------------
     def fit_support(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "MANN":
-        state, slots = self.encode_support(support_images, support_labels)
+        state, slots, norm, _, _ = self.encode_support(support_images, support_labels)
         self.state_, self.label_slots_ = state.detach(), slots
+        self.norm_ = (norm[0].detach(), norm[1].detach())
         return self
 
     def predict_query(self, query_images: torch.Tensor) -> torch.Tensor:
         state, slots = self._fitted("predict_query")
-        logits, _ = self.read_queries(state, query_images)
+        logits, _ = self.read_queries(state, self.norm_, query_images)
         return logits[:, slots]
 
     def support_distance(self, query_images: torch.Tensor) -> torch.Tensor:
@@ -257,7 +313,7 @@ class MANN(MetaLearner):
         written by the support when it received the largest write weight of some head at some
         support step and was not erased afterwards."""
         state, _ = self._fitted("support_distance")
-        _, keys = self.read_queries(state, query_images)
+        _, keys = self.read_queries(state, self.norm_, query_images)
         similarity = content_similarity(keys, state.memory[state.written])  # (n_query, n_reads, n_written)
         return (1.0 - similarity.flatten(1).max(dim=1).values).clamp(0.0, 2.0)
 
@@ -268,10 +324,18 @@ class MANN(MetaLearner):
         query_images: torch.Tensor,
         query_labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like :meth:`fit_support` + :meth:`predict_query` but with gradients through the memory."""
-        state, slots = self.encode_support(support_images, support_labels)
-        logits = self.read_queries(state, query_images)[0][:, slots]  # (n_query, n_way)
-        return F.cross_entropy(logits, query_labels), logits
+        """Like :meth:`fit_support` + :meth:`predict_query` but with gradients through the memory.
+
+        The loss is the query cross-entropy plus ``sequence_loss`` times the paper's per-step
+        loss: the cross-entropy of every support step's prediction for the scan it is shown,
+        over all ``max_way`` slots (the first scan of each condition can only be guessed).
+        Returns the loss and the query logits ``(n_query, n_way)``."""
+        state, slots, norm, step_logits, step_slots = self.encode_support(support_images, support_labels)
+        logits = self.read_queries(state, norm, query_images)[0][:, slots]  # (n_query, n_way)
+        loss = F.cross_entropy(logits, query_labels)
+        if self.sequence_loss > 0:
+            loss = loss + self.sequence_loss * F.cross_entropy(step_logits, step_slots)
+        return loss, logits
 
     def hparams(self) -> dict:
         return {
@@ -281,10 +345,13 @@ class MANN(MetaLearner):
             "n_reads": self.n_reads,
             "gamma": self.gamma,
             "max_way": self.max_way,
+            "sequence_loss": self.sequence_loss,
+            "episode_norm": self.episode_norm,
+            "key_strength_init": self.key_strength_init,
         }
 
     def _fitted(self, caller: str) -> tuple[MemoryState, torch.Tensor]:
-        if self.state_ is None or self.label_slots_ is None:
+        if self.state_ is None or self.label_slots_ is None or self.norm_ is None:
             raise RuntimeError(f"call fit_support before {caller}")
         return self.state_, self.label_slots_
 

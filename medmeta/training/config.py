@@ -18,7 +18,10 @@ class TrainConfig:
     optionally ``class_conditional``) and the distance threshold above which ``refer_share`` of
     in-distribution cases would be referred (see ``docs/calibration.md``). ``init_from`` starts the
     backbone from another checkpoint's backbone (same architecture), e.g. one pre-trained
-    backbone shared by several methods.
+    backbone shared by several methods. In episodic training the backbone learns at
+    ``backbone_lr`` (``None``: ``lr``; ``0``: frozen, with its normalisation statistics fixed, as
+    when the method's own modules are trained on a pre-trained backbone), and ``grad_clip`` caps
+    the gradient norm of each optimiser step (``None``: no clipping).
     """
 
     protocol: str = "sample_data/protocol.yaml"
@@ -33,6 +36,8 @@ class TrainConfig:
     channels: int = 3
     meta_batch: int = 1
     lr: float = 1e-3
+    backbone_lr: float | None = None
+    grad_clip: float | None = None
     weight_decay: float = 0.0
     lr_step: int = 2000
     lr_gamma: float = 0.5

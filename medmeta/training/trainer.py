@@ -168,8 +168,36 @@ class _Run:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, cfg.pretrain_epochs))
         else:
             self.head = None
-            self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.Adam(self.episodic_param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.config.backbone_lr == 0
+
+    def episodic_param_groups(self) -> list[dict[str, Any]]:
+        """The method's own parameters at ``lr``; the backbone's at ``backbone_lr`` (left out, and
+        frozen, when that is 0)."""
+        cfg = self.config
+        backbone = list(self.learner.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        own = [p for p in self.learner.parameters() if id(p) not in ids]
+        if cfg.backbone_lr is None:
+            return [{"params": backbone + own}]
+        self.learner.backbone.requires_grad_(not self.backbone_frozen)
+        groups = [{"params": own}] if own else []
+        if not self.backbone_frozen:
+            groups.append({"params": backbone, "lr": cfg.backbone_lr})
+        if not groups:
+            raise ValueError(f"method {cfg.method!r} has no parameters besides the backbone; --backbone-lr 0 would train nothing")
+        return groups
+
+    def train_mode(self) -> None:
+        """Training mode for episodic training; a frozen backbone stays in evaluation mode (its
+        normalisation statistics are part of what is frozen)."""
+        self.learner.train()
+        if self.phase != "pretrain" and self.backbone_frozen:
+            self.learner.backbone.eval()
 
     # ---- pre-training ----------------------------------------------------------------------
     def pretrain(self) -> None:
@@ -209,7 +237,7 @@ class _Run:
     def meta_train(self) -> None:
         cfg = self.config
         assert self.optimizer is not None
-        self.learner.train()
+        self.train_mode()
         losses: list[float] = []
         accs: list[float] = []
         episodes_this_session = 0
@@ -237,6 +265,10 @@ class _Run:
                     (loss / len(batch)).backward()
                     step_losses.append(loss.item())
                     step_accs.append(float((logits.argmax(1).cpu() == ep.query_labels).float().mean()))
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for group in self.optimizer.param_groups for p in group["params"]], cfg.grad_clip
+                    )
                 self.optimizer.step()
                 for _ in batch:
                     self.scheduler.step()
@@ -253,7 +285,7 @@ class _Run:
                 if self.episode // cfg.val_interval > previous // cfg.val_interval or self.episode == cfg.episodes:
                     self.validate(label=f"episode {self.episode}")
                     self.save_state()
-                    self.learner.train()
+                    self.train_mode()
         self.episodes_per_second = episodes_this_session / max(1e-9, time.perf_counter() - started_session)
 
     # ---- model selection ---------------------------------------------------------------------
