@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=28.0)
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--shot", type=int, default=None, help="training shot [default: protocol's largest]")
+    parser.add_argument("--train-shot", type=int, action="append", default=None, help="draw each training episode's shot from these (repeatable)")
     parser.add_argument("--val-interval", type=int, default=250)
     parser.add_argument("--val-episodes", type=int, default=100)
     parser.add_argument("--calibration-episodes", type=int, default=200)
@@ -59,7 +60,7 @@ def main() -> None:
         config = TrainConfig(
             protocol=args.protocol, out=str(out), method=args.method, backbone=args.backbone,
             image_size=args.image_size, episodes=args.episodes, max_minutes=args.max_minutes,
-            pretrain_epochs=args.pretrain_epochs, shot=args.shot, val_interval=args.val_interval,
+            pretrain_epochs=args.pretrain_epochs, shot=args.shot, train_shots=args.train_shot, val_interval=args.val_interval,
             lr_step=args.lr_step, augment=args.augment, meta_batch=args.meta_batch, lr=args.lr,
             backbone_lr=args.backbone_lr, grad_clip=args.grad_clip,
             val_episodes=args.val_episodes, calibration_episodes=args.calibration_episodes,

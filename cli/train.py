@@ -22,6 +22,7 @@ def train(
     backbone: Annotated[str, typer.Option(help=f"Backbone: {', '.join(list_backbones())}.")] = _DEFAULTS.backbone,
     way: Annotated[Optional[int], typer.Option(help="Classes per episode [default: protocol's].")] = None,
     shot: Annotated[Optional[int], typer.Option(help="Support scans per class [default: protocol's largest].")] = None,
+    train_shot: Annotated[Optional[list[int]], typer.Option(help="Draw each training episode's shot from these values (repeatable, e.g. --train-shot 1 --train-shot 5); validation keeps --shot.")] = None,
     query: Annotated[Optional[int], typer.Option(help="Query scans per class [default: protocol's].")] = None,
     episodes: Annotated[int, typer.Option(help="Episodic training episodes (total, also on --resume).")] = _DEFAULTS.episodes,
     pretrain_epochs: Annotated[int, typer.Option(help="Epochs of backbone pre-training on all meta-train classes (0 = none).")] = _DEFAULTS.pretrain_epochs,
@@ -54,6 +55,7 @@ def train(
     """
     config = TrainConfig(
         protocol=str(protocol), out=str(out), method=method, backbone=backbone, way=way, shot=shot, query=query,
+        train_shots=list(train_shot) if train_shot else None,
         episodes=episodes, pretrain_epochs=pretrain_epochs, image_size=image_size, channels=channels, lr=lr,
         backbone_lr=backbone_lr, grad_clip=grad_clip,
         meta_batch=meta_batch, init_from=str(init_from) if init_from else None,

@@ -160,3 +160,22 @@ def test_grad_clip_caps_the_gradient_norm_of_every_step(tmp_path, sample_protoco
     norms.clear()
     train(_config(sample_protocol, tmp_path / "u", episodes=3), quiet=True)
     assert min(norms) > 1e-3  # without clipping the same steps are far larger
+
+
+def test_train_shots_draws_each_episode_shot_from_the_list_reproducibly(tmp_path, sample_protocol):
+    from medmeta.training.trainer import _Run
+
+    run = _Run(_config(sample_protocol, tmp_path / "s", train_shots=[3, 1, 3]), quiet=True)
+    run.load_images()
+    assert run.train_shots == [1, 3] and run.shot == 5  # validation keeps the protocol's shot
+    shots = [len(run.train_episode(i).support) // run.way for i in range(40)]
+    assert set(shots) == {1, 3} and 10 <= shots.count(1) <= 30
+    again = _Run(_config(sample_protocol, tmp_path / "t", train_shots=[1, 3]), quiet=True)
+    again.load_images()
+    assert [again.train_episode(i).support for i in range(40)] == [run.train_episode(i).support for i in range(40)]
+    # a single training shot is the ordinary sampler
+    plain = _Run(_config(sample_protocol, tmp_path / "p"), quiet=True)
+    plain.load_images()
+    assert plain.train_shots == [5] and len(plain.train_episode(0).support) == 5 * plain.way
+    with pytest.raises(ValueError, match="train_shots must be positive"):
+        _Run(_config(sample_protocol, tmp_path / "z", train_shots=[0, 2]), quiet=True)

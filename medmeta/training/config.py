@@ -21,7 +21,10 @@ class TrainConfig:
     backbone shared by several methods. In episodic training the backbone learns at
     ``backbone_lr`` (``None``: ``lr``; ``0``: frozen, with its normalisation statistics fixed, as
     when the method's own modules are trained on a pre-trained backbone), and ``grad_clip`` caps
-    the gradient norm of each optimiser step (``None``: no clipping).
+    the gradient norm of each optimiser step (``None``: no clipping). ``train_shots`` draws the
+    shot of every meta-training episode from these values (uniformly, seeded by the episode
+    index), so one model meets the support sizes it will be used with; validation and
+    calibration keep ``shot``.
     """
 
     protocol: str = "sample_data/protocol.yaml"
@@ -30,6 +33,7 @@ class TrainConfig:
     backbone: str = "conv4"
     way: int | None = None
     shot: int | None = None
+    train_shots: list[int] | None = None
     query: int | None = None
     episodes: int = 150
     image_size: int = 64

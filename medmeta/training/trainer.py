@@ -116,7 +116,10 @@ class _Run:
         self.device = resolve_device(config.device)
         self.protocol = load_protocol(config.protocol)
         self.way, self.shot, self.query = _episode_shape(config, self.protocol)
-        self.protocol.check_counts(self.shot, self.query, splits=("train",))
+        self.train_shots = sorted({int(s) for s in config.train_shots}) if config.train_shots else [self.shot]
+        if min(self.train_shots) < 1:
+            raise ValueError(f"train_shots must be positive, got {config.train_shots}")
+        self.protocol.check_counts(max(self.shot, *self.train_shots), self.query, splits=("train",))
         self.val_way = min(self.way, len(self.protocol.classes["val"]))
         self.preprocessing = Preprocessing(image_size=config.image_size, channels=config.channels)
         self.store = ImageStore(ScanReader(self.preprocessing))
@@ -146,14 +149,24 @@ class _Run:
             bad_keys = {r.key for r, _ in bad}
             for name in list(self.protocol.records):
                 self.protocol.records[name] = [r for r in self.protocol.records[name] if r.key not in bad_keys]
-            self.protocol.check_counts(self.shot, self.query, splits=("train",))
-        self.train_sampler = EpisodeSampler(self.protocol.split_records("train"), self.way, self.shot, self.query, self.config.seed)
+            self.protocol.check_counts(max(self.shot, *self.train_shots), self.query, splits=("train",))
+        self.train_samplers = {
+            shot: EpisodeSampler(self.protocol.split_records("train"), self.way, shot, self.query, self.config.seed)
+            for shot in self.train_shots
+        }
         self.val_sampler = EpisodeSampler(
             self.protocol.split_records("val"), self.val_way, self.shot, self.query, self.config.seed + VAL_SEED_OFFSET
         )
         self.calibration_sampler = EpisodeSampler(
             self.protocol.split_records("val"), self.val_way, self.shot, self.query, self.config.seed + CALIBRATION_SEED_OFFSET
         )
+
+    def train_episode(self, index: int):
+        """Meta-training episode ``index``; its shot is drawn from ``train_shots`` (seeded by the
+        index alone, so a resumed run draws the same shots)."""
+        shots = self.train_shots
+        shot = shots[0] if len(shots) == 1 else shots[int(np.random.default_rng([self.config.seed, 11, index]).integers(len(shots)))]
+        return self.train_samplers[shot].episode(index)
 
     # ---- optimisers ------------------------------------------------------------------------
     def start_phase(self, phase: str) -> None:
@@ -256,7 +269,7 @@ class _Run:
                 self.optimizer.zero_grad(set_to_none=True)
                 step_losses, step_accs = [], []
                 for index in batch:
-                    ep = self.train_sampler.episode(index)
+                    ep = self.train_episode(index)
                     images = self.augment(self.store.stack(ep.support + ep.query), step=index)
                     support, query = images[: len(ep.support)].to(self.device), images[len(ep.support) :].to(self.device)
                     loss, logits = self.learner.episode_loss(
@@ -316,7 +329,7 @@ class _Run:
             "protocol": self.protocol.to_dict(),
             "training": {
                 "config": cfg.to_dict(),
-                "episode_shape": {"way": self.way, "shot": self.shot, "query": self.query},
+                "episode_shape": {"way": self.way, "shot": self.shot, "query": self.query, "train_shots": self.train_shots},
                 "phase": self.phase,
                 "pretrain_epochs_done": self.epoch,
                 "episodes_done": self.episode,
