@@ -19,5 +19,9 @@ run() { [ -f "runs/$1/benchmark.json" ] || "${@:2}"; }
 run fomaml $B --out runs/fomaml --method fomaml $MAML --method-option inner_steps=5 --max-minutes "$MIN" --eval-episodes "$EM"
 run anil $B --out runs/anil --method anil $MAML --method-option inner_steps=5 --max-minutes "$MIN" --eval-episodes "$EM"
 run matching $B --out runs/matching --method matching --init-from runs/derm-rare --lr 5e-4 --max-minutes "$MIN"
-run mann $B --out runs/mann --method mann --init-from runs/derm-rare --lr 5e-4 --max-minutes "$MIN"
+# MANN: the ProtoNet backbone frozen (--backbone-lr 0), the controller trained for 22 minutes on
+# episodes of 1 to 5 shots (it leaves chance only after about 1,500 episodes; docs/methods/mann.md)
+OMP_NUM_THREADS=1 run mann python benchmarks/protocol_benchmark.py "$P" --out runs/mann --method mann --init-from runs/derm-rare \
+  --pretrain-epochs 0 --backbone-lr 0 --grad-clip 10 --lr 1e-3 --lr-step 2000 --val-interval 250 --val-episodes 200 \
+  --calibration-episodes 200 --train-shot 1 --train-shot 2 --train-shot 3 --train-shot 4 --train-shot 5 --max-minutes 22
 run maml $B --out runs/maml --method maml $MAML --method-option inner_steps=2 --max-minutes "$MIN" --eval-episodes "$EM"

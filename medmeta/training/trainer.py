@@ -195,8 +195,8 @@ class _Run:
         backbone = list(self.learner.backbone.parameters())
         ids = {id(p) for p in backbone}
         own = [p for p in self.learner.parameters() if id(p) not in ids]
-        if cfg.backbone_lr is None:
-            return [{"params": backbone + own}]
+        if cfg.backbone_lr is None:  # one group, in the module's own order (as older runs' saved optimisers)
+            return [{"params": list(self.learner.parameters())}]
         self.learner.backbone.requires_grad_(not self.backbone_frozen)
         groups = [{"params": own}] if own else []
         if not self.backbone_frozen:
