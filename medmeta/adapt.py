@@ -184,6 +184,7 @@ def adapt(
     min_support = min(len(support_info[c]) for c in conditions)
     single = [c for c in conditions if len(support_info[c]) < 2]
     wants_support_sets = conformal_source == "support" and conformal is not None
+    sets_source = "val"
     changes: np.ndarray | None = None
     if (stability or wants_support_sets) and has_two_per_class(support_y):
         loo = leave_one_out(
@@ -192,6 +193,7 @@ def adapt(
         changes = loo.max_change
         if wants_support_sets:
             conformal = episode_conformal(conformal, softmax(loo.support_logits / temperature), support_y.numpy())
+            sets_source = "support"
             notes.append(
                 f"Prediction sets are calibrated on this support's own leave-one-out predictions "
                 f"({len(support_y)} scans, threshold {conformal.threshold_:.3f}), not on the validation conditions."
@@ -235,9 +237,7 @@ def adapt(
         "method": ckpt.meta["method"]["name"],
         "backbone": ckpt.meta["backbone"]["name"],
         "temperature": temperature,
-        "conformal": {**conformal.to_dict(), "source": conformal_source if conformal.interpolate else "val"}
-        if conformal is not None
-        else None,
+        "conformal": {**conformal.to_dict(), "source": sets_source} if conformal is not None else None,
         "referral": None
         if distance_threshold is None and conformal is None
         else {

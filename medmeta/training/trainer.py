@@ -192,11 +192,11 @@ class _Run:
         """The method's own parameters at ``lr``; the backbone's at ``backbone_lr`` (left out, and
         frozen, when that is 0)."""
         cfg = self.config
+        if cfg.backbone_lr is None:  # one group, in the module's own order (as older runs' saved optimisers)
+            return [{"params": list(self.learner.parameters())}]
         backbone = list(self.learner.backbone.parameters())
         ids = {id(p) for p in backbone}
         own = [p for p in self.learner.parameters() if id(p) not in ids]
-        if cfg.backbone_lr is None:  # one group, in the module's own order (as older runs' saved optimisers)
-            return [{"params": list(self.learner.parameters())}]
         self.learner.backbone.requires_grad_(not self.backbone_frozen)
         groups = [{"params": own}] if own else []
         if not self.backbone_frozen:
