@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import medmeta
-from medmeta.calibration import CONFORMAL_SOURCES, episode_conformal, expected_calibration_error, referral, softmax
+from medmeta.calibration import check_conformal_source, episode_conformal, expected_calibration_error, referral, softmax
 from medmeta.checkpoint import build_learner, load_checkpoint
 from medmeta.data.reading import Preprocessing, ScanReader
 from medmeta.device import resolve_device
@@ -131,8 +131,7 @@ def adapt(
     scans per condition, else the checkpoint's is used and a note says so; see
     :func:`medmeta.calibration.episode_conformal`).
     """
-    if conformal_source not in CONFORMAL_SOURCES:
-        raise ValueError(f"conformal_source must be one of {', '.join(CONFORMAL_SOURCES)}, got {conformal_source!r}")
+    check_conformal_source(conformal_source)
     root = Path(cases_dir)
     ckpt = load_checkpoint(checkpoint)
     learner = build_learner(ckpt)

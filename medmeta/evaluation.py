@@ -14,6 +14,7 @@ from medmeta.calibration import (
     ConformalPredictor,
     aurc,
     brier_score,
+    check_conformal_source,
     distance_flags,
     episode_conformal,
     expected_calibration_error,
@@ -259,10 +260,7 @@ def evaluate_checkpoint(
     from medmeta.errors import ProtocolError
     from medmeta.progress import make_progress
 
-    from medmeta.calibration import CONFORMAL_SOURCES
-
-    if conformal_source not in CONFORMAL_SOURCES:
-        raise ProtocolError(f"unknown conformal source {conformal_source!r}; choose from {', '.join(CONFORMAL_SOURCES)}")
+    check_conformal_source(conformal_source)
     ckpt = load_checkpoint(checkpoint)
     protocol_path = protocol or ckpt.meta.get("protocol", {}).get("path")
     if not protocol_path:

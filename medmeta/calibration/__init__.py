@@ -1,6 +1,6 @@
 """Calibration: temperature scaling, conformal prediction sets, referral and their metrics."""
 
-from medmeta.calibration.conformal import CONFORMAL_SOURCES, ConformalPredictor, conformal_quantile, episode_conformal
+from medmeta.calibration.conformal import CONFORMAL_SOURCES, ConformalPredictor, check_conformal_source, conformal_quantile, episode_conformal
 from medmeta.calibration.metrics import (
     aurc,
     brier_score,
@@ -25,6 +25,7 @@ __all__ = [
     "TemperatureScaler",
     "aurc",
     "brier_score",
+    "check_conformal_source",
     "conformal_quantile",
     "distance_flags",
     "episode_conformal",

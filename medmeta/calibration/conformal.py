@@ -197,6 +197,13 @@ class ConformalPredictor:
 CONFORMAL_SOURCES = ("val", "support")
 
 
+def check_conformal_source(source: str) -> str:
+    """Refuse a conformal source outside :data:`CONFORMAL_SOURCES` (a :class:`ValueError` naming it)."""
+    if source not in CONFORMAL_SOURCES:
+        raise ValueError(f"conformal_source must be one of {', '.join(CONFORMAL_SOURCES)}, got {source!r}")
+    return source
+
+
 def episode_conformal(template: ConformalPredictor, support_probs: np.ndarray, support_labels: np.ndarray) -> ConformalPredictor:
     """A conformal predictor calibrated on one episode's own support (``conformal_source="support"``).
 
