@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import check_choice, user_errors
-from medmeta.calibration import CONFORMAL_SOURCES
+from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA, TEMPERATURE_SOURCES
 from medmeta.adapt import adapt as run_adapt
-from medmeta.errors import CasesError
+from medmeta.errors import CasesError, MedmetaError
 from medmeta.progress import console
 from medmeta.reports import write_rejected, write_reports
 
@@ -23,13 +23,21 @@ def adapt(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     stability: Annotated[bool, typer.Option(help="Leave-one-out stability per case (one refit per support scan; needs 2+ scans per condition).")] = True,
     conformal_source: Annotated[str, typer.Option(help="Threshold of the prediction sets: val (fitted on validation conditions, in the checkpoint) or support (fitted on this support's leave-one-out predictions; 2+ scans per condition).")] = "val",
+    temperature_source: Annotated[str, typer.Option(help="Temperature of the probabilities: val (the checkpoint's, fitted on validation conditions) or support (the checkpoint's updated by the support's leave-one-out predictions; 2+ scans per condition).")] = "val",
+    temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
 ) -> None:
     """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html, rejected.csv."""
     out_dir = out or cases / "medmeta-report"
     with user_errors():
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
+        check_choice(temperature_source, TEMPERATURE_SOURCES, "--temperature-source")
+        if not temperature_sigma >= 0:
+            raise MedmetaError(f"--temperature-sigma must be >= 0, got {temperature_sigma}")
         try:
-            result = run_adapt(checkpoint, cases, labels=labels, device=device, stability=stability, conformal_source=conformal_source)
+            result = run_adapt(
+                checkpoint, cases, labels=labels, device=device, stability=stability, conformal_source=conformal_source,
+                temperature_source=temperature_source, prior_sigma=temperature_sigma,
+            )
         except CasesError as exc:
             if exc.rejected:
                 write_rejected(out_dir, exc.rejected)

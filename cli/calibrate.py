@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import user_errors
+from cli.train import parse_key_values
 from medmeta.training.trainer import print_calibration, recalibrate
 
 
@@ -20,11 +21,13 @@ def calibrate(
     refer_share: Annotated[Optional[float], typer.Option(help="Share of in-distribution val cases to flag as far from the support.")] = None,
     episodes: Annotated[Optional[int], typer.Option(help="Calibration episodes [default: training's].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    method_option: Annotated[Optional[list[str]], typer.Option(help="Method hyperparameter KEY=VALUE that leaves the weights as they are (repeatable), e.g. distance=euclidean for protonet.")] = None,
 ) -> None:
     """Refit temperature, conformal threshold and referral threshold on val-class episodes; weights are untouched."""
     with user_errors():
         calibration = recalibrate(
             checkpoint, shot=shot, coverage=coverage, conformal_score=conformal_score,
             class_conditional=class_conditional, refer_share=refer_share, calibration_episodes=episodes, device=device,
+            method_options=parse_key_values(method_option or [], "--method-option"),
         )
     print_calibration(calibration)

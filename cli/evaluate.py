@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import check_choice, user_errors
-from medmeta.calibration import CONFORMAL_SOURCES
+from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA, TEMPERATURE_SOURCES
 from medmeta.evaluation import evaluate_checkpoint
+from medmeta.errors import MedmetaError
 from medmeta.progress import console
 
 
@@ -24,19 +25,25 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Folder for the results JSON, reliability and risk-coverage PNGs and the episodes' file lists (CSV).")] = None,
     conformal_source: Annotated[str, typer.Option(help="Threshold of the prediction sets: val (the checkpoint's, fitted on validation conditions) or support (fitted per episode on the support's leave-one-out predictions; 2+ shots).")] = "val",
+    temperature_source: Annotated[str, typer.Option(help="Temperature of the probabilities: val (the checkpoint's, fitted on validation conditions) or support (the checkpoint's updated by the support's leave-one-out predictions; 2+ scans per condition).")] = "val",
+    temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
 ) -> None:
     """Accuracy (95% CI), macro AUC, ECE/MCE/NLL/Brier before and after temperature scaling, per-class
     recall, conformal coverage and set size, referral and risk-coverage (AURC) on test classes."""
     with user_errors():
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
+        check_choice(temperature_source, TEMPERATURE_SOURCES, "--temperature-source")
+        if not temperature_sigma >= 0:
+            raise MedmetaError(f"--temperature-sigma must be >= 0, got {temperature_sigma}")
         result = evaluate_checkpoint(
-            checkpoint, protocol, way, shot, query, episodes, seed, device, out_dir=out, conformal_source=conformal_source
+            checkpoint, protocol, way, shot, query, episodes, seed, device, out_dir=out, conformal_source=conformal_source,
+            temperature_source=temperature_source, prior_sigma=temperature_sigma,
         )
     console.print(
         f"{result['method']} on {result['protocol']} test classes, {result['episodes']} {result['way']}-way "
         f"{result['shot']}-shot episodes: accuracy {100 * result['accuracy']:.1f}% ± {100 * result['accuracy_ci95']:.1f}, "
         f"macro AUC {result['macro_auc']:.3f}, ECE {result['ece_before']:.3f} -> {result['ece_after']:.3f} "
-        f"(T = {result['temperature']:.3f}), NLL {result['nll_before']:.3f} -> {result['nll_after']:.3f}",
+        f"({_temperature(result)}), NLL {result['nll_before']:.3f} -> {result['nll_after']:.3f}",
         highlight=False,
     )
     line = f"MCE {result['mce_before']:.3f} -> {result['mce_after']:.3f}, AURC {result['aurc']:.3f}"
@@ -57,3 +64,9 @@ def evaluate(
         console.print(f"Recall per class: {recalls}", highlight=False)
     for note in result["notes"]:
         console.print(f"[yellow]note[/] {note}", highlight=False)
+
+
+def _temperature(result: dict) -> str:
+    if result["temperature_source"] == "support":
+        return f"val T = {result['temperature']:.3f} updated by each support, mean {result['support_temperature_mean']:.3f}"
+    return f"T = {result['temperature']:.3f}"

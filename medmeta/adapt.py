@@ -28,7 +28,16 @@ import numpy as np
 import torch
 
 import medmeta
-from medmeta.calibration import check_conformal_source, episode_conformal, expected_calibration_error, referral, softmax
+from medmeta.calibration import (
+    TEMPERATURE_PRIOR_SIGMA,
+    SupportTemperature,
+    check_conformal_source,
+    check_temperature_source,
+    episode_conformal,
+    expected_calibration_error,
+    referral,
+    softmax,
+)
 from medmeta.checkpoint import build_learner, load_checkpoint
 from medmeta.data.reading import Preprocessing, ScanReader
 from medmeta.device import resolve_device
@@ -119,6 +128,8 @@ def adapt(
     batch_size: int = 64,
     stability: bool = True,
     conformal_source: str = "val",
+    temperature_source: str = "val",
+    prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
 ) -> AdaptResult:
     """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``.
 
@@ -130,8 +141,14 @@ def adapt(
     on this support's own leave-one-out predictions (same score and coverage; needs two support
     scans per condition, else the checkpoint's is used and a note says so; see
     :func:`medmeta.calibration.episode_conformal`).
+
+    ``temperature_source`` likewise: ``"val"``, the checkpoint's temperature; ``"support"``, the
+    checkpoint's temperature updated by this support's leave-one-out predictions (prior spread
+    ``prior_sigma`` in log temperature; see :class:`medmeta.calibration.SupportTemperature`);
+    with one scan of some condition the checkpoint's is used and a note says so.
     """
     check_conformal_source(conformal_source)
+    check_temperature_source(temperature_source)
     root = Path(cases_dir)
     ckpt = load_checkpoint(checkpoint)
     learner = build_learner(ckpt)
@@ -183,21 +200,37 @@ def adapt(
     min_support = min(len(support_info[c]) for c in conditions)
     single = [c for c in conditions if len(support_info[c]) < 2]
     wants_support_sets = conformal_source == "support" and conformal is not None
-    sets_source = "val"
+    wants_support_temperature = temperature_source == "support"
+    sets_source, temperature_used, support_temperature = "val", "val", None
     changes: np.ndarray | None = None
-    if (stability or wants_support_sets) and has_two_per_class(support_y):
+    if (stability or wants_support_sets or wants_support_temperature) and has_two_per_class(support_y):
         loo = leave_one_out(
             learner, support_x, support_y, query_x if stability else None, temperature, torch_device, batch_size
         )
         changes = loo.max_change
+        support_probs = softmax(loo.support_logits / temperature)
+        if wants_support_temperature:
+            fitted = SupportTemperature(temperature, prior_sigma).fit(loo.support_logits, support_y.numpy())
+            probs, support_probs = fitted.predict_proba(logits), fitted.predict_proba(loo.support_logits)
+            temperature_used, support_temperature = "support", fitted.temperature_
+            notes.append(
+                f"Probabilities use the validation temperature {temperature:.3g} updated by this support's own "
+                f"leave-one-out predictions ({len(support_y)} scans; posterior temperature {fitted.temperature_:.3g}, "
+                f"prior spread {prior_sigma:g} in log temperature)."
+            )
         if wants_support_sets:
-            conformal = episode_conformal(conformal, softmax(loo.support_logits / temperature), support_y.numpy())
+            conformal = episode_conformal(conformal, support_probs, support_y.numpy())
             sets_source = "support"
             notes.append(
                 f"Prediction sets are calibrated on this support's own leave-one-out predictions "
                 f"({len(support_y)} scans, threshold {conformal.threshold_:.3f}), not on the validation conditions."
             )
-    elif wants_support_sets:
+    elif wants_support_temperature:
+        notes.append(
+            f"Probabilities use the validation temperature: updating it by the support needs two support scans "
+            f"per condition and {', '.join(single)} have one."
+        )
+    if wants_support_sets and sets_source == "val":
         notes.append(
             f"Prediction sets use the validation-calibrated threshold: support calibration needs two support scans "
             f"per condition and {', '.join(single)} have one."
@@ -236,6 +269,9 @@ def adapt(
         "method": ckpt.meta["method"]["name"],
         "backbone": ckpt.meta["backbone"]["name"],
         "temperature": temperature,
+        "temperature_source": temperature_used,
+        "support_temperature": support_temperature,
+        "temperature_prior_sigma": prior_sigma if temperature_used == "support" else None,
         "conformal": {**conformal.to_dict(), "source": sets_source} if conformal is not None else None,
         "referral": None
         if distance_threshold is None and conformal is None

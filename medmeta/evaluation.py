@@ -12,9 +12,12 @@ import torch
 
 from medmeta.calibration import (
     ConformalPredictor,
+    TEMPERATURE_PRIOR_SIGMA,
+    SupportTemperature,
     aurc,
     brier_score,
     check_conformal_source,
+    check_temperature_source,
     distance_flags,
     episode_conformal,
     expected_calibration_error,
@@ -119,6 +122,51 @@ def run_episodes(
     return out
 
 
+@dataclass
+class CalibratedEpisodes:
+    """Calibrated probabilities of every episode: query ``(n_query, n_way)`` and, with
+    leave-one-out support logits, support ``(n_support, n_way)``; ``source`` says where the
+    temperature came from (``"val"`` or ``"support"``) and ``temperatures`` the one used per
+    episode (the posterior summary for ``"support"``)."""
+
+    query: list[np.ndarray]
+    support: list[np.ndarray | None]
+    source: str
+    temperatures: np.ndarray
+
+    def pooled(self) -> np.ndarray:
+        return np.concatenate(self.query)
+
+
+def calibrate_episodes(
+    outputs: EpisodeOutputs,
+    temperature: float,
+    temperature_source: str = "val",
+    prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
+) -> CalibratedEpisodes:
+    """Temperature-scaled probabilities of each episode of ``outputs``.
+
+    ``"val"``: ``temperature`` (fitted on validation conditions) everywhere. ``"support"``: in
+    each episode, ``temperature`` updated by that episode's leave-one-out support predictions
+    (:class:`~medmeta.calibration.SupportTemperature`); needs outputs of
+    ``run_episodes(..., support_loo=True)`` with two support scans per class, and falls back to
+    ``"val"`` otherwise (``source`` says which was used).
+    """
+    check_temperature_source(temperature_source)
+    loo = outputs.has_support_loo()
+    if temperature_source == "support" and loo:
+        query, support, used = [], [], []
+        for lg, sl, sy in zip(outputs.logits, outputs.support_logits, outputs.support_labels):
+            fitted = SupportTemperature(temperature, prior_sigma).fit(sl, sy)
+            query.append(fitted.predict_proba(lg))
+            support.append(fitted.predict_proba(sl))
+            used.append(fitted.temperature_)
+        return CalibratedEpisodes(query, support, "support", np.array(used))
+    query = [softmax(lg / temperature) for lg in outputs.logits]
+    support = [softmax(sl / temperature) if sl is not None else None for sl in outputs.support_logits] if loo else [None] * len(query)
+    return CalibratedEpisodes(query, support, "val", np.full(len(query), float(temperature)))
+
+
 def summarize(
     outputs: EpisodeOutputs,
     temperature: float = 1.0,
@@ -126,6 +174,8 @@ def summarize(
     conformal: ConformalPredictor | None = None,
     distance_threshold: float | None = None,
     conformal_source: str = "val",
+    temperature_source: str = "val",
+    prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
 ) -> dict[str, Any]:
     """Accuracy (mean over episodes, 95% CI), macro AUC (mean over episodes), and pooled ECE,
     MCE, NLL and Brier before and after dividing logits by ``temperature``; the AURC of the
@@ -141,11 +191,15 @@ def summarize(
     :func:`medmeta.calibration.episode_conformal`); it needs ``outputs`` from
     ``run_episodes(..., support_loo=True)`` with two support scans per class, and falls back to
     ``conformal`` itself otherwise (``conformal_source`` in the result says which was used).
+    ``temperature_source="support"`` updates ``temperature`` by each episode's support (see
+    :func:`calibrate_episodes`); "after" then means after that update, and
+    ``support_temperature_mean`` is the geometric mean of the episodes' temperatures.
     """
     accs = np.array([(lg.argmax(1) == lb).mean() for lg, lb in zip(outputs.logits, outputs.labels)])
     aucs = np.array([macro_auc(softmax(lg), lb) for lg, lb in zip(outputs.logits, outputs.labels)])
     logits, labels = outputs.pooled()
-    before, after = softmax(logits), softmax(logits / temperature)
+    calibrated = calibrate_episodes(outputs, temperature, temperature_source, prior_sigma)
+    before, after = softmax(logits), calibrated.pooled()
     mean, ci = mean_confidence_interval(accs)
     correct = after.argmax(1) == labels
     stats: dict[str, Any] = {
@@ -155,6 +209,9 @@ def summarize(
         "accuracy_ci95": ci,
         "macro_auc": float(np.nanmean(aucs)) if len(aucs) and not np.isnan(aucs).all() else float("nan"),
         "temperature": float(temperature),
+        "temperature_source": calibrated.source,
+        "support_temperature_mean": float(np.exp(np.log(calibrated.temperatures).mean())) if calibrated.source == "support" else None,
+        "temperature_prior_sigma": float(prior_sigma) if calibrated.source == "support" else None,
         "ece_before": expected_calibration_error(before, labels, n_bins),
         "ece_after": expected_calibration_error(after, labels, n_bins),
         "mce_before": maximum_calibration_error(before, labels, n_bins),
@@ -171,9 +228,9 @@ def summarize(
     if conformal is not None:
         if conformal_source == "support" and outputs.has_support_loo():
             parts, thresholds = [], []
-            for lg, sl, sy in zip(outputs.logits, outputs.support_logits, outputs.support_labels):
-                episode = episode_conformal(conformal, softmax(sl / temperature), sy)
-                parts.append(episode.predict_sets(softmax(lg / temperature)))
+            for probs, support_probs, sy in zip(calibrated.query, calibrated.support, outputs.support_labels):
+                episode = episode_conformal(conformal, support_probs, sy)
+                parts.append(episode.predict_sets(probs))
                 thresholds.append(episode.threshold_)
             sets, used = np.concatenate(parts), "support"
             stats["support_threshold_mean"] = float(np.mean(thresholds))
@@ -238,6 +295,8 @@ def evaluate_checkpoint(
     quiet: bool = False,
     out_dir: str | Path | None = None,
     conformal_source: str = "val",
+    temperature_source: str = "val",
+    prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
 ) -> dict[str, Any]:
     """Measure a checkpoint on seeded episodes of the protocol's test classes.
 
@@ -251,7 +310,10 @@ def evaluate_checkpoint(
     ``risk_coverage_<way>way_<shot>shot.png`` and the episodes' file lists as
     ``episodes_<way>way_<shot>shot_seed<seed>.csv``. ``conformal_source="support"`` calibrates
     each episode's prediction sets on its own support instead (leave-one-out refits; see
-    :func:`summarize`); the file names then end in ``_support``.
+    :func:`summarize`); the file names then end in ``_support``. ``temperature_source="support"``
+    updates the checkpoint's temperature by each episode's support (:func:`calibrate_episodes`,
+    prior spread ``prior_sigma``); the file names then end in ``_tsupport``. Either needs two
+    support scans per class and falls back to the validation calibration (with a note) otherwise.
     """
     from medmeta.checkpoint import build_learner, load_checkpoint
     from medmeta.data.protocol import load_protocol
@@ -261,6 +323,7 @@ def evaluate_checkpoint(
     from medmeta.progress import make_progress
 
     check_conformal_source(conformal_source)
+    check_temperature_source(temperature_source)
     ckpt = load_checkpoint(checkpoint)
     protocol_path = protocol or ckpt.meta.get("protocol", {}).get("path")
     if not protocol_path:
@@ -277,7 +340,7 @@ def evaluate_checkpoint(
     store = ImageStore(ScanReader(Preprocessing.from_dict(ckpt.meta["preprocessing"])))
     sampler = EpisodeSampler(proto.split_records("test"), way, shot, query, seed)
     tag = f"{way}way_{shot}shot"
-    support_loo = conformal_source == "support" and ckpt.conformal is not None and shot >= 2
+    support_loo = shot >= 2 and ((conformal_source == "support" and ckpt.conformal is not None) or temperature_source == "support")
     if out_dir is not None:
         sampler.save_manifest(Path(out_dir) / f"episodes_{tag}_seed{seed}.csv", range(episodes))
     with make_progress(disable=quiet) as progress:
@@ -294,14 +357,18 @@ def evaluate_checkpoint(
     notes = ckpt.calibration_notes()
     stats = summarize(
         outputs, temperature=ckpt.temperature, conformal=conformal, distance_threshold=distance_threshold,
-        conformal_source=conformal_source,
+        conformal_source=conformal_source, temperature_source=temperature_source, prior_sigma=prior_sigma,
     )
     if conformal_source == "support" and stats["conformal_source"] != "support" and conformal is not None:
         notes.append(f"Support-calibrated sets need two support scans per class ({shot}-shot given): the validation threshold was used.")
+    if temperature_source == "support" and stats["temperature_source"] != "support":
+        notes.append(f"Support-updated temperatures need two support scans per class ({shot}-shot given): the validation temperature was used.")
+    if stats["temperature_source"] == "support":
+        tag += "_tsupport"
     if stats["conformal_source"] == "support":
         tag += "_support"
     logits, labels = outputs.pooled()
-    calibrated = softmax(logits / ckpt.temperature)
+    calibrated = calibrate_episodes(outputs, ckpt.temperature, stats["temperature_source"], prior_sigma).pooled()
     confidence, correct = calibrated.max(1), calibrated.argmax(1) == labels
     result = {
         "checkpoint": str(ckpt.path),
@@ -330,7 +397,7 @@ def evaluate_checkpoint(
         title = f"{result['method']} on {proto.name}, {episodes} {way}-way {shot}-shot test episodes"
         reliability_diagram(
             out / f"reliability_{tag}.png",
-            {"before": softmax(logits), f"after temperature scaling (T = {ckpt.temperature:.3g})": calibrated},
+            {"before": softmax(logits), _after_label(ckpt.temperature, stats): calibrated},
             labels,
             title=title,
         )
@@ -338,3 +405,9 @@ def evaluate_checkpoint(
         result["figures"] = {"reliability": f"reliability_{tag}.png", "risk_coverage": f"risk_coverage_{tag}.png"}
         atomic_write_json(out / f"evaluation_{tag}.json", json_safe(result))
     return result
+
+
+def _after_label(temperature: float, stats: dict[str, Any]) -> str:
+    if stats["temperature_source"] == "support":
+        return f"after support-updated temperatures (val T = {temperature:.3g}, mean {stats['support_temperature_mean']:.3g})"
+    return f"after temperature scaling (T = {temperature:.3g})"

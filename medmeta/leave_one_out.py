@@ -27,7 +27,8 @@ class LeaveOneOut:
 
     Attributes:
         support_logits: ``(n_support, n_way)`` logits of each support scan from the fit on the
-            other scans.
+            other scans, corrected by the method for the scan its own class lost
+            (:meth:`~medmeta.methods.base.MetaLearner.correct_held_out_logits`).
         max_change: ``(n_query,)`` largest absolute change of any temperature-scaled class
             probability of each query over the refits, against the fit on the full support
             (None when no queries were given).
@@ -92,4 +93,5 @@ def leave_one_out(
         support_logits.append(logits[0])
         if base is not None:
             worst = np.maximum(worst, np.abs(softmax(logits[1:] / temperature) - base).max(axis=1))
-    return LeaveOneOut(np.stack(support_logits), worst if base is not None else None)
+    held_out = learner.correct_held_out_logits(np.stack(support_logits), support_labels.cpu().numpy())
+    return LeaveOneOut(held_out, worst if base is not None else None)

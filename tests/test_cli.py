@@ -214,3 +214,56 @@ def test_calibrate_refits_on_val_classes_without_touching_the_weights(trained_ru
     # same seeds, same episodes: the temperature is refitted to the same value
     assert after["calibration"]["temperature"] == pytest.approx(before["calibration"]["temperature"], rel=1e-9)
     assert invoke("calibrate", "--checkpoint", run, "--coverage", 1.5).exit_code == 2
+
+
+def test_evaluate_with_support_updated_temperature(trained_run, tmp_path):
+    args = ("evaluate", "--checkpoint", trained_run, "--episodes", 6, "--shot", 3, "--device", "cpu", "--out", tmp_path)
+    result = invoke(*args, "--temperature-source", "support", "--temperature-sigma", 0.3)
+    assert result.exit_code == 0, result.output
+    assert "updated by each support" in " ".join(plain(result.output).split())
+    support = json.loads((tmp_path / "evaluation_3way_3shot_tsupport.json").read_text())
+    assert support["temperature_source"] == "support" and support["temperature_prior_sigma"] == 0.3
+    assert support["support_temperature_mean"] > 0 and (tmp_path / "reliability_3way_3shot_tsupport.png").exists()
+    # sigma 0 is the checkpoint's temperature: the same figures as without the option
+    assert invoke(*args, "--temperature-source", "support", "--temperature-sigma", 0).exit_code == 0
+    zero = json.loads((tmp_path / "evaluation_3way_3shot_tsupport.json").read_text())
+    assert invoke(*args).exit_code == 0
+    val = json.loads((tmp_path / "evaluation_3way_3shot.json").read_text())
+    assert val["temperature_source"] == "val" and zero["ece_after"] == pytest.approx(val["ece_after"])
+    assert zero["accuracy"] == val["accuracy"] == support["accuracy"]
+    bad = invoke(*args, "--temperature-source", "test")
+    assert bad.exit_code == 2 and "--temperature-source" in plain(bad.output)
+    bad = invoke(*args, "--temperature-source", "support", "--temperature-sigma", -1)
+    assert bad.exit_code == 2 and "--temperature-sigma" in plain(bad.output) and "Traceback" not in bad.output
+
+
+def test_adapt_with_support_updated_temperature(trained_run, cases, tmp_path):
+    result = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--out", tmp_path / "r", "--device", "cpu",
+                    "--temperature-source", "support")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    meta = report.get("metadata", report)
+    assert meta["temperature_source"] == "support" and meta["support_temperature"] > 0
+    assert "updated by this support" in " ".join(plain(result.output).split())
+    html = " ".join((tmp_path / "r" / "report.html").read_text().split())
+    assert f"temperature {meta['support_temperature']:.3f}: the validation conditions' {meta['temperature']:.3f} updated" in html
+    assert "then updated by this support's own leave-one-out predictions" in html
+    bad = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--temperature-source", "nope")
+    assert bad.exit_code == 2 and "--temperature-source" in plain(bad.output)
+
+
+def test_calibrate_can_switch_protonet_to_euclidean_distances(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = json.loads((run / "best.json").read_text())
+    result = invoke("calibrate", "--checkpoint", run, "--method-option", "distance=euclidean", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    after = json.loads((run / "best.json").read_text())
+    assert after["weights"] == before["weights"]
+    assert after["method"]["hparams"]["distance"] == "euclidean"
+    assert after["calibration"]["method_options"] == {"distance": "euclidean"}
+    # another logit shape, another temperature
+    assert after["calibration"]["temperature"] != pytest.approx(before["calibration"]["temperature"], rel=1e-3)
+    bad = invoke("calibrate", "--checkpoint", run, "--method-option", "distance=cosine", "--device", "cpu")
+    assert bad.exit_code == 2 and "distance" in plain(bad.output) and "Traceback" not in bad.output
+    assert json.loads((run / "best.json").read_text()) == after  # a refused option writes nothing

@@ -380,8 +380,10 @@ def test_leave_one_out_support_logits_by_hand():
     learner = ProtoNet(nn.Flatten()).eval()
     support = torch.tensor([0.0, 2.0, 4.0, 6.0], dtype=torch.float64).view(4, 1, 1, 1)
     loo = leave_one_out(learner, support, torch.tensor([0, 0, 1, 1]))
-    # without 0: prototypes 2 and 5; without 2: 0 and 5; without 4: 1 and 6; without 6: 1 and 4
-    expected = -np.array([[4.0, 25.0], [4.0, 9.0], [9.0, 4.0], [25.0, 4.0]])
+    # without 0: prototypes 2 and 5; without 2: 0 and 5; without 4: 1 and 6; without 6: 1 and 4;
+    # the own class's squared distance (to a prototype of 1 scan instead of 2) is scaled by
+    # (2^2 - 1) / 2^2 = 3/4: the expected squared distance to a mean of n draws is tr(S)(1 + 1/n)
+    expected = -np.array([[4.0 * 0.75, 25.0], [4.0 * 0.75, 9.0], [9.0, 4.0 * 0.75], [25.0, 4.0 * 0.75]])
     np.testing.assert_allclose(loo.support_logits, expected)
     assert loo.max_change is None
 

@@ -16,16 +16,20 @@ from medmeta.calibration.metrics import (
     softmax,
 )
 from medmeta.calibration.referral import DistanceThreshold, distance_flags, referral
-from medmeta.calibration.temperature import TemperatureScaler
+from medmeta.calibration.temperature import TEMPERATURE_PRIOR_SIGMA, TEMPERATURE_SOURCES, SupportTemperature, TemperatureScaler, check_temperature_source
 
 __all__ = [
     "CONFORMAL_SOURCES",
     "ConformalPredictor",
     "DistanceThreshold",
+    "SupportTemperature",
+    "TEMPERATURE_PRIOR_SIGMA",
+    "TEMPERATURE_SOURCES",
     "TemperatureScaler",
     "aurc",
     "brier_score",
     "check_conformal_source",
+    "check_temperature_source",
     "conformal_quantile",
     "distance_flags",
     "episode_conformal",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -67,6 +68,14 @@ class MetaLearner(nn.Module, ABC):
         """Meta-training loss of one episode and the query logits ``(n_query, n_way)``."""
         logits = self.fit_support(support_images, support_labels).predict_query(query_images)
         return F.cross_entropy(logits, query_labels), logits
+
+    def correct_held_out_logits(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Leave-one-out support logits ``(n_support, n_way)`` (each scan predicted from the fit
+        without it; ``labels`` ``(n_support,)``) made comparable to a case's logits, which come
+        from the fit on the full support. A scan predicted without itself sees one scan fewer of
+        its own class, which makes these logits pessimistic; methods that know by how much
+        correct it (see :class:`~medmeta.methods.protonet.ProtoNet`). Default: unchanged."""
+        return np.asarray(logits, dtype=np.float64)
 
     def hparams(self) -> dict[str, Any]:
         """Constructor arguments other than the backbone (JSON-serialisable)."""

@@ -483,10 +483,16 @@ def recalibrate(
     calibration_episodes: int | None = None,
     device: str = "auto",
     quiet: bool = False,
+    method_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Refit the calibration of an existing checkpoint on its protocol's val classes (e.g. for
     another coverage or shot) and rewrite its sidecar; the weights are untouched. Episodes use
-    the training run's seeds, so the result equals what training would have stored."""
+    the training run's seeds, so the result equals what training would have stored.
+
+    ``method_options`` changes method hyperparameters that do not touch the weights before the
+    refit (e.g. ``{"distance": "euclidean"}`` for ProtoNet: same predictions, other
+    probabilities); the sidecar's method record is rewritten with them and the calibration
+    record lists them under ``method_options``."""
     from medmeta.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
@@ -507,6 +513,8 @@ def recalibrate(
     way = min(int(trained_shape["way"]), len(protocol.classes["val"]))
     from medmeta.checkpoint import build_learner as build_from_checkpoint
 
+    if method_options:
+        ckpt.meta["method"] = {**ckpt.meta["method"], "hparams": {**ckpt.meta["method"].get("hparams", {}), **method_options}}
     torch_device = resolve_device(device)
     learner = build_from_checkpoint(ckpt).to(torch_device)
     store = ImageStore(ScanReader(Preprocessing.from_dict(ckpt.meta["preprocessing"])))
@@ -514,7 +522,11 @@ def recalibrate(
     calibration_sampler = EpisodeSampler(val, way, shot, query, cfg.seed + CALIBRATION_SEED_OFFSET)
     val_sampler = EpisodeSampler(val, way, shot, query, cfg.seed + VAL_SEED_OFFSET)
     calibration = fit_calibration(learner, store, calibration_sampler, val_sampler, cfg, torch_device)
-    update_checkpoint_meta(ckpt.path, calibration=calibration)
+    if method_options:
+        calibration["method_options"] = dict(method_options)
+        update_checkpoint_meta(ckpt.path, calibration=calibration, method=ckpt.meta["method"])
+    else:
+        update_checkpoint_meta(ckpt.path, calibration=calibration)
     return calibration
 
 

@@ -1,0 +1,84 @@
+"""Benchmark: where a checkpoint's calibration comes from, compared on identical test episodes.
+
+Runs the protocol's seeded test episodes once (with leave-one-out support refits when the shot
+allows) and summarises them with the temperature from the validation conditions and with it
+updated by each episode's support (for every ``--sigma``), each with validation- and
+support-calibrated prediction sets. The oracle row is the best single temperature for these
+test cases (it looks at their labels, so it is a floor for any one temperature, not a method).
+
+    python benchmarks/calibration_sources.py runs/derm-rare-euc5 --shot 5 --out runs/derm-rare-euc5/sources_5shot.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medmeta.calibration import TemperatureScaler  # noqa: E402
+from medmeta.checkpoint import build_learner, load_checkpoint  # noqa: E402
+from medmeta.data.episodes import EpisodeSampler  # noqa: E402
+from medmeta.data.protocol import load_protocol  # noqa: E402
+from medmeta.data.reading import Preprocessing, ScanReader  # noqa: E402
+from medmeta.data.store import ImageStore  # noqa: E402
+from medmeta.evaluation import run_episodes, summarize  # noqa: E402
+from medmeta.io import atomic_write_json, json_safe  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--shot", type=int, required=True)
+    parser.add_argument("--episodes", type=int, default=None, help="[default: the protocol's test_episodes]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sigma", type=float, action="append", default=None, help="prior spread(s) of log T [default: 0.5]")
+    parser.add_argument("--out", default=None, help="JSON file for every row")
+    args = parser.parse_args()
+    ckpt = load_checkpoint(args.checkpoint)
+    proto = load_protocol(ckpt.meta["protocol"]["path"])
+    episodes = args.episodes or proto.episodes.test_episodes
+    way, query = proto.episodes.way, proto.episodes.query
+    learner = build_learner(ckpt)
+    store = ImageStore(ScanReader(Preprocessing.from_dict(ckpt.meta["preprocessing"])))
+    sampler = EpisodeSampler(proto.split_records("test"), way, args.shot, query, args.seed)
+    start = time.perf_counter()
+    outputs = run_episodes(learner, store, sampler, range(episodes), torch.device("cpu"), support_loo=args.shot >= 2)
+    seconds = time.perf_counter() - start
+    method = ckpt.meta["method"]
+    print(f"{method['name']} {method.get('hparams', {})} on {proto.name}: {episodes} {way}-way {args.shot}-shot test "
+          f"episodes ({seconds:.0f} s with leave-one-out refits)")
+    conformal, distance = ckpt.conformal, ckpt.distance_threshold
+    logits, labels = outputs.pooled()
+    oracle = TemperatureScaler().fit(logits, labels).temperature_
+    rows = [("oracle single T (test labels)", oracle, "val", 0.0, "val")]
+    for sets in ("val", "support"):
+        rows.append(("val T", ckpt.temperature, "val", 0.0, sets))
+        for sigma in args.sigma or [0.5]:
+            rows.append((f"val T updated by support, sigma {sigma:g}", ckpt.temperature, "support", sigma, sets))
+    print(f"  {'temperature':40s} {'sets':8s} {'ECE':>6s} {'NLL':>6s} {'Brier':>6s} {'coverage':>9s} {'size':>5s} {'referred':>8s} {'acc kept':>8s}")
+    results = []
+    for name, temperature, source, sigma, sets in rows:
+        stats = summarize(outputs, temperature, conformal=conformal, distance_threshold=distance,
+                          conformal_source=sets, temperature_source=source, prior_sigma=sigma)
+        results.append({"temperature": name, "sets": sets, **stats})
+        cov = "n/a" if stats["coverage"] is None else f"{stats['coverage']:.3f}"
+        size = "n/a" if stats["mean_set_size"] is None else f"{stats['mean_set_size']:.2f}"
+        ref = "n/a" if stats["referral_rate"] is None else f"{stats['referral_rate']:.3f}"
+        kept = "n/a" if stats["accuracy_not_referred"] is None else f"{stats['accuracy_not_referred']:.3f}"
+        print(f"  {name:40s} {stats['conformal_source']:8s} {stats['ece_after']:6.3f} {stats['nll_after']:6.3f} "
+              f"{stats['brier_after']:6.3f} {cov:>9s} {size:>5s} {ref:>8s} {kept:>8s}")
+    print(f"  accuracy {100 * results[0]['accuracy']:.1f}% +- {100 * results[0]['accuracy_ci95']:.1f}, "
+          f"macro AUC {results[0]['macro_auc']:.3f}, ECE before any temperature {results[0]['ece_before']:.3f}")
+    if args.out:
+        atomic_write_json(args.out, json_safe({"checkpoint": str(ckpt.path), "method": method, "protocol": proto.name,
+                                               "way": way, "shot": args.shot, "episodes": episodes, "seed": args.seed,
+                                               "seconds": seconds, "rows": results}))
+
+
+if __name__ == "__main__":
+    main()
