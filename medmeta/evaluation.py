@@ -409,5 +409,5 @@ def evaluate_checkpoint(
 
 def _after_label(temperature: float, stats: dict[str, Any]) -> str:
     if stats["temperature_source"] == "support":
-        return f"after support-updated temperatures (val T = {temperature:.3g}, mean {stats['support_temperature_mean']:.3g})"
+        return f"after support-updated T (val {temperature:.3g}, mean {stats['support_temperature_mean']:.3g})"
     return f"after temperature scaling (T = {temperature:.3g})"
