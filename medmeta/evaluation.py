@@ -126,13 +126,15 @@ def run_episodes(
 class CalibratedEpisodes:
     """Calibrated probabilities of every episode: query ``(n_query, n_way)`` and, with
     leave-one-out support logits, support ``(n_support, n_way)``; ``source`` says where the
-    temperature came from (``"val"`` or ``"support"``) and ``temperatures`` the one used per
-    episode (the posterior summary for ``"support"``)."""
+    temperature came from (``"val"`` or ``"support"``), ``temperatures`` the one used per
+    episode (the posterior summary for ``"support"``) and ``prior_sigma`` the prior spread of
+    the support update (None for ``"val"``)."""
 
     query: list[np.ndarray]
     support: list[np.ndarray | None]
     source: str
     temperatures: np.ndarray
+    prior_sigma: float | None = None
 
     def pooled(self) -> np.ndarray:
         return np.concatenate(self.query)
@@ -161,7 +163,7 @@ def calibrate_episodes(
             query.append(fitted.predict_proba(lg))
             support.append(fitted.predict_proba(sl))
             used.append(fitted.temperature_)
-        return CalibratedEpisodes(query, support, "support", np.array(used))
+        return CalibratedEpisodes(query, support, "support", np.array(used), float(prior_sigma))
     query = [softmax(lg / temperature) for lg in outputs.logits]
     support = [softmax(sl / temperature) if sl is not None else None for sl in outputs.support_logits] if loo else [None] * len(query)
     return CalibratedEpisodes(query, support, "val", np.full(len(query), float(temperature)))
@@ -176,6 +178,7 @@ def summarize(
     conformal_source: str = "val",
     temperature_source: str = "val",
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
+    calibrated: CalibratedEpisodes | None = None,
 ) -> dict[str, Any]:
     """Accuracy (mean over episodes, 95% CI), macro AUC (mean over episodes), and pooled ECE,
     MCE, NLL and Brier before and after dividing logits by ``temperature``; the AURC of the
@@ -194,11 +197,14 @@ def summarize(
     ``temperature_source="support"`` updates ``temperature`` by each episode's support (see
     :func:`calibrate_episodes`); "after" then means after that update, and
     ``support_temperature_mean`` is the geometric mean of the episodes' temperatures.
+    ``calibrated``: the result of :func:`calibrate_episodes` when the caller already has it
+    (then ``temperature_source`` and ``prior_sigma`` are not used again).
     """
     accs = np.array([(lg.argmax(1) == lb).mean() for lg, lb in zip(outputs.logits, outputs.labels)])
     aucs = np.array([macro_auc(softmax(lg), lb) for lg, lb in zip(outputs.logits, outputs.labels)])
     logits, labels = outputs.pooled()
-    calibrated = calibrate_episodes(outputs, temperature, temperature_source, prior_sigma)
+    if calibrated is None:
+        calibrated = calibrate_episodes(outputs, temperature, temperature_source, prior_sigma)
     before, after = softmax(logits), calibrated.pooled()
     mean, ci = mean_confidence_interval(accs)
     correct = after.argmax(1) == labels
@@ -211,7 +217,7 @@ def summarize(
         "temperature": float(temperature),
         "temperature_source": calibrated.source,
         "support_temperature_mean": float(np.exp(np.log(calibrated.temperatures).mean())) if calibrated.source == "support" else None,
-        "temperature_prior_sigma": float(prior_sigma) if calibrated.source == "support" else None,
+        "temperature_prior_sigma": calibrated.prior_sigma,
         "ece_before": expected_calibration_error(before, labels, n_bins),
         "ece_after": expected_calibration_error(after, labels, n_bins),
         "mce_before": maximum_calibration_error(before, labels, n_bins),
@@ -355,9 +361,10 @@ def evaluate_checkpoint(
         )
     conformal, distance_threshold = ckpt.conformal, ckpt.distance_threshold
     notes = ckpt.calibration_notes()
+    calibrated = calibrate_episodes(outputs, ckpt.temperature, temperature_source, prior_sigma)
     stats = summarize(
         outputs, temperature=ckpt.temperature, conformal=conformal, distance_threshold=distance_threshold,
-        conformal_source=conformal_source, temperature_source=temperature_source, prior_sigma=prior_sigma,
+        conformal_source=conformal_source, calibrated=calibrated,
     )
     if conformal_source == "support" and stats["conformal_source"] != "support" and conformal is not None:
         notes.append(f"Support-calibrated sets need two support scans per class ({shot}-shot given): the validation threshold was used.")
@@ -368,8 +375,8 @@ def evaluate_checkpoint(
     if stats["conformal_source"] == "support":
         tag += "_support"
     logits, labels = outputs.pooled()
-    calibrated = calibrate_episodes(outputs, ckpt.temperature, stats["temperature_source"], prior_sigma).pooled()
-    confidence, correct = calibrated.max(1), calibrated.argmax(1) == labels
+    probs = calibrated.pooled()
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
     result = {
         "checkpoint": str(ckpt.path),
         "checkpoint_sha256": ckpt.sha256,
@@ -397,7 +404,7 @@ def evaluate_checkpoint(
         title = f"{result['method']} on {proto.name}, {episodes} {way}-way {shot}-shot test episodes"
         reliability_diagram(
             out / f"reliability_{tag}.png",
-            {"before": softmax(logits), _after_label(ckpt.temperature, stats): calibrated},
+            {"before": softmax(logits), _after_label(ckpt.temperature, stats): probs},
             labels,
             title=title,
         )

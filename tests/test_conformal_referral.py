@@ -465,25 +465,39 @@ def test_adapt_with_support_calibrated_sets(tmp_path):
         assert case.prediction_set == [c for c, p in zip(CONDITIONS, case.probabilities) if 1 - p <= threshold + 1e-10]
         assert case.stability_max_change is None
     # the threshold is the interpolated quantile of the support's leave-one-out LAC scores
-    from medmeta.adapt import discover_cases
-    from medmeta.data.reading import Preprocessing, ScanReader
     from medmeta.leave_one_out import leave_one_out
 
-    reader = ScanReader(Preprocessing(image_size=16, channels=1))
-    files, _ = discover_cases(SAMPLE_CASES)
-    images = torch.stack([reader(f) for c in files for f in files[c]])
-    labels = torch.tensor([i for i, c in enumerate(files) for _ in files[c]])
+    images, labels, _ = sample_support_and_queries()
     learner = load_checkpoint_learner(path)
     loo_probs = softmax(leave_one_out(learner, images, labels).support_logits)
     scores = 1 - loo_probs[np.arange(15), labels.numpy()]
     assert threshold == pytest.approx(conformal_quantile(scores, 0.9, interpolate=True))
 
 
-def test_adapt_support_sets_fall_back_to_val_with_one_scan(tmp_path):
+def cases_with_one_triangle_mass_scan(tmp_path: Path) -> Path:
+    """A copy of the demo cases whose condition ``triangle_mass`` keeps a single support scan."""
     cases = tmp_path / "cases"
     shutil.copytree(SAMPLE_CASES, cases)
     for extra in sorted((cases / "support" / "triangle_mass").iterdir())[1:]:
         extra.unlink()
+    return cases
+
+
+def sample_support_and_queries(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The demo cases' support images ``(15, 1, s, s)``, their labels ``(15,)`` (conditions in
+    folder order) and the query images, read as ``adapt`` reads them."""
+    from medmeta.adapt import discover_cases
+    from medmeta.data.reading import Preprocessing, ScanReader
+
+    reader = ScanReader(Preprocessing(image_size=image_size, channels=1))
+    files, queries = discover_cases(SAMPLE_CASES)
+    images = torch.stack([reader(f) for c in files for f in files[c]])
+    labels = torch.tensor([i for i, c in enumerate(files) for _ in files[c]])
+    return images, labels, torch.stack([reader(f) for f in queries])
+
+
+def test_adapt_support_sets_fall_back_to_val_with_one_scan(tmp_path):
+    cases = cases_with_one_triangle_mass_scan(tmp_path)
     result = adapt(_checkpoint(tmp_path, CALIBRATED), cases, device="cpu", conformal_source="support")
     assert result.metadata["conformal"]["source"] == "val" and result.metadata["conformal"]["threshold"] == 0.6
     assert any("validation-calibrated threshold" in note and "triangle_mass" in note for note in result.metadata["notes"])

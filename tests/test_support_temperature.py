@@ -4,7 +4,6 @@ evaluation summaries and ``adapt``."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -126,11 +125,10 @@ def test_support_sets_are_calibrated_on_the_updated_support_probabilities():
 
 # ---- adapt ---------------------------------------------------------------------------------------
 def test_adapt_with_support_updated_temperature(tmp_path):
-    from test_conformal_referral import CALIBRATED, SAMPLE_CASES, _checkpoint
+    from test_conformal_referral import CALIBRATED, SAMPLE_CASES, _checkpoint, sample_support_and_queries
 
-    from medmeta.adapt import adapt, discover_cases, predict_cases
+    from medmeta.adapt import adapt, predict_cases
     from medmeta.checkpoint import build_learner, load_checkpoint
-    from medmeta.data.reading import Preprocessing, ScanReader
     from medmeta.leave_one_out import leave_one_out
 
     path = _checkpoint(tmp_path, CALIBRATED)
@@ -138,13 +136,10 @@ def test_adapt_with_support_updated_temperature(tmp_path):
     meta = result.metadata
     assert meta["temperature_source"] == "support" and meta["temperature_prior_sigma"] == 0.5
     assert any("updated by this support" in note for note in meta["notes"])
-    reader = ScanReader(Preprocessing(image_size=16, channels=1))
-    support_files, query_files = discover_cases(SAMPLE_CASES)
-    images = torch.stack([reader(f) for c in support_files for f in support_files[c]])
-    labels = torch.tensor([i for i, c in enumerate(support_files) for _ in support_files[c]])
+    images, labels, queries = sample_support_and_queries()
     learner = build_learner(load_checkpoint(path))
     loo = leave_one_out(learner, images, labels)
-    logits, _ = predict_cases(learner, images, labels, torch.stack([reader(f) for f in query_files]), torch.device("cpu"))
+    logits, _ = predict_cases(learner, images, labels, queries, torch.device("cpu"))
     fitted = SupportTemperature(CALIBRATED["temperature"], 0.5).fit(loo.support_logits, labels.numpy())
     assert meta["support_temperature"] == pytest.approx(fitted.temperature_)
     np.testing.assert_allclose([case.probabilities for case in result.cases], fitted.predict_proba(logits), rtol=1e-6, atol=1e-9)
@@ -158,14 +153,11 @@ def test_adapt_with_support_updated_temperature(tmp_path):
 
 
 def test_adapt_support_temperature_falls_back_with_one_scan(tmp_path):
-    from test_conformal_referral import CALIBRATED, SAMPLE_CASES, _checkpoint
+    from test_conformal_referral import CALIBRATED, _checkpoint, cases_with_one_triangle_mass_scan
 
     from medmeta.adapt import adapt
 
-    cases = tmp_path / "cases"
-    shutil.copytree(SAMPLE_CASES, cases)
-    for extra in sorted((cases / "support" / "triangle_mass").iterdir())[1:]:
-        extra.unlink()
+    cases = cases_with_one_triangle_mass_scan(tmp_path)
     result = adapt(_checkpoint(tmp_path, CALIBRATED), cases, device="cpu", temperature_source="support")
     assert result.metadata["temperature_source"] == "val"
     assert any("validation temperature" in note and "triangle_mass" in note for note in result.metadata["notes"])

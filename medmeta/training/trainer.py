@@ -524,9 +524,7 @@ def recalibrate(
     calibration = fit_calibration(learner, store, calibration_sampler, val_sampler, cfg, torch_device)
     if method_options:
         calibration["method_options"] = dict(method_options)
-        update_checkpoint_meta(ckpt.path, calibration=calibration, method=ckpt.meta["method"])
-    else:
-        update_checkpoint_meta(ckpt.path, calibration=calibration)
+    update_checkpoint_meta(ckpt.path, calibration=calibration, method=ckpt.meta["method"])
     return calibration
 
 
