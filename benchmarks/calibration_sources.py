@@ -65,7 +65,7 @@ def main() -> None:
     for name, temperature, source, sigma, sets in rows:
         stats = summarize(outputs, temperature, conformal=conformal, distance_threshold=distance,
                           conformal_source=sets, temperature_source=source, prior_sigma=sigma)
-        results.append({"temperature": name, "sets": sets, **stats})
+        results.append({"row": name, "sets_requested": sets, **stats})
         cov = "n/a" if stats["coverage"] is None else f"{stats['coverage']:.3f}"
         size = "n/a" if stats["mean_set_size"] is None else f"{stats['mean_set_size']:.2f}"
         ref = "n/a" if stats["referral_rate"] is None else f"{stats['referral_rate']:.3f}"
