@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import check_choice, user_errors
-from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA, TEMPERATURE_SOURCES
+from cli.common import check_choice, check_temperature_options, user_errors
+from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA
 from medmeta.adapt import adapt as run_adapt
-from medmeta.errors import CasesError, MedmetaError
+from medmeta.errors import CasesError
 from medmeta.progress import console
 from medmeta.reports import write_rejected, write_reports
 
@@ -30,9 +30,7 @@ def adapt(
     out_dir = out or cases / "medmeta-report"
     with user_errors():
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
-        check_choice(temperature_source, TEMPERATURE_SOURCES, "--temperature-source")
-        if not temperature_sigma >= 0:
-            raise MedmetaError(f"--temperature-sigma must be >= 0, got {temperature_sigma}")
+        check_temperature_options(temperature_source, temperature_sigma)
         try:
             result = run_adapt(
                 checkpoint, cases, labels=labels, device=device, stability=stability, conformal_source=conformal_source,

@@ -28,3 +28,12 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
     if value not in choices:
         raise MedmetaError(f"unknown {option} {value!r}; choose from {', '.join(choices)}")
     return value
+
+
+def check_temperature_options(source: str, sigma: float) -> None:
+    """Refuse a ``--temperature-source`` outside the known ones or a negative ``--temperature-sigma``."""
+    from medmeta.calibration import TEMPERATURE_SOURCES
+
+    check_choice(source, TEMPERATURE_SOURCES, "--temperature-source")
+    if not sigma >= 0:
+        raise MedmetaError(f"--temperature-sigma must be >= 0, got {sigma}")

@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import check_choice, user_errors
-from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA, TEMPERATURE_SOURCES
+from cli.common import check_choice, check_temperature_options, user_errors
+from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA
 from medmeta.evaluation import evaluate_checkpoint
-from medmeta.errors import MedmetaError
 from medmeta.progress import console
 
 
@@ -32,9 +31,7 @@ def evaluate(
     recall, conformal coverage and set size, referral and risk-coverage (AURC) on test classes."""
     with user_errors():
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
-        check_choice(temperature_source, TEMPERATURE_SOURCES, "--temperature-source")
-        if not temperature_sigma >= 0:
-            raise MedmetaError(f"--temperature-sigma must be >= 0, got {temperature_sigma}")
+        check_temperature_options(temperature_source, temperature_sigma)
         result = evaluate_checkpoint(
             checkpoint, protocol, way, shot, query, episodes, seed, device, out_dir=out, conformal_source=conformal_source,
             temperature_source=temperature_source, prior_sigma=temperature_sigma,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import log_softmax, softmax
 from torch.nn import functional as F
 
 
@@ -120,7 +121,7 @@ class SupportTemperature:
         else:
             grid = centre + np.linspace(-5.0, 5.0, self.grid_size) * self.prior_sigma
             scaled = logits[None, :, :] / np.exp(grid)[:, None, None]  # (grid, n_support, n_way)
-            log_probs = scaled - _logsumexp(scaled, axis=2)
+            log_probs = log_softmax(scaled, axis=2)
             log_post = log_probs[:, np.arange(len(labels)), labels].sum(axis=1) - 0.5 * ((grid - centre) / self.prior_sigma) ** 2
             weights = np.exp(log_post - log_post.max())
             self.log_temperatures_, self.weights_ = grid, weights / weights.sum()
@@ -135,10 +136,4 @@ class SupportTemperature:
         keep = self.weights_ > 1e-12 * self.weights_.max()  # grid points that cannot matter are skipped
         weights = self.weights_[keep] / self.weights_[keep].sum()
         scaled = logits[None, :, :] / np.exp(self.log_temperatures_[keep])[:, None, None]
-        probs = np.exp(scaled - _logsumexp(scaled, axis=2))
-        return np.tensordot(weights, probs, axes=1)
-
-
-def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-    top = x.max(axis=axis, keepdims=True)
-    return top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))
+        return np.tensordot(weights, softmax(scaled, axis=2), axes=1)
