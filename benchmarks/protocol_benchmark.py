@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from cli.train import parse_key_values
+from medmeta.cli.train import parse_key_values
 from medmeta.data.protocol import load_protocol
 from medmeta.evaluation import evaluate_checkpoint
 from medmeta.io import atomic_write_json

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import user_errors
-from cli.train import parse_key_values
+from medmeta.cli.common import user_errors
+from medmeta.cli.train import parse_key_values
 from medmeta.training.trainer import print_calibration, recalibrate
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import check_choice, check_temperature_options, user_errors
+from medmeta.cli.common import check_choice, check_temperature_options, user_errors
 from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA
 from medmeta.evaluation import evaluate_checkpoint
 from medmeta.progress import console

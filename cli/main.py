@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import adapt, calibrate, evaluate, train
+from medmeta.cli import adapt, calibrate, evaluate, train
 
 app = typer.Typer(
     name="medmeta",

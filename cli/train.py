@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import user_errors
+from medmeta.cli.common import user_errors
 from medmeta.backbones import list_backbones
 from medmeta.methods import list_methods
 from medmeta.training import TrainConfig

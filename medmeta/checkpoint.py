@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,49 +73,40 @@ class Checkpoint:
     meta: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     path: Path
+    _calibration: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def calibration(self):
+        """The stored :class:`~medmeta.calibration.CalibrationRecord` (validated; a record that
+        is malformed or out of bounds is a :class:`CheckpointError` naming this file)."""
+        from medmeta.calibration.record import CalibrationRecord
+
+        if self._calibration is None:
+            try:
+                self._calibration = CalibrationRecord.from_dict(self.meta.get("calibration"))
+            except MedmetaError as exc:
+                raise CheckpointError(f"{self.path}: invalid calibration record ({exc})") from None
+        return self._calibration
 
     @property
     def temperature(self) -> float:
-        return float(self.meta.get("calibration", {}).get("temperature", 1.0))
+        return self.calibration.temperature
 
     @property
     def conformal(self):
         """The fitted :class:`~medmeta.calibration.ConformalPredictor` stored by ``medmeta train``,
         or None for checkpoints written before conformal calibration existed."""
-        from medmeta.calibration import ConformalPredictor
-
-        record = self.meta.get("calibration", {}).get("conformal")
-        if not record:
-            return None
-        try:
-            return ConformalPredictor.from_dict(record)
-        except MedmetaError as exc:
-            raise CheckpointError(f"{self.path}: {exc}") from None
+        return self.calibration.conformal
 
     def calibration_notes(self) -> list[str]:
         """What this checkpoint's calibration cannot provide, as sentences for reports."""
-        notes = []
-        if self.conformal is None:
-            notes.append("The checkpoint has no conformal calibration (trained before medmeta had it): no prediction sets.")
-        threshold = self.distance_threshold
-        if threshold is None:
-            notes.append("The checkpoint has no referral distance threshold: no out-of-distribution flags.")
-        elif threshold != threshold:  # NaN: the method has no distance to the support
-            notes.append(f"{self.meta['method']['name']} gives no distance to the support: no out-of-distribution flags.")
-        return notes
+        return self.calibration.notes(self.meta["method"]["name"])
 
     @property
     def distance_threshold(self) -> float | None:
         """The out-of-distribution distance threshold, or None for checkpoints without referral
-        calibration. JSON has no NaN or infinity: a null threshold means ``inf`` when the share
-        to refer is 0 (nothing is flagged) and NaN otherwise (the method has no distance)."""
-        record = self.meta.get("calibration", {}).get("referral")
-        if not record:
-            return None
-        value = record.get("distance_threshold")
-        if value is None:
-            return math.inf if record.get("share") == 0 else math.nan
-        return float(value)
+        calibration (``inf`` when nothing is to be flagged, NaN when the method has no distance)."""
+        return self.calibration.distance_threshold
 
     @property
     def sha256(self) -> str:

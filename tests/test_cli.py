@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from medmeta.cli.main import app
 from medmeta.methods import list_methods
 
 runner = CliRunner()
@@ -183,7 +183,7 @@ def test_train_refuses_unknown_method(tmp_path):
 
 
 def test_key_value_options_are_parsed_as_yaml_scalars():
-    from cli.train import parse_key_values
+    from medmeta.cli.train import parse_key_values
     from medmeta.errors import MedmetaError
 
     assert parse_key_values(["inner_steps=5", "first_order=true", "inner_lr=0.01", "norm_kind=group"], "--x") == {

@@ -16,9 +16,13 @@ from medmeta.calibration.metrics import (
     softmax,
 )
 from medmeta.calibration.referral import DistanceThreshold, distance_flags, referral
+from medmeta.calibration.record import CALIBRATION_SCHEMA_VERSION, CalibrationRecord, ReferralRecord
 from medmeta.calibration.temperature import TEMPERATURE_PRIOR_SIGMA, TEMPERATURE_SOURCES, SupportTemperature, TemperatureScaler, check_temperature_source
 
 __all__ = [
+    "CALIBRATION_SCHEMA_VERSION",
+    "CalibrationRecord",
+    "ReferralRecord",
     "CONFORMAL_SOURCES",
     "ConformalPredictor",
     "DistanceThreshold",
