@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medmeta.adapt import adapt  # noqa: E402
+from medmeta.adaptation import adapt  # noqa: E402
 from medmeta.evaluation import evaluate_checkpoint  # noqa: E402
 from medmeta.methods import list_methods  # noqa: E402
 from medmeta.training import TrainConfig, train  # noqa: E402

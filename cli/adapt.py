@@ -7,18 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from medmeta.cli.common import check_choice, check_temperature_options, user_errors
-from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA
-from medmeta.adapt import adapt as run_adapt
-from medmeta.errors import CasesError
-from medmeta.progress import console
-from medmeta.reports import write_rejected, write_reports
+from medmeta.cli.common import check_choice, check_temperature_options, user_errors, warn
+
+# Kept in step with medmeta.calibration (a test checks it): importing that here would load torch.
+TEMPERATURE_PRIOR_SIGMA = 0.5
+CONFORMAL_SOURCES = ("val", "support")
 
 
 def adapt(
     checkpoint: Annotated[Path, typer.Option(help="Run folder, NAME.json or NAME.safetensors from `medmeta train`.")],
     cases: Annotated[Path, typer.Option(help="Folder with support/<condition>/<scans> and query/<cases>.")],
-    out: Annotated[Optional[Path], typer.Option(help="Report folder [default: CASES/medmeta-report].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Report folder, created whole when the batch is done [default: CASES/medmeta-report].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out folder (only once the new reports are complete).")] = False,
     labels: Annotated[Optional[Path], typer.Option(help="CSV path,label (paths relative to CASES) to score the batch.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     stability: Annotated[bool, typer.Option(help="Leave-one-out stability per case (one refit per support scan; needs 2+ scans per condition).")] = True,
@@ -31,24 +31,49 @@ def adapt(
     with user_errors():
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
         check_temperature_options(temperature_source, temperature_sigma)
-        try:
-            result = run_adapt(
-                checkpoint, cases, labels=labels, device=device, stability=stability, conformal_source=conformal_source,
-                temperature_source=temperature_source, prior_sigma=temperature_sigma,
-            )
-        except CasesError as exc:
-            if exc.rejected:
-                write_rejected(out_dir, exc.rejected)
-                console.print(f"{len(exc.rejected)} unreadable file(s) listed in {out_dir / 'rejected.csv'}")
-            raise
-        write_reports(result, out_dir)
+        from medmeta.io import check_output_folder
+
+        check_output_folder(out_dir, overwrite)
+        result = _run(checkpoint, cases, labels, device, out_dir, stability=stability, conformal_source=conformal_source,
+                      temperature_source=temperature_source, prior_sigma=temperature_sigma)
+        from medmeta.reports import write_reports
+
+        write_reports(result, out_dir, overwrite=overwrite)
+    _print_summary(result, out_dir)
+
+
+def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, out_dir: Path, **options):
+    from medmeta.adaptation import adapt as run_adapt
+    from medmeta.errors import CasesError
+
+    try:
+        return run_adapt(checkpoint, cases, labels=labels, device=device, **options)
+    except CasesError as exc:
+        for path, reason in exc.rejected:
+            warn(f"{path}: {reason}", "rejected")
+        if out_dir.exists():
+            warn(f"the reports already in {out_dir} were left untouched", "note")
+        raise
+
+
+def _print_summary(result, out_dir: Path) -> None:
+    from medmeta.progress import console
+
     for path, reason in result.rejected:
-        console.print(f"[yellow]rejected[/] {path}: {reason}", highlight=False)
+        warn(f"{path}: {reason}", "rejected")
     summary = f"Diagnosed {len(result.cases)} case(s) among {len(result.conditions)} conditions"
     if result.metadata.get("referral") is not None:
         summary += f", {sum(case.refer for case in result.cases)} referred for review"
     if result.metrics and "accuracy" in result.metrics:
         summary += f"; accuracy {result.metrics['accuracy']:.3f}, ECE {result.metrics['ece']:.3f} on {result.metrics['n_labelled']} labelled"
-    console.print(summary + f". Reports in {out_dir}/", highlight=False)
+    console.print(summary + f". Reports in {out_dir}/", highlight=False, markup=False)
+    if result.metrics and result.metrics.get("unknown_labels"):
+        warn(
+            f"label(s) that name no condition of the support (not scored): "
+            f"{', '.join(result.metrics['unknown_labels'])}; the conditions are {', '.join(result.conditions)}"
+        )
+    if result.unmatched_labels:
+        shown = ", ".join(result.unmatched_labels[:5]) + (" ..." if len(result.unmatched_labels) > 5 else "")
+        warn(f"{len(result.unmatched_labels)} path(s) in the labels CSV match no case: {shown}")
     for note in result.metadata.get("notes", []):
-        console.print(f"[yellow]note[/] {note}", highlight=False)
+        warn(note, "note")

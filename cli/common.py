@@ -1,4 +1,8 @@
-"""What every command shares: turning medmeta's errors into one clear line and an exit code."""
+"""What every command shares: turning medmeta's errors into one clear line and an exit code.
+
+Start-up cost matters here (``medmeta --help`` must answer at once): this module imports only
+Typer, Rich and torch-free medmeta modules; anything heavier is imported inside a function.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import typer
+from rich.markup import escape
 
 from medmeta.errors import MedmetaError
-from medmeta.progress import console
+from medmeta.progress import error_console
 
 EXIT_USER_ERROR = 2
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Print a :class:`MedmetaError` as ``error: <file>: <reason>`` and exit 2, no traceback."""
+    """Print a :class:`MedmetaError` as ``error: <file>: <reason>`` and exit 2, no traceback.
+
+    Errors go to the error console, which ``--quiet`` does not silence.
+    """
     try:
         yield
     except MedmetaError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        error_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def warn(message: str, label: str = "warning") -> None:
+    """``<label> <message>`` on the error console: still shown under ``--quiet``; the message is
+    printed as written (brackets in file names or reasons are not taken for Rich markup)."""
+    error_console.print(f"[yellow]{escape(label)}[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:

@@ -7,10 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from medmeta.cli.common import check_choice, check_temperature_options, user_errors
-from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA
-from medmeta.evaluation import evaluate_checkpoint
-from medmeta.progress import console
+from medmeta.cli.adapt import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA
+from medmeta.cli.common import check_choice, check_temperature_options, user_errors, warn
 
 
 def evaluate(
@@ -32,38 +30,46 @@ def evaluate(
     with user_errors():
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
         check_temperature_options(temperature_source, temperature_sigma)
-        result = evaluate_checkpoint(
-            checkpoint, protocol, way, shot, query, episodes, seed, device, out_dir=out, conformal_source=conformal_source,
-            temperature_source=temperature_source, prior_sigma=temperature_sigma,
+        from medmeta.evaluation import EvaluationSettings, evaluate_checkpoint
+        from medmeta.progress import is_quiet
+
+        settings = EvaluationSettings(
+            protocol, way, shot, query, episodes, seed, conformal_source, temperature_source, temperature_sigma
         )
+        result = evaluate_checkpoint(checkpoint, settings, device, out_dir=out, quiet=is_quiet())
+    _print_result(result)
+
+
+def _print_result(result) -> None:
+    from medmeta.progress import console
+
+    s, m = result.settings, result.summary
     console.print(
-        f"{result['method']} on {result['protocol']} test classes, {result['episodes']} {result['way']}-way "
-        f"{result['shot']}-shot episodes: accuracy {100 * result['accuracy']:.1f}% ± {100 * result['accuracy_ci95']:.1f}, "
-        f"macro AUC {result['macro_auc']:.3f}, ECE {result['ece_before']:.3f} -> {result['ece_after']:.3f} "
-        f"({_temperature(result)}), NLL {result['nll_before']:.3f} -> {result['nll_after']:.3f}",
-        highlight=False,
+        f"{result.method} on {result.protocol} test classes, {m.episodes} {s.way}-way "
+        f"{s.shot}-shot episodes: accuracy {100 * m.accuracy:.1f}% ± {100 * m.accuracy_ci95:.1f}, "
+        f"macro AUC {m.macro_auc:.3f}, ECE {m.ece_before:.3f} -> {m.ece_after:.3f} "
+        f"({_temperature(m)}), NLL {m.nll_before:.3f} -> {m.nll_after:.3f}",
+        highlight=False, markup=False,
     )
-    line = f"MCE {result['mce_before']:.3f} -> {result['mce_after']:.3f}, AURC {result['aurc']:.3f}"
-    if result["coverage"] is not None:
+    line = f"MCE {m.mce_before:.3f} -> {m.mce_after:.3f}, AURC {m.aurc:.3f}"
+    if m.coverage is not None:
         line += (
-            f"; prediction sets ({result['conformal_source']}-calibrated): coverage {100 * result['coverage']:.1f}% "
-            f"(target {100 * result['coverage_target']:.0f}%), "
-            f"mean size {result['mean_set_size']:.2f}"
+            f"; prediction sets ({m.conformal_source}-calibrated): coverage {100 * m.coverage:.1f}% "
+            f"(target {100 * m.coverage_target:.0f}%), mean size {m.mean_set_size:.2f}"
         )
-    if result["referral_rate"] is not None:
-        line += (
-            f"; referred {100 * result['referral_rate']:.1f}%, accuracy of the others "
-            f"{100 * result['accuracy_not_referred']:.1f}%"
-        )
-    console.print(line, highlight=False)
-    if result["per_class_recall"]:
-        recalls = ", ".join(f"{name} {100 * r:.1f}%" for name, r in result["per_class_recall"].items())
-        console.print(f"Recall per class: {recalls}", highlight=False)
-    for note in result["notes"]:
-        console.print(f"[yellow]note[/] {note}", highlight=False)
+    if m.referral_rate is not None:
+        line += f"; referred {100 * m.referral_rate:.1f}%, accuracy of the others {100 * m.accuracy_not_referred:.1f}%"
+    console.print(line, highlight=False, markup=False)
+    if m.per_class_recall:
+        recalls = ", ".join(f"{name} {100 * r:.1f}%" for name, r in m.per_class_recall.items())
+        console.print(f"Recall per class: {recalls}", highlight=False, markup=False)
+    for note in result.notes:
+        warn(note, "note")
+    for warning in result.warnings:
+        warn(warning)
 
 
-def _temperature(result: dict) -> str:
-    if result["temperature_source"] == "support":
-        return f"val T = {result['temperature']:.3f} updated by each support, mean {result['support_temperature_mean']:.3f}"
-    return f"T = {result['temperature']:.3f}"
+def _temperature(summary) -> str:
+    if summary.temperature_source == "support":
+        return f"val T = {summary.temperature:.3f} updated by each support, mean {summary.support_temperature_mean:.3f}"
+    return f"T = {summary.temperature:.3f}"

@@ -1,9 +1,15 @@
-"""Running a learner over seeded episodes and summarising what it got right, and how sure it was."""
+"""Running a learner over seeded episodes and summarising what it got right, and how sure it was.
+
+Every episode goes through the same :mod:`medmeta.pipeline` steps as ``medmeta adapt``: the
+head is fitted to the episode's support and scores its query (:func:`run_episodes`), then the
+temperature, set and referral steps turn the logits into calibrated decisions
+(:func:`summarize`). Validation during training uses the same two functions.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,43 +17,31 @@ import numpy as np
 import torch
 
 from medmeta.calibration import (
-    ConformalPredictor,
     TEMPERATURE_PRIOR_SIGMA,
-    SupportTemperature,
+    ConformalPredictor,
     aurc,
     brier_score,
-    check_conformal_source,
-    check_temperature_source,
     distance_flags,
-    episode_conformal,
     expected_calibration_error,
     macro_auc,
     maximum_calibration_error,
     mean_confidence_interval,
     negative_log_likelihood,
     per_class_recall,
-    referral,
     risk_at_coverage,
-    risk_coverage_curve,
     softmax,
 )
 from medmeta.data.episodes import EpisodeSampler
 from medmeta.data.store import ImageStore
-from medmeta.io import atomic_write_json, json_safe
-from medmeta.leave_one_out import has_two_per_class, leave_one_out
-from medmeta.methods.base import MetaLearner
-
-
-# Coverage levels at which evaluation JSON records the risk-coverage curve.
-RISK_COVERAGE_LEVELS = np.round(np.arange(1, 101) / 100, 2)
+from medmeta.pipeline import Diagnosis, LearnerHead, Logits, PredictionSetStep, ReferralStep, Task, TemperatureStep
 
 
 @dataclass
 class EpisodeOutputs:
     """Per episode: query logits ``(n_query, n_way)``, labels ``(n_query,)``, support distances
     ``(n_query,)`` and the episode's class names (``n_way``; label ``i`` is ``classes[i]``).
-    With leave-one-out support predictions (``run_episodes(..., support_loo=True)``): each
-    support scan's logits from the fit without it ``(n_support, n_way)`` and the support labels
+    With held-out support predictions (``run_episodes(..., support_loo=True)``): each support
+    scan's logits from the fit without it ``(n_support, n_way)`` and the support labels
     ``(n_support,)`` (both None for an episode with a single scan of some class)."""
 
     logits: list[np.ndarray] = field(default_factory=list)
@@ -57,9 +51,20 @@ class EpisodeOutputs:
     support_logits: list[np.ndarray | None] = field(default_factory=list)
     support_labels: list[np.ndarray | None] = field(default_factory=list)
 
-    def has_support_loo(self) -> bool:
-        """Whether every episode has leave-one-out support predictions."""
-        return len(self.support_logits) == len(self.logits) > 0 and all(s is not None for s in self.support_logits)
+    def append(self, logits: Logits, task: Task) -> None:
+        """Add one episode's head output."""
+        self.logits.append(logits.query)
+        self.labels.append(task.query_labels.numpy())
+        self.distances.append(logits.distances)
+        self.classes.append(list(task.conditions))
+        self.support_logits.append(logits.support_held_out)
+        self.support_labels.append(task.support_labels.numpy() if logits.support_held_out is not None else None)
+
+    def episode(self, i: int) -> tuple[Logits, np.ndarray | None]:
+        """Episode ``i``'s head output and its support labels (None without held-out logits)."""
+        held_out = self.support_logits[i] if i < len(self.support_logits) else None
+        labels = self.support_labels[i] if held_out is not None else None
+        return Logits(self.logits[i], self.distances[i] if self.distances else np.full(len(self.logits[i]), np.nan), held_out), labels
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         return np.concatenate(self.logits), np.concatenate(self.labels)
@@ -81,40 +86,34 @@ class EpisodeOutputs:
         return np.concatenate([np.asarray(names, dtype=object)[lg.argmax(1)] for names, lg in zip(self.classes, self.logits)])
 
 
-@torch.no_grad()
+def episode_task(store: ImageStore, sampler: EpisodeSampler, index: int) -> Task:
+    """Episode ``index`` of ``sampler`` as a pipeline :class:`~medmeta.pipeline.Task`."""
+    ep = sampler.episode(index)
+    return Task(store.stack(ep.support), ep.support_labels, store.stack(ep.query), list(ep.classes), ep.query_labels)
+
+
 def run_episodes(
-    learner: MetaLearner,
+    learner,
     store: ImageStore,
     sampler: EpisodeSampler,
     indices: Iterable[int],
     device: torch.device,
-    on_episode=None,
+    on_episode: Callable[[EpisodeOutputs], None] | None = None,
     support_loo: bool = False,
 ) -> EpisodeOutputs:
-    """Adapt to and predict every episode in ``indices`` (eval mode: no statistics are updated).
+    """Fit the learner's head to every episode in ``indices`` and score its query (evaluation
+    mode: no statistics are updated; the learner's training mode is restored afterwards).
 
     With ``support_loo``, also refit once per support scan without it and keep that scan's
-    logits (for prediction sets calibrated on the episode's own support)."""
+    logits (for calibration on the episode's own support)."""
+    head = LearnerHead(learner, device, batch_size=None)
     was_training = learner.training
     learner.eval()
     out = EpisodeOutputs()
     try:
         for index in indices:
-            ep = sampler.episode(index)
-            support = store.stack(ep.support).to(device)
-            query = store.stack(ep.query).to(device)
-            learner.fit_support(support, ep.support_labels.to(device))
-            out.logits.append(learner.predict_query(query).double().cpu().numpy())
-            out.labels.append(ep.query_labels.numpy())
-            out.distances.append(learner.support_distance(query).double().cpu().numpy())
-            out.classes.append(list(ep.classes))
-            if support_loo and has_two_per_class(ep.support_labels):
-                loo = leave_one_out(learner, support, ep.support_labels.to(device), device=device)
-                out.support_logits.append(loo.support_logits)
-                out.support_labels.append(ep.support_labels.numpy())
-            elif support_loo:
-                out.support_logits.append(None)
-                out.support_labels.append(None)
+            task = episode_task(store, sampler, index)
+            out.append(head(task, held_out=support_loo), task)
             if on_episode is not None:
                 on_episode(out)
     finally:
@@ -123,101 +122,142 @@ def run_episodes(
 
 
 @dataclass
-class CalibratedEpisodes:
-    """Calibrated probabilities of every episode: query ``(n_query, n_way)`` and, with
-    leave-one-out support logits, support ``(n_support, n_way)``; ``source`` says where the
-    temperature came from (``"val"`` or ``"support"``), ``temperatures`` the one used per
-    episode (the posterior summary for ``"support"``) and ``prior_sigma`` the prior spread of
-    the support update (None for ``"val"``)."""
+class EpisodeSummary:
+    """What :func:`summarize` measures over a set of episodes (None: not computable here).
 
-    query: list[np.ndarray]
-    support: list[np.ndarray | None]
-    source: str
-    temperatures: np.ndarray
-    prior_sigma: float | None = None
+    Accuracy is the mean over episodes with its 95% CI; macro AUC the mean over episodes; ECE,
+    MCE, NLL and Brier are pooled over all cases, before and after calibration; ``aurc`` is of
+    the calibrated confidence. Sets and referral entries need a conformal predictor and/or a
+    distance threshold."""
 
-    def pooled(self) -> np.ndarray:
-        return np.concatenate(self.query)
+    episodes: int
+    n_cases: int
+    accuracy: float
+    accuracy_ci95: float
+    macro_auc: float
+    temperature: float
+    temperature_source: str
+    support_temperature_mean: float | None
+    temperature_prior_sigma: float | None
+    ece_before: float
+    ece_after: float
+    mce_before: float
+    mce_after: float
+    nll_before: float
+    nll_after: float
+    brier_before: float
+    brier_after: float
+    aurc: float
+    per_class_recall: dict[str, float] | None
+    conformal_source: str | None = None
+    support_threshold_mean: float | None = None
+    coverage_target: float | None = None
+    coverage: float | None = None
+    mean_set_size: float | None = None
+    empty_set_rate: float | None = None
+    singleton_rate: float | None = None
+    per_class_coverage: dict[str, float] | None = None
+    referral_rate: float | None = None
+    referral_rate_set: float | None = None
+    referral_rate_distance: float | None = None
+    accuracy_not_referred: float | None = None
+    n_not_referred: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def calibrate_episodes(
+def _steps(temperature, sets, referral) -> tuple[TemperatureStep, PredictionSetStep, ReferralStep]:
+    """Steps from their shorthands: a float temperature (the validation one), a fitted
+    predictor (its validation threshold) or None (no sets), a float distance threshold or None."""
+    temperature = temperature if isinstance(temperature, TemperatureStep) else TemperatureStep(temperature)
+    sets = sets if isinstance(sets, PredictionSetStep) else PredictionSetStep(sets)
+    referral = referral if isinstance(referral, ReferralStep) else ReferralStep(referral)
+    return temperature, sets, referral
+
+
+def diagnose(
     outputs: EpisodeOutputs,
-    temperature: float,
-    temperature_source: str = "val",
-    prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
-) -> CalibratedEpisodes:
-    """Temperature-scaled probabilities of each episode of ``outputs``.
-
-    ``"val"``: ``temperature`` (fitted on validation conditions) everywhere. ``"support"``: in
-    each episode, ``temperature`` updated by that episode's leave-one-out support predictions
-    (:class:`~medmeta.calibration.SupportTemperature`); needs outputs of
-    ``run_episodes(..., support_loo=True)`` with two support scans per class, and falls back to
-    ``"val"`` otherwise (``source`` says which was used).
-    """
-    check_temperature_source(temperature_source)
-    loo = outputs.has_support_loo()
-    if temperature_source == "support" and loo:
-        query, support, used = [], [], []
-        for lg, sl, sy in zip(outputs.logits, outputs.support_logits, outputs.support_labels):
-            fitted = SupportTemperature(temperature, prior_sigma).fit(sl, sy)
-            query.append(fitted.predict_proba(lg))
-            support.append(fitted.predict_proba(sl))
-            used.append(fitted.temperature_)
-        return CalibratedEpisodes(query, support, "support", np.array(used), float(prior_sigma))
-    query = [softmax(lg / temperature) for lg in outputs.logits]
-    support = [softmax(sl / temperature) if sl is not None else None for sl in outputs.support_logits] if loo else [None] * len(query)
-    return CalibratedEpisodes(query, support, "val", np.full(len(query), float(temperature)))
+    temperature: TemperatureStep | float = 1.0,
+    sets: PredictionSetStep | ConformalPredictor | None = None,
+    referral: ReferralStep | float | None = None,
+) -> list[Diagnosis]:
+    """Each episode's :class:`~medmeta.pipeline.Diagnosis`: the calibration, set and referral
+    steps applied to its head output (shorthands as in :func:`summarize`)."""
+    temperature, sets, referral = _steps(temperature, sets, referral)
+    return [_diagnose(outputs, i, temperature, sets, referral) for i in range(len(outputs.logits))]
 
 
 def summarize(
     outputs: EpisodeOutputs,
-    temperature: float = 1.0,
+    temperature: TemperatureStep | float = 1.0,
+    sets: PredictionSetStep | ConformalPredictor | None = None,
+    referral: ReferralStep | float | None = None,
     n_bins: int = 15,
-    conformal: ConformalPredictor | None = None,
-    distance_threshold: float | None = None,
-    conformal_source: str = "val",
-    temperature_source: str = "val",
-    prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
-    calibrated: CalibratedEpisodes | None = None,
-) -> dict[str, Any]:
-    """Accuracy (mean over episodes, 95% CI), macro AUC (mean over episodes), and pooled ECE,
-    MCE, NLL and Brier before and after dividing logits by ``temperature``; the AURC of the
-    calibrated confidence; per-class recall by class name (pooled over episodes).
+    diagnoses: list[Diagnosis] | None = None,
+) -> EpisodeSummary:
+    """Run the calibration, set and referral steps on every episode of ``outputs`` and measure.
 
-    With a fitted ``conformal`` predictor (applied to the temperature-scaled probabilities):
-    empirical coverage, mean set size and their breakdowns. With sets and/or a
-    ``distance_threshold``: the referral rate (see :func:`medmeta.calibration.referral`) and
-    the accuracy of the cases not referred. Entries that cannot be computed are None.
-
-    ``conformal_source="support"`` replaces ``conformal``'s threshold, in every episode, by one
-    fitted on that episode's leave-one-out support predictions (same score and coverage; see
-    :func:`medmeta.calibration.episode_conformal`); it needs ``outputs`` from
-    ``run_episodes(..., support_loo=True)`` with two support scans per class, and falls back to
-    ``conformal`` itself otherwise (``conformal_source`` in the result says which was used).
-    ``temperature_source="support"`` updates ``temperature`` by each episode's support (see
-    :func:`calibrate_episodes`); "after" then means after that update, and
-    ``support_temperature_mean`` is the geometric mean of the episodes' temperatures.
-    ``calibrated``: the result of :func:`calibrate_episodes` when the caller already has it
-    (then ``temperature_source`` and ``prior_sigma`` are not used again).
+    ``temperature``: a :class:`TemperatureStep` (a float means that validation temperature);
+    ``sets``: a :class:`PredictionSetStep` (a fitted predictor means its validation threshold;
+    None: no sets); ``referral``: a :class:`ReferralStep` (a float means that distance
+    threshold; None: no distance referral). Steps that need held-out support logits fall back
+    to the validation calibration when ``outputs`` has none (the summary's sources say what was
+    used). ``diagnoses``: the result of :func:`diagnose` with the same steps, when the caller
+    has it already.
     """
+    temperature, sets, referral = _steps(temperature, sets, referral)
+    if diagnoses is None:
+        diagnoses = diagnose(outputs, temperature, sets, referral)
+    logits, labels = outputs.pooled()
+    after = np.concatenate([d.probabilities.query for d in diagnoses])
+    summary = EpisodeSummary(
+        **_accuracy_stats(outputs),
+        **_calibration_stats(softmax(logits), after, labels, diagnoses, temperature, n_bins),
+        per_class_recall=_recall(outputs),
+    )
+    pooled_sets = None
+    if sets.conformal is not None:
+        pooled_sets = np.concatenate([d.sets.sets for d in diagnoses])
+        summary.conformal_source = "support" if all(d.sets.source == "support" for d in diagnoses) else "val"
+        if summary.conformal_source == "support":
+            summary.support_threshold_mean = float(np.mean([d.sets.predictor.threshold_ for d in diagnoses]))
+        _set_stats(summary, pooled_sets, labels, outputs.pooled_class_names(), sets.conformal.coverage)
+    if pooled_sets is not None or referral.distance_threshold is not None:
+        refer = np.concatenate([d.referral.refer for d in diagnoses])
+        _referral_stats(summary, after, labels, refer, outputs.pooled_distances(), pooled_sets, referral.distance_threshold)
+    return summary
+
+
+def _diagnose(outputs, i, temperature, sets, referral) -> Diagnosis:
+    logits, support_labels = outputs.episode(i)
+    probs = temperature(logits, support_labels)
+    chosen = sets(probs, support_labels)
+    classes = outputs.classes[i] if i < len(outputs.classes) else [str(c) for c in range(logits.query.shape[1])]
+    return Diagnosis(list(classes), logits, probs, chosen, referral(chosen.sets, logits.distances, classes))
+
+
+def _accuracy_stats(outputs: EpisodeOutputs) -> dict[str, Any]:
     accs = np.array([(lg.argmax(1) == lb).mean() for lg, lb in zip(outputs.logits, outputs.labels)])
     aucs = np.array([macro_auc(softmax(lg), lb) for lg, lb in zip(outputs.logits, outputs.labels)])
-    logits, labels = outputs.pooled()
-    if calibrated is None:
-        calibrated = calibrate_episodes(outputs, temperature, temperature_source, prior_sigma)
-    before, after = softmax(logits), calibrated.pooled()
     mean, ci = mean_confidence_interval(accs)
-    correct = after.argmax(1) == labels
-    stats: dict[str, Any] = {
+    return {
         "episodes": len(accs),
-        "n_cases": len(labels),
+        "n_cases": int(sum(len(lb) for lb in outputs.labels)),
         "accuracy": mean,
         "accuracy_ci95": ci,
         "macro_auc": float(np.nanmean(aucs)) if len(aucs) and not np.isnan(aucs).all() else float("nan"),
-        "temperature": float(temperature),
-        "temperature_source": calibrated.source,
-        "support_temperature_mean": float(np.exp(np.log(calibrated.temperatures).mean())) if calibrated.source == "support" else None,
-        "temperature_prior_sigma": calibrated.prior_sigma,
+    }
+
+
+def _calibration_stats(before, after, labels, diagnoses, temperature: TemperatureStep, n_bins: int) -> dict[str, Any]:
+    support = bool(diagnoses) and all(d.probabilities.source == "support" for d in diagnoses)
+    temperatures = np.array([d.probabilities.temperature for d in diagnoses])
+    return {
+        "temperature": float(temperature.temperature),
+        "temperature_source": "support" if support else "val",
+        "support_temperature_mean": float(np.exp(np.log(temperatures).mean())) if support else None,
+        "temperature_prior_sigma": temperature.prior_sigma if support else None,
         "ece_before": expected_calibration_error(before, labels, n_bins),
         "ece_after": expected_calibration_error(after, labels, n_bins),
         "mce_before": maximum_calibration_error(before, labels, n_bins),
@@ -226,195 +266,211 @@ def summarize(
         "nll_after": negative_log_likelihood(after, labels),
         "brier_before": brier_score(before, labels),
         "brier_after": brier_score(after, labels),
-        "aurc": aurc(after.max(1), correct),
+        "aurc": aurc(after.max(1), after.argmax(1) == labels),
     }
+
+
+def _recall(outputs: EpisodeOutputs) -> dict[str, float] | None:
     true_names, predicted_names = outputs.pooled_class_names(), outputs.pooled_predicted_names()
-    stats["per_class_recall"] = per_class_recall(true_names, predicted_names) if true_names is not None else None
-    sets, used = None, None
-    if conformal is not None:
-        if conformal_source == "support" and outputs.has_support_loo():
-            parts, thresholds = [], []
-            for probs, support_probs, sy in zip(calibrated.query, calibrated.support, outputs.support_labels):
-                episode = episode_conformal(conformal, support_probs, sy)
-                parts.append(episode.predict_sets(probs))
-                thresholds.append(episode.threshold_)
-            sets, used = np.concatenate(parts), "support"
-            stats["support_threshold_mean"] = float(np.mean(thresholds))
-        else:
-            sets, used = conformal.predict_sets(after), "val"
-    stats["conformal_source"] = used
-    stats.update(_set_stats(sets, labels, true_names, conformal.coverage if conformal is not None else None))
-    stats.update(_referral_stats(after, labels, outputs.pooled_distances(), sets, distance_threshold))
-    return stats
+    return per_class_recall(true_names, predicted_names) if true_names is not None else None
 
 
-def _set_stats(sets: np.ndarray | None, labels: np.ndarray, names: np.ndarray | None, target: float | None) -> dict[str, Any]:
-    keys = ("coverage_target", "coverage", "mean_set_size", "empty_set_rate", "singleton_rate", "per_class_coverage")
-    if sets is None:
-        return dict.fromkeys(keys)
+def _set_stats(summary: EpisodeSummary, sets: np.ndarray, labels: np.ndarray, names: np.ndarray | None, target: float) -> None:
     covered = sets[np.arange(len(labels)), labels]
     size = sets.sum(axis=1)
-    per_class = None
+    summary.coverage_target = float(target)
+    summary.coverage = float(covered.mean())
+    summary.mean_set_size = float(size.mean())
+    summary.empty_set_rate = float((size == 0).mean())
+    summary.singleton_rate = float((size == 1).mean())
     if names is not None:
-        per_class = {str(c): float(covered[names == c].mean()) for c in sorted(set(names.tolist()), key=str)}
-    return {
-        "coverage_target": float(target),
-        "coverage": float(covered.mean()),
-        "mean_set_size": float(size.mean()),
-        "empty_set_rate": float((size == 0).mean()),
-        "singleton_rate": float((size == 1).mean()),
-        "per_class_coverage": per_class,
-    }
+        summary.per_class_coverage = {str(c): float(covered[names == c].mean()) for c in sorted(set(names.tolist()), key=str)}
 
 
-def _referral_stats(
-    probs: np.ndarray,
-    labels: np.ndarray,
-    distances: np.ndarray,
-    sets: np.ndarray | None,
-    distance_threshold: float | None,
-) -> dict[str, Any]:
-    keys = ("referral_rate", "referral_rate_set", "referral_rate_distance", "accuracy_not_referred", "n_not_referred")
-    if sets is None and distance_threshold is None:
-        return dict.fromkeys(keys)
-    refer, _ = referral(sets, distances, distance_threshold, [str(i) for i in range(probs.shape[1])])
+def _referral_stats(summary, probs, labels, refer, distances, sets, distance_threshold) -> None:
     kept = ~refer
     correct = probs.argmax(1) == labels
-    return {
-        "referral_rate": float(refer.mean()),
-        "referral_rate_set": float((sets.sum(axis=1) != 1).mean()) if sets is not None else None,
-        "referral_rate_distance": float(distance_flags(distances, distance_threshold).mean()) if distance_threshold is not None else None,
-        "accuracy_not_referred": float(correct[kept].mean()) if kept.any() else float("nan"),
-        "n_not_referred": int(kept.sum()),
-    }
+    summary.referral_rate = float(refer.mean())
+    summary.referral_rate_set = float((sets.sum(axis=1) != 1).mean()) if sets is not None else None
+    if distance_threshold is not None:
+        summary.referral_rate_distance = float(distance_flags(distances, distance_threshold).mean())
+    summary.accuracy_not_referred = float(correct[kept].mean()) if kept.any() else float("nan")
+    summary.n_not_referred = int(kept.sum())
+
+
+# Coverage levels at which evaluation JSON records the risk-coverage curve.
+RISK_COVERAGE_LEVELS = np.round(np.arange(1, 101) / 100, 2)
+
+
+@dataclass
+class EvaluationSettings:
+    """What to measure a checkpoint on. ``None`` episode settings come from the protocol:
+    ``way`` and ``query`` as written, ``shot`` its smallest, ``episodes`` its ``test_episodes``.
+    The episodes depend only on the protocol, the shape and ``seed``, never on the model, so
+    methods are compared on identical episodes. ``*_source="support"`` calibrates on each
+    episode's own support (two or more shots; see :mod:`medmeta.pipeline`)."""
+
+    protocol: str | Path | None = None
+    way: int | None = None
+    shot: int | None = None
+    query: int | None = None
+    episodes: int | None = None
+    seed: int = 0
+    conformal_source: str = "val"
+    temperature_source: str = "val"
+    prior_sigma: float = TEMPERATURE_PRIOR_SIGMA
+
+    def resolved(self, protocol) -> "EvaluationSettings":
+        """A copy with every ``None`` filled in from ``protocol``'s episode settings."""
+        ep = protocol.episodes
+        return EvaluationSettings(
+            self.protocol, self.way or ep.way, self.shot or min(ep.shot), self.query or ep.query,
+            self.episodes or ep.test_episodes, self.seed, self.conformal_source, self.temperature_source, self.prior_sigma,
+        )
+
+    @property
+    def tag(self) -> str:
+        return f"{self.way}way_{self.shot}shot"
+
+
+@dataclass
+class EvaluationResult:
+    """A checkpoint measured on a protocol's test classes. ``to_dict()`` is the evaluation JSON.
+
+    ``probabilities_before``/``_after`` ``(n, n_way)`` and ``labels`` ``(n,)`` are the pooled
+    cases, kept for the figures (:mod:`medmeta.reports.evaluation`); they are not in the JSON."""
+
+    checkpoint: str
+    checkpoint_sha256: str
+    method: str
+    backbone: str
+    protocol: str
+    test_classes: list[str]
+    settings: EvaluationSettings
+    summary: EpisodeSummary
+    conformal: dict[str, Any] | None
+    distance_threshold: float | None
+    risk_coverage: dict[str, list[float]]
+    notes: list[str]
+    warnings: list[str] = field(default_factory=list)
+    figures: dict[str, str] | None = None
+    probabilities_before: np.ndarray | None = field(default=None, repr=False)
+    probabilities_after: np.ndarray | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def tag(self) -> str:
+        """File-name tag: ``<way>way_<shot>shot``, then ``_tsupport``/``_support`` for support calibration."""
+        tag = self.settings.tag
+        if self.summary.temperature_source == "support":
+            tag += "_tsupport"
+        if self.summary.conformal_source == "support":
+            tag += "_support"
+        return tag
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.settings
+        out = {
+            "checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256, "method": self.method,
+            "backbone": self.backbone, "protocol": self.protocol, "test_classes": self.test_classes,
+            "way": s.way, "shot": s.shot, "query": s.query, "seed": s.seed,
+            **self.summary.to_dict(),
+            "conformal": self.conformal, "distance_threshold": self.distance_threshold,
+            "risk_coverage": self.risk_coverage, "notes": self.notes, "warnings": self.warnings,
+        }
+        if self.figures is not None:
+            out["figures"] = self.figures
+        return out
 
 
 def evaluate_checkpoint(
     checkpoint: str | Path,
-    protocol: str | Path | None = None,
-    way: int | None = None,
-    shot: int | None = None,
-    query: int | None = None,
-    episodes: int | None = None,
-    seed: int = 0,
+    settings: EvaluationSettings | None = None,
     device: str = "auto",
-    quiet: bool = False,
     out_dir: str | Path | None = None,
-    conformal_source: str = "val",
-    temperature_source: str = "val",
-    prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
-) -> dict[str, Any]:
-    """Measure a checkpoint on seeded episodes of the protocol's test classes.
+    quiet: bool = False,
+) -> EvaluationResult:
+    """Measure a checkpoint on seeded episodes of its protocol's test classes, through the
+    same pipeline as ``adapt``, with the calibration it stores. With ``out_dir`` the results
+    JSON, the reliability and risk-coverage figures and the episodes' file lists are written
+    there (:func:`medmeta.reports.write_evaluation`)."""
+    from medmeta.pipeline import AdaptationPipeline
+    from medmeta.run import load_run
 
-    The episodes depend only on the protocol, the episode shape and ``seed``, never on the
-    model, so methods are compared on identical episodes. The checkpoint's conformal predictor
-    and distance threshold (fitted on val-class episodes by ``medmeta train``) give coverage,
-    set sizes and referral; checkpoints without them are evaluated without (and ``notes`` says so).
-    With ``out_dir``, the results are written there as ``evaluation_<way>way_<shot>shot.json``
-    (with the risk-coverage curve at coverage 1%, 2%, ..., 100%), the reliability diagram as
-    ``reliability_<way>way_<shot>shot.png``, the risk-coverage curve as
-    ``risk_coverage_<way>way_<shot>shot.png`` and the episodes' file lists as
-    ``episodes_<way>way_<shot>shot_seed<seed>.csv``. ``conformal_source="support"`` calibrates
-    each episode's prediction sets on its own support instead (leave-one-out refits; see
-    :func:`summarize`); the file names then end in ``_support``. ``temperature_source="support"``
-    updates the checkpoint's temperature by each episode's support (:func:`calibrate_episodes`,
-    prior spread ``prior_sigma``); the file names then end in ``_tsupport``. Either needs two
-    support scans per class and falls back to the validation calibration (with a note) otherwise.
-    """
-    from medmeta.checkpoint import build_learner, load_checkpoint
-    from medmeta.data.protocol import load_protocol
-    from medmeta.data.reading import Preprocessing, ScanReader
-    from medmeta.device import resolve_device
-    from medmeta.errors import ProtocolError
+    settings = settings or EvaluationSettings()
+    run = load_run(checkpoint, device, protocol=settings.protocol)
+    settings = settings.resolved(run.protocol)
+    sampler = run.sampler("test", settings.way, settings.shot, settings.query, settings.seed)
+    pipeline = AdaptationPipeline.from_run(
+        run, settings.temperature_source, settings.conformal_source, settings.prior_sigma, batch_size=None
+    )
+    outputs = _run_with_progress(run, sampler, settings, pipeline.needs_held_out, quiet)
+    diagnoses = diagnose(outputs, pipeline.temperature, pipeline.sets, pipeline.referral)
+    summary = summarize(outputs, pipeline.temperature, pipeline.sets, pipeline.referral, diagnoses=diagnoses)
+    logits, labels = outputs.pooled()
+    after = np.concatenate([d.probabilities.query for d in diagnoses])
+    confidence, correct = after.max(1), after.argmax(1) == labels
+    conformal = run.calibration.conformal
+    result = EvaluationResult(
+        checkpoint=str(run.checkpoint.path), checkpoint_sha256=run.checkpoint.sha256, method=run.method,
+        backbone=run.backbone, protocol=run.protocol.name, test_classes=run.protocol.classes["test"],
+        settings=settings, summary=summary, conformal=conformal.to_dict() if conformal is not None else None,
+        distance_threshold=run.calibration.distance_threshold,
+        risk_coverage={
+            "coverage": RISK_COVERAGE_LEVELS.tolist(),
+            "risk": risk_at_coverage(confidence, correct, RISK_COVERAGE_LEVELS).tolist(),
+        },
+        notes=run.checkpoint.calibration_notes() + _fallback_notes(pipeline, summary, settings.shot),
+        probabilities_before=softmax(logits), probabilities_after=after, labels=labels,
+    )
+    result.warnings = evaluation_warnings(run.calibration, summary, settings.shot)
+    if out_dir is not None:
+        from medmeta.reports.evaluation import write_evaluation
+
+        sampler.save_manifest(Path(out_dir) / f"episodes_{settings.tag}_seed{settings.seed}.csv", range(settings.episodes))
+        write_evaluation(result, out_dir)
+    return result
+
+
+def _run_with_progress(run, sampler, settings: EvaluationSettings, held_out: bool, quiet: bool) -> EpisodeOutputs:
     from medmeta.progress import make_progress
 
-    check_conformal_source(conformal_source)
-    check_temperature_source(temperature_source)
-    ckpt = load_checkpoint(checkpoint)
-    protocol_path = protocol or ckpt.meta.get("protocol", {}).get("path")
-    if not protocol_path:
-        raise ProtocolError(f"{ckpt.path}: the checkpoint names no protocol; pass --protocol")
-    proto = load_protocol(protocol_path)
-    way = way or proto.episodes.way
-    shot = shot or min(proto.episodes.shot)
-    query = query or proto.episodes.query
-    episodes = episodes or proto.episodes.test_episodes
-    proto.check_counts(shot, query, splits=("test",))
-    learner = build_learner(ckpt)
-    torch_device = resolve_device(device)
-    learner.to(torch_device)
-    store = ImageStore(ScanReader(Preprocessing.from_dict(ckpt.meta["preprocessing"])))
-    sampler = EpisodeSampler(proto.split_records("test"), way, shot, query, seed)
-    tag = f"{way}way_{shot}shot"
-    support_loo = shot >= 2 and ((conformal_source == "support" and ckpt.conformal is not None) or temperature_source == "support")
-    if out_dir is not None:
-        sampler.save_manifest(Path(out_dir) / f"episodes_{tag}_seed{seed}.csv", range(episodes))
     with make_progress(disable=quiet) as progress:
-        task = progress.add_task("Evaluating", total=episodes, status="")
+        task = progress.add_task("Evaluating", total=settings.episodes, status="")
 
         def tick(out: EpisodeOutputs) -> None:
             accs = [(lg.argmax(1) == lb).mean() for lg, lb in zip(out.logits, out.labels)]
             progress.update(task, advance=1, status=f"acc {np.mean(accs):.3f}")
 
-        outputs = run_episodes(
-            learner, store, sampler, range(episodes), torch_device, on_episode=tick, support_loo=support_loo
-        )
-    conformal, distance_threshold = ckpt.conformal, ckpt.distance_threshold
-    notes = ckpt.calibration_notes()
-    calibrated = calibrate_episodes(outputs, ckpt.temperature, temperature_source, prior_sigma)
-    stats = summarize(
-        outputs, temperature=ckpt.temperature, conformal=conformal, distance_threshold=distance_threshold,
-        conformal_source=conformal_source, calibrated=calibrated,
-    )
-    if conformal_source == "support" and stats["conformal_source"] != "support" and conformal is not None:
+        return run_episodes(run.learner, run.store(), sampler, range(settings.episodes), run.device, tick, held_out)
+
+
+def _fallback_notes(pipeline, summary: EpisodeSummary, shot: int) -> list[str]:
+    notes = []
+    if pipeline.sets.needs_held_out and summary.conformal_source != "support":
         notes.append(f"Support-calibrated sets need two support scans per class ({shot}-shot given): the validation threshold was used.")
-    if temperature_source == "support" and stats["temperature_source"] != "support":
+    if pipeline.temperature.needs_held_out and summary.temperature_source != "support":
         notes.append(f"Support-updated temperatures need two support scans per class ({shot}-shot given): the validation temperature was used.")
-    if stats["temperature_source"] == "support":
-        tag += "_tsupport"
-    if stats["conformal_source"] == "support":
-        tag += "_support"
-    logits, labels = outputs.pooled()
-    probs = calibrated.pooled()
-    confidence, correct = probs.max(1), probs.argmax(1) == labels
-    result = {
-        "checkpoint": str(ckpt.path),
-        "checkpoint_sha256": ckpt.sha256,
-        "method": ckpt.meta["method"]["name"],
-        "backbone": ckpt.meta["backbone"]["name"],
-        "protocol": proto.name,
-        "test_classes": proto.classes["test"],
-        "way": way,
-        "shot": shot,
-        "query": query,
-        "seed": seed,
-        **stats,
-        "conformal": conformal.to_dict() if conformal is not None else None,
-        "distance_threshold": distance_threshold,
-        "risk_coverage": {
-            "coverage": RISK_COVERAGE_LEVELS.tolist(),
-            "risk": risk_at_coverage(confidence, correct, RISK_COVERAGE_LEVELS).tolist(),
-        },
-        "notes": notes,
-    }
-    if out_dir is not None:
-        from medmeta.reports.plots import reliability_diagram, risk_coverage_plot
+    return notes
 
-        out = Path(out_dir)
-        title = f"{result['method']} on {proto.name}, {episodes} {way}-way {shot}-shot test episodes"
-        reliability_diagram(
-            out / f"reliability_{tag}.png",
-            {"before": softmax(logits), _after_label(ckpt.temperature, stats): probs},
-            labels,
-            title=title,
+
+def evaluation_warnings(calibration, summary: EpisodeSummary, shot: int) -> list[str]:
+    """What a reader of the figures must not miss: probabilities and sets calibrated for another
+    shot than the one measured, and coverage below its target by more than sampling noise
+    (2.58 binomial standard errors over the pooled cases, a 99% band)."""
+    warnings = []
+    if calibration.fitted and calibration.shot is not None and calibration.shot != shot and summary.temperature_source == "val":
+        warnings.append(
+            f"the checkpoint was calibrated on {calibration.shot}-shot episodes but is measured at {shot}-shot; "
+            f"recalibrate with `medmeta calibrate --shot {shot}` for calibrated figures"
         )
-        risk_coverage_plot(out / f"risk_coverage_{tag}.png", *risk_coverage_curve(confidence, correct), stats["aurc"], title=title)
-        result["figures"] = {"reliability": f"reliability_{tag}.png", "risk_coverage": f"risk_coverage_{tag}.png"}
-        atomic_write_json(out / f"evaluation_{tag}.json", json_safe(result))
-    return result
-
-
-def _after_label(temperature: float, stats: dict[str, Any]) -> str:
-    if stats["temperature_source"] == "support":
-        return f"after support-updated T (val {temperature:.3g}, mean {stats['support_temperature_mean']:.3g})"
-    return f"after temperature scaling (T = {temperature:.3g})"
+    if summary.coverage is not None and summary.coverage_target is not None and summary.n_cases:
+        target = summary.coverage_target
+        band = 2.58 * (target * (1 - target) / summary.n_cases) ** 0.5
+        if summary.coverage < target - band:
+            warnings.append(
+                f"prediction sets cover {100 * summary.coverage:.1f}% of cases, below the {100 * target:.0f}% target "
+                f"(more than sampling noise): these conditions are not exchangeable with those the sets were "
+                f"calibrated on; consider --conformal-source support"
+            )
+    return warnings

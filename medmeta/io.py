@@ -20,9 +20,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -77,3 +75,61 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_output_folder(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output folder that cannot take a complete, unmixed set of results: a path that
+    is a file, a parent that is a file, or an existing non-empty folder without ``overwrite``.
+    Called before any work, so a user learns of it in a second, not after the computation."""
+    from medmeta.errors import MedmetaError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MedmetaError(f"{path}: the output path exists and is not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MedmetaError(f"{path}: cannot create the output folder, {parent} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise MedmetaError(f"{path}: cannot create the output folder, {parent} is not writable")
+            break
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise MedmetaError(f"{path}: the output folder is not empty; choose another --out or pass --overwrite to replace it")
+    return path
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; when the block succeeds it replaces
+    ``path`` as a whole (an older folder there is removed only then, so results never mix and a
+    failure leaves the older folder exactly as it was). Checks ``path`` first
+    (:func:`check_output_folder`)."""
+    import shutil
+
+    path = check_output_folder(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "previous")
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:
+                os.replace(old / "previous", path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

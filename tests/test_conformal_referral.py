@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from medmeta.adapt import adapt, leave_one_out_stability
+from medmeta.adaptation import adapt, leave_one_out_stability
 from medmeta.backbones import create_backbone
 from medmeta.calibration import (
     ConformalPredictor,
@@ -271,6 +271,7 @@ def test_per_class_recall_by_hand():
 
 def test_summarize_pools_sets_referral_and_recall_by_class_name():
     from medmeta.evaluation import EpisodeOutputs, summarize
+    from medmeta.pipeline import PredictionSetStep
 
     # two episodes with the classes in opposite order; logits = log-probabilities, temperature 1
     probs = [np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]]), np.array([[0.8, 0.2], [0.5, 0.5], [0.7, 0.3]])]
@@ -281,24 +282,25 @@ def test_summarize_pools_sets_referral_and_recall_by_class_name():
         classes=[["x", "y"], ["y", "x"]],
     )
     lac = ConformalPredictor.from_dict({"score": "lac", "coverage": 0.9, "threshold": 0.5})  # set: p >= 0.5
-    stats = summarize(outputs, conformal=lac, distance_threshold=10.0)
+    stats = summarize(outputs, sets=lac, referral=10.0)
     # sets: {x} {y} {x} | {y} {y, x} {y}; the 3rd case of episode 1 (true y) is not covered
-    assert stats["coverage"] == pytest.approx(5 / 6) and stats["mean_set_size"] == pytest.approx(7 / 6)
-    assert stats["per_class_coverage"] == {"x": 1.0, "y": 0.75}
+    assert stats.coverage == pytest.approx(5 / 6) and stats.mean_set_size == pytest.approx(7 / 6)
+    assert stats.per_class_coverage == {"x": 1.0, "y": 0.75}
     # referred: episode 1 case 3 (distance 20 > 10) and episode 2 case 2 (two conditions)
-    assert stats["referral_rate"] == pytest.approx(1 / 3)
-    assert stats["referral_rate_set"] == pytest.approx(1 / 6) and stats["referral_rate_distance"] == pytest.approx(1 / 6)
-    assert stats["accuracy_not_referred"] == 1.0 and stats["n_not_referred"] == 4
+    assert stats.referral_rate == pytest.approx(1 / 3)
+    assert stats.referral_rate_set == pytest.approx(1 / 6) and stats.referral_rate_distance == pytest.approx(1 / 6)
+    assert stats.accuracy_not_referred == 1.0 and stats.n_not_referred == 4
     # the tie (0.5, 0.5) predicts label 0 = y while the truth is x
-    assert stats["per_class_recall"] == {"x": 0.5, "y": 0.75}
-    assert stats["accuracy"] == pytest.approx(2 / 3)
+    assert stats.per_class_recall == {"x": 0.5, "y": 0.75}
+    assert stats.accuracy == pytest.approx(2 / 3)
     bare = summarize(outputs)
-    assert bare["coverage"] is None and bare["referral_rate"] is None and bare["per_class_recall"] == stats["per_class_recall"]
+    assert bare.coverage is None and bare.referral_rate is None and bare.per_class_recall == stats.per_class_recall
 
 
 
 def test_summarize_with_support_calibrated_sets_fits_one_threshold_per_episode():
     from medmeta.evaluation import EpisodeOutputs, summarize
+    from medmeta.pipeline import PredictionSetStep
 
     probs = [np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]]), np.array([[0.8, 0.2], [0.5, 0.5], [0.7, 0.3]])]
     support = [np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]]), np.array([[0.95, 0.05], [0.9, 0.1], [0.1, 0.9], [0.05, 0.95]])]
@@ -311,18 +313,18 @@ def test_summarize_with_support_calibrated_sets_fits_one_threshold_per_episode()
         support_labels=[np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])],
     )
     template = ConformalPredictor.from_dict({"score": "lac", "coverage": 0.5, "threshold": 0.99})
-    stats = summarize(outputs, conformal=template, conformal_source="support")
+    stats = summarize(outputs, sets=PredictionSetStep(template, "support"))
     # LAC scores of the support: 0.1 0.2 0.3 0.4 and 0.05 0.1 0.1 0.05; rank (4 + 1) * 0.5 = 2.5
     # interpolates between the 2nd and 3rd smallest: thresholds 0.25 and 0.075 (sets p >= 0.75, p >= 0.925)
-    assert stats["conformal_source"] == "support"
-    assert stats["support_threshold_mean"] == pytest.approx((0.25 + 0.075) / 2)
+    assert stats.conformal_source == "support"
+    assert stats.support_threshold_mean == pytest.approx((0.25 + 0.075) / 2)
     # sets: {x} {} {} | {} {} {}: only the first case is covered
-    assert stats["coverage"] == pytest.approx(1 / 6) and stats["mean_set_size"] == pytest.approx(1 / 6)
-    assert stats["empty_set_rate"] == pytest.approx(5 / 6) and stats["referral_rate"] == pytest.approx(5 / 6)
+    assert stats.coverage == pytest.approx(1 / 6) and stats.mean_set_size == pytest.approx(1 / 6)
+    assert stats.empty_set_rate == pytest.approx(5 / 6) and stats.referral_rate == pytest.approx(5 / 6)
     # without leave-one-out support predictions the checkpoint's threshold is used
     plain = EpisodeOutputs(logits=outputs.logits, labels=outputs.labels, distances=outputs.distances, classes=outputs.classes)
-    fallback = summarize(plain, conformal=template, conformal_source="support")
-    assert fallback["conformal_source"] == "val" and fallback["mean_set_size"] == pytest.approx(2.0)
+    fallback = summarize(plain, sets=PredictionSetStep(template, "support"))
+    assert fallback.conformal_source == "val" and fallback.mean_set_size == pytest.approx(2.0)
 
 
 def test_interpolated_quantile_by_hand_and_its_coverage_on_exchangeable_scores():
@@ -486,7 +488,7 @@ def cases_with_one_triangle_mass_scan(tmp_path: Path) -> Path:
 def sample_support_and_queries(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The demo cases' support images ``(15, 1, s, s)``, their labels ``(15,)`` (conditions in
     folder order) and the query images, read as ``adapt`` reads them."""
-    from medmeta.adapt import discover_cases
+    from medmeta.adaptation import discover_cases
     from medmeta.data.reading import Preprocessing, ScanReader
 
     reader = ScanReader(Preprocessing(image_size=image_size, channels=1))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medmeta.adapt import adapt
+from medmeta.adaptation import adapt
 from medmeta.backbones import create_backbone
 from medmeta.checkpoint import build_learner, load_checkpoint, save_checkpoint
 from medmeta.methods import create_method, list_methods

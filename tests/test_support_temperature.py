@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from medmeta.calibration import SupportTemperature, TemperatureScaler, expected_calibration_error, softmax
-from medmeta.evaluation import EpisodeOutputs, calibrate_episodes, summarize
+from medmeta.evaluation import EpisodeOutputs, summarize
+from medmeta.pipeline import PredictionSetStep, TemperatureStep
 
 
 def test_posterior_and_probabilities_by_hand_on_a_three_point_grid():
@@ -88,25 +89,25 @@ def _outputs(with_support: bool = True) -> EpisodeOutputs:
 
 def test_summarize_updates_the_temperature_per_episode():
     outputs = _outputs()
-    stats = summarize(outputs, temperature=1.5, temperature_source="support", prior_sigma=0.5)
+    stats = summarize(outputs, TemperatureStep(1.5, "support", prior_sigma=0.5))
     fits = [SupportTemperature(1.5, 0.5).fit(sl, sy) for sl, sy in zip(outputs.support_logits, outputs.support_labels)]
     probs = np.concatenate([f.predict_proba(lg) for f, lg in zip(fits, outputs.logits)])
     labels = np.concatenate(outputs.labels)
-    assert stats["temperature_source"] == "support" and stats["temperature_prior_sigma"] == 0.5
-    assert stats["ece_after"] == pytest.approx(expected_calibration_error(probs, labels))
-    assert stats["nll_after"] == pytest.approx(-np.log(probs[np.arange(12), labels]).mean())
-    assert stats["support_temperature_mean"] == pytest.approx(math.sqrt(fits[0].temperature_ * fits[1].temperature_))
+    assert stats.temperature_source == "support" and stats.temperature_prior_sigma == 0.5
+    assert stats.ece_after == pytest.approx(expected_calibration_error(probs, labels))
+    assert stats.nll_after == pytest.approx(-np.log(probs[np.arange(12), labels]).mean())
+    assert stats.support_temperature_mean == pytest.approx(math.sqrt(fits[0].temperature_ * fits[1].temperature_))
     # accuracy and the "before" figures do not depend on the calibration
     val = summarize(outputs, temperature=1.5)
-    assert val["temperature_source"] == "val" and val["support_temperature_mean"] is None
-    assert val["accuracy"] == stats["accuracy"] and val["ece_before"] == stats["ece_before"]
-    assert val["ece_after"] == pytest.approx(expected_calibration_error(softmax(np.concatenate(outputs.logits) / 1.5), labels))
+    assert val.temperature_source == "val" and val.support_temperature_mean is None
+    assert val.accuracy == stats.accuracy and val.ece_before == stats.ece_before
+    assert val.ece_after == pytest.approx(expected_calibration_error(softmax(np.concatenate(outputs.logits) / 1.5), labels))
     # spread 0 is the validation temperature; without leave-one-out logits it falls back to val
-    assert summarize(outputs, 1.5, temperature_source="support", prior_sigma=0.0)["ece_after"] == pytest.approx(val["ece_after"])
-    fallback = summarize(_outputs(with_support=False), 1.5, temperature_source="support")
-    assert fallback["temperature_source"] == "val" and fallback["ece_after"] == pytest.approx(val["ece_after"])
+    assert summarize(outputs, TemperatureStep(1.5, "support", prior_sigma=0.0)).ece_after == pytest.approx(val.ece_after)
+    fallback = summarize(_outputs(with_support=False), TemperatureStep(1.5, "support"))
+    assert fallback.temperature_source == "val" and fallback.ece_after == pytest.approx(val.ece_after)
     with pytest.raises(ValueError, match="temperature_source"):
-        calibrate_episodes(outputs, 1.5, "test")
+        TemperatureStep(1.5, "test")
 
 
 def test_support_sets_are_calibrated_on_the_updated_support_probabilities():
@@ -114,20 +115,20 @@ def test_support_sets_are_calibrated_on_the_updated_support_probabilities():
 
     outputs = _outputs()
     template = ConformalPredictor.from_dict({"score": "lac", "coverage": 0.8, "threshold": 0.5})
-    stats = summarize(outputs, 1.5, conformal=template, conformal_source="support", temperature_source="support")
+    stats = summarize(outputs, TemperatureStep(1.5, "support"), PredictionSetStep(template, "support"))
     sizes = []
     for lg, sl, sy in zip(outputs.logits, outputs.support_logits, outputs.support_labels):
         fitted = SupportTemperature(1.5).fit(sl, sy)
         sets = episode_conformal(template, fitted.predict_proba(sl), sy).predict_sets(fitted.predict_proba(lg))
         sizes.append(sets.sum(axis=1))
-    assert stats["mean_set_size"] == pytest.approx(np.concatenate(sizes).mean())
+    assert stats.mean_set_size == pytest.approx(np.concatenate(sizes).mean())
 
 
 # ---- adapt ---------------------------------------------------------------------------------------
 def test_adapt_with_support_updated_temperature(tmp_path):
     from test_conformal_referral import CALIBRATED, SAMPLE_CASES, _checkpoint, sample_support_and_queries
 
-    from medmeta.adapt import adapt, predict_cases
+    from medmeta.adaptation import adapt, predict_cases
     from medmeta.checkpoint import build_learner, load_checkpoint
     from medmeta.leave_one_out import leave_one_out
 
@@ -155,7 +156,7 @@ def test_adapt_with_support_updated_temperature(tmp_path):
 def test_adapt_support_temperature_falls_back_with_one_scan(tmp_path):
     from test_conformal_referral import CALIBRATED, _checkpoint, cases_with_one_triangle_mass_scan
 
-    from medmeta.adapt import adapt
+    from medmeta.adaptation import adapt
 
     cases = cases_with_one_triangle_mass_scan(tmp_path)
     result = adapt(_checkpoint(tmp_path, CALIBRATED), cases, device="cpu", temperature_source="support")

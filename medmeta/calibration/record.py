@@ -10,6 +10,7 @@ benchmarks read back. Its JSON layout is the one checkpoints have always had, pl
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -83,6 +84,7 @@ class CalibrationRecord:
         method: ``"temperature"`` once fitted, ``"none"`` before (temperature 1).
         temperature: divides the logits before the softmax (positive, finite).
         fitted_on: which episodes the fit used, in words.
+        shot: support scans per class in those episodes (None: not recorded).
         n_bins: bins of the ECE figures below.
         ece_*: ECE before/after scaling on the fitting episodes and on held-out val episodes.
         conformal: the fitted :class:`ConformalPredictor`, or None (checkpoint without sets).
@@ -94,6 +96,7 @@ class CalibrationRecord:
     method: str = "none"
     temperature: float = 1.0
     fitted_on: str | None = None
+    shot: int | None = None
     n_bins: int = 15
     ece_before_fit_episodes: float | None = None
     ece_after_fit_episodes: float | None = None
@@ -133,7 +136,7 @@ class CalibrationRecord:
             "method": self.method,
             "temperature": self.temperature,
         }
-        for name in ("fitted_on", "ece_before_fit_episodes", "ece_after_fit_episodes", "ece_before_val", "ece_after_val"):
+        for name in ("fitted_on", "shot", "ece_before_fit_episodes", "ece_after_fit_episodes", "ece_before_val", "ece_after_val"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value if not isinstance(value, float) or math.isfinite(value) else None
@@ -188,10 +191,17 @@ class CalibrationRecord:
         if options is not None and not isinstance(options, dict):
             raise CalibrationError("calibration method_options must be a mapping")
         fitted_on = data.get("fitted_on")
+        shot = data.get("shot")
+        if shot is not None and (isinstance(shot, bool) or not isinstance(shot, int) or shot < 1):
+            raise CalibrationError(f"calibration shot must be a positive integer, got {shot!r}")
+        if shot is None and isinstance(fitted_on, str):  # records before the field: "... (2-way 5-shot)"
+            found = re.search(r"(\d+)-shot", fitted_on)
+            shot = int(found.group(1)) if found else None
         return cls(
             method=method,
             temperature=temperature,
             fitted_on=str(fitted_on) if fitted_on is not None else None,
+            shot=shot,
             n_bins=n_bins,
             conformal=conformal,
             conformal_evidence=evidence,

@@ -18,7 +18,9 @@ image_size)`` with intensities in ``[0, 1]``:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,7 +157,7 @@ class ScanReader:
                 warnings.simplefilter("ignore")
                 image = self._loaders[fmt](str(path))
         except Exception as exc:  # every decoder failure becomes one clear line
-            raise ScanReadError(path, f"cannot decode as {fmt}: {_first_line(exc)}") from None
+            raise ScanReadError(path, f"cannot decode as {fmt}: {_whole_reason(exc)}{_codec_hint(fmt, exc)}") from None
         array = np.asarray(image, dtype=np.float32)
         if info is not None:
             array = _dicom_to_chw(array, info)
@@ -200,7 +202,7 @@ def _dicom_header(path: Path) -> _DicomInfo:
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception as exc:
-        raise ScanReadError(path, f"not a readable DICOM file: {_first_line(exc)}") from None
+        raise ScanReadError(path, f"not a readable DICOM file: {_whole_reason(exc)}") from None
     if "PixelData" not in header and not hasattr(header, "Rows"):
         raise ScanReadError(path, "DICOM file has no image (no Rows/PixelData)")
     modality = str(getattr(header, "Modality", "")).upper()
@@ -270,6 +272,38 @@ def _to_channels(array: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"unsupported channel count {channels} (use 1 or 3)")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+#: The optional extra that installs pydicom's pixel-data codecs (pyproject.toml).
+DICOM_CODECS_EXTRA = 'pip install "medmeta[dicom-codecs]"'
+#: The modules the extra installs: pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg.
+_CODEC_MODULES = ("pylibjpeg", "libjpeg", "openjpeg")
+# pydicom's words when no installed plugin/handler can decode compressed pixel data
+# (pydicom 3: "... all plugins are missing dependencies: ...", "... exceptions were raised by all
+# available plugins: ..."; pydicom 2: "... missing required dependencies ...", "No available image
+# handler could decode ...").
+_CODEC_FAILURE = re.compile(
+    r"missing (required )?dependencies|no available (image |pixel data )?handler|all available plugins"
+    r"|unable to decompress|requires? (gdcm|pylibjpeg)",
+    re.IGNORECASE,
+)
+
+
+def _whole_reason(exc: BaseException) -> str:
+    """An exception's whole message on one line: each line stripped, lines joined by ``"; "``
+    (a space after a line that ends in ``:``, ``;``, ``,`` or ``.``), nothing cut off."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    for line in lines[1:]:
+        text += (" " if text.endswith((":", ";", ",", ".")) else "; ") + line
+    return text
+
+
+def _codec_hint(fmt: str, exc: BaseException) -> str:
+    """For DICOM pixel data that no installed codec can decode (JPEG, JPEG-LS, JPEG 2000 without
+    pylibjpeg/gdcm): which extra to install; ``""`` for any other failure."""
+    if fmt != "dicom" or not _CODEC_FAILURE.search(str(exc)):
+        return ""
+    if all(importlib.util.find_spec(name) is not None for name in _CODEC_MODULES):
+        return ""  # the extra is installed: the data itself is the problem
+    return f" (the DICOM pixel-data codecs are not installed: {DICOM_CODECS_EXTRA})"

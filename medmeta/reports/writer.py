@@ -1,6 +1,8 @@
 """Batch diagnosis reports: ``predictions.csv``, ``report.json``, ``report.html``, ``rejected.csv``.
 
-Every file is written atomically; the HTML page is self-contained (thumbnails inlined as PNG
+The batch's files are written into a temporary folder that replaces ``--out`` only when all of
+them are complete (:func:`medmeta.io.atomic_folder`): a run never mixes with an older one, and
+a failed run leaves older reports exactly as they were. The HTML page is self-contained (thumbnails inlined as PNG
 data URIs, no external URLs) and rendered by Jinja2 with autoescaping on.
 
 ``predictions.csv`` columns: ``path``, ``predicted``, one ``p_<condition>`` per condition,
@@ -22,8 +24,8 @@ import numpy as np
 import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from medmeta.adapt import AdaptResult
-from medmeta.io import atomic_path, atomic_write_json, atomic_write_text, json_safe
+from medmeta.adaptation import AdaptResult
+from medmeta.io import atomic_folder, atomic_path, atomic_write_json, atomic_write_text, json_safe
 
 REPORT_FILES = ("predictions.csv", "report.json", "report.html", "rejected.csv")
 
@@ -34,10 +36,15 @@ def write_rejected(out_dir: str | Path, rejected: list[tuple[str, str]]) -> Path
     return path
 
 
-def write_reports(result: AdaptResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write all four report files into ``out_dir``; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def write_reports(result: AdaptResult, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Write all four report files as one new ``out_dir``; returns their paths. An existing
+    non-empty ``out_dir`` is refused unless ``overwrite`` (then it is replaced as a whole)."""
+    with atomic_folder(out_dir, overwrite) as tmp:
+        _write_all(result, tmp)
+    return {name: Path(out_dir) / name for name in REPORT_FILES}
+
+
+def _write_all(result: AdaptResult, out: Path) -> None:
     paths = {name: out / name for name in REPORT_FILES}
     write_rejected(out, result.rejected)
     has_sets = result.metadata.get("conformal") is not None
@@ -65,7 +72,6 @@ def write_reports(result: AdaptResult, out_dir: str | Path) -> dict[str, Path]:
     _write_csv(paths["predictions.csv"], header, rows)
     atomic_write_json(paths["report.json"], report_dict(result))
     atomic_write_text(paths["report.html"], render_html(result))
-    return paths
 
 
 def report_dict(result: AdaptResult) -> dict[str, Any]:

@@ -1,0 +1,315 @@
+"""Adapting a trained model to a handful of labelled scans and diagnosing a batch of cases.
+
+Cases folder layout::
+
+    cases/
+      support/<condition name>/<scans>     the labelled scans (any depth below the condition)
+      query/<scans or patient folders>     the unlabelled cases to diagnose
+
+Unreadable files are reported (``rejected.csv``) and skipped; one bad scan never stops a batch.
+
+:func:`adapt` is short orchestration of :mod:`medmeta.pipeline`: read the cases, fit the
+head to the support, calibrate (temperature from val or updated by the support), build the
+conformal prediction sets, decide referrals. Besides temperature-scaled probabilities, every
+case gets its prediction set (the conditions compatible with the scan at the target
+coverage), a referral flag with its reasons (a set that is not a single condition, or a scan
+far from the support scans), and, when every condition has at least two support scans, a
+stability value: the largest change of any of its probabilities when one support scan is left
+out. See ``docs/calibration.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import medmeta
+from medmeta.calibration import TEMPERATURE_PRIOR_SIGMA, check_conformal_source, check_temperature_source, expected_calibration_error
+from medmeta.leave_one_out import leave_one_out
+from medmeta.pipeline import AdaptationPipeline, Diagnosis, LearnerHead
+from medmeta.pipeline.cases import CaseBatch, cases_from_arrays, discover_cases, read_cases, read_labels
+
+__all__ = ["AdaptResult", "CaseResult", "adapt", "adapt_arrays", "discover_cases", "read_labels", "score"]
+
+
+@dataclass
+class CaseResult:
+    """One diagnosed case. ``probabilities`` are temperature-scaled, in ``conditions`` order.
+
+    ``prediction_set`` is None when the checkpoint has no conformal calibration;
+    ``stability_max_change`` is None when some condition has a single support scan (or the
+    check was switched off)."""
+
+    path: str
+    predicted: str
+    probabilities: list[float]
+    sha256: str
+    distance: float
+    image: torch.Tensor = field(repr=False)
+    label: str | None = None
+    prediction_set: list[str] | None = None
+    refer: bool = False
+    refer_reason: str = ""
+    stability_max_change: float | None = None
+
+
+@dataclass
+class AdaptResult:
+    """A diagnosed batch: the conditions (support folder names), one :class:`CaseResult` per
+    readable case, ``(path, reason)`` of every unreadable file, the support scans read per
+    condition, run ``metadata`` (what report.json records), and with labels the ``metrics``
+    of :func:`score` and the label paths that matched no case (``unmatched_labels``).
+    ``probabilities`` is ``(n_cases, n_conditions)``, the cases' rows stacked."""
+
+    conditions: list[str]
+    cases: list[CaseResult]
+    rejected: list[tuple[str, str]]
+    support: dict[str, list[dict[str, str]]]
+    metadata: dict[str, Any]
+    metrics: dict[str, Any] | None = None
+    probabilities: np.ndarray | None = field(default=None, repr=False)
+    unmatched_labels: list[str] = field(default_factory=list)
+
+
+def adapt(
+    checkpoint,
+    cases_dir: str | Path,
+    labels: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    stability: bool = True,
+    conformal_source: str = "val",
+    temperature_source: str = "val",
+    prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
+) -> AdaptResult:
+    """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``.
+
+    ``checkpoint`` is a run folder, ``NAME.json``/``NAME.safetensors``, or a
+    :class:`~medmeta.run.LoadedRun` from :func:`medmeta.load_run` (loaded once, reused).
+    With ``stability`` (and at least two support scans per condition) the support is refitted
+    once per support scan, without it, to measure each case's leave-one-out stability.
+
+    ``conformal_source`` says where the prediction sets' threshold comes from: ``"val"``, the
+    one fitted on validation conditions and stored in the checkpoint; ``"support"``, one fitted
+    on this support's own leave-one-out predictions (same score and coverage; needs two support
+    scans per condition, else the checkpoint's is used and a note says so; see
+    :func:`medmeta.calibration.episode_conformal`).
+
+    ``temperature_source`` likewise: ``"val"``, the checkpoint's temperature; ``"support"``, the
+    checkpoint's temperature updated by this support's leave-one-out predictions (prior spread
+    ``prior_sigma`` in log temperature; see :class:`medmeta.calibration.SupportTemperature`);
+    with one scan of some condition the checkpoint's is used and a note says so.
+    """
+    options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma)
+    run = _as_run(checkpoint, device)
+    batch = read_cases(cases_dir, run.reader)
+    result = _diagnose(run, batch, options, cases_dir=str(Path(cases_dir).resolve()))
+    if labels:
+        _attach_labels(result, read_labels(labels))
+    return result
+
+
+def adapt_arrays(
+    checkpoint,
+    support: dict[str, Sequence[np.ndarray | torch.Tensor]],
+    query: Sequence[np.ndarray | torch.Tensor],
+    labels: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    device: str = "auto",
+    **options: Any,
+) -> AdaptResult:
+    """:func:`adapt` on in-memory scans: ``support`` maps each condition to its images and
+    ``query`` lists the cases (2D arrays or tensors ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``,
+    preprocessed as files are); ``labels`` optionally gives each case's true condition (to
+    score the batch), ``names`` how reports call the cases. ``options`` are :func:`adapt`'s
+    (``stability``, ``conformal_source``, ``temperature_source``, ``prior_sigma``, ``batch_size``)."""
+    run = _as_run(checkpoint, device)
+    batch = cases_from_arrays(support, query, run.reader, names)
+    result = _diagnose(run, batch, _Options(**options), cases_dir=None)
+    if labels is not None:
+        if len(labels) != len(query):
+            raise medmeta.MedmetaError(f"{len(labels)} labels for {len(query)} cases")
+        _attach_labels(result, dict(zip(batch.query_paths, labels)))
+    return result
+
+
+@dataclass
+class _Options:
+    batch_size: int = 64
+    stability: bool = True
+    conformal_source: str = "val"
+    temperature_source: str = "val"
+    prior_sigma: float = TEMPERATURE_PRIOR_SIGMA
+
+    def __post_init__(self) -> None:
+        check_conformal_source(self.conformal_source)
+        check_temperature_source(self.temperature_source)
+
+
+def _as_run(checkpoint, device: str):
+    from medmeta.run import LoadedRun, load_run
+
+    return checkpoint if isinstance(checkpoint, LoadedRun) else load_run(checkpoint, device)
+
+
+def _diagnose(run, batch: CaseBatch, options: _Options, cases_dir: str | None) -> AdaptResult:
+    pipeline = AdaptationPipeline.from_run(
+        run, options.temperature_source, options.conformal_source, options.prior_sigma, options.stability, options.batch_size
+    )
+    diagnosis = pipeline(batch.task)
+    task, conditions = batch.task, batch.task.conditions
+    sets = diagnosis.sets.sets
+    cases = [
+        CaseResult(
+            path=path, predicted=conditions[int(p.argmax())], probabilities=[float(x) for x in p], sha256=digest,
+            distance=float(d), image=image,
+            prediction_set=[c for c, inside in zip(conditions, sets[i]) if inside] if sets is not None else None,
+            refer=bool(diagnosis.referral.refer[i]), refer_reason=diagnosis.referral.reasons[i],
+            stability_max_change=float(diagnosis.logits.max_change[i]) if diagnosis.logits.max_change is not None else None,
+        )
+        for i, (path, digest, image, p, d) in enumerate(
+            zip(batch.query_paths, batch.query_sha256, task.query_images, diagnosis.probabilities.query, diagnosis.logits.distances)
+        )
+    ]
+    metadata = _metadata(run, batch, diagnosis, options, cases_dir)
+    return AdaptResult(list(conditions), cases, batch.rejected, batch.support, metadata, probabilities=diagnosis.probabilities.query)
+
+
+def _metadata(run, batch: CaseBatch, diagnosis: Diagnosis, options: _Options, cases_dir: str | None) -> dict[str, Any]:
+    calibration, probs, sets = run.calibration, diagnosis.probabilities, diagnosis.sets
+    refits = len(batch.task.support_labels) if diagnosis.logits.max_change is not None else 0
+    return {
+        "medmeta_version": medmeta.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(run.checkpoint.path),
+        "checkpoint_sha256": run.checkpoint.sha256,
+        "method": run.method,
+        "backbone": run.backbone,
+        "temperature": calibration.temperature,
+        "temperature_source": probs.source,
+        "support_temperature": probs.temperature if probs.source == "support" else None,
+        "temperature_prior_sigma": options.prior_sigma if probs.source == "support" else None,
+        "conformal": {**sets.predictor.to_dict(), "source": sets.source} if sets.predictor is not None else None,
+        "referral": None
+        if calibration.referral is None and sets.predictor is None
+        else {
+            # None when nothing is flagged on distance (no distance, no threshold, or share 0)
+            "distance_threshold": calibration.referral.distance_threshold if calibration.referral is not None else None,
+            "share": calibration.referral.share if calibration.referral is not None else None,
+        },
+        "stability": {
+            "computed": diagnosis.logits.max_change is not None,
+            "min_support_scans_per_condition": min(len(scans) for scans in batch.support.values()),
+            "refits": refits,
+        },
+        "notes": run.checkpoint.calibration_notes() + _notes(batch, diagnosis, options, calibration.temperature),
+        "preprocessing": run.preprocessing.to_dict(),
+        "cases_dir": cases_dir,
+        "device": str(run.device),
+    }
+
+
+def _notes(batch: CaseBatch, diagnosis: Diagnosis, options: _Options, temperature: float) -> list[str]:
+    """What the report must say about how this batch was calibrated and what was not computed."""
+    n_support, notes = len(batch.task.support_labels), []
+    single = ", ".join(c for c, scans in batch.support.items() if len(scans) < 2)
+    probs, sets = diagnosis.probabilities, diagnosis.sets
+    if probs.source == "support":
+        notes.append(
+            f"Probabilities use the validation temperature {temperature:.3g} updated by this support's own "
+            f"leave-one-out predictions ({n_support} scans; posterior temperature {probs.temperature:.3g}, "
+            f"prior spread {options.prior_sigma:g} in log temperature)."
+        )
+    if sets.source == "support":
+        notes.append(
+            f"Prediction sets are calibrated on this support's own leave-one-out predictions "
+            f"({n_support} scans, threshold {sets.predictor.threshold_:.3f}), not on the validation conditions."
+        )
+    if probs.fell_back:
+        notes.append(
+            f"Probabilities use the validation temperature: updating it by the support needs two support scans "
+            f"per condition and {single} have one."
+        )
+    if sets.fell_back:
+        notes.append(
+            f"Prediction sets use the validation-calibrated threshold: support calibration needs two support scans "
+            f"per condition and {single} have one."
+        )
+    if not options.stability:
+        notes.append("Leave-one-out stability was not computed (switched off).")
+    elif diagnosis.logits.max_change is None:
+        notes.append(
+            f"Leave-one-out stability was not computed: condition(s) {single} have a single support scan "
+            "(leaving it out would remove the condition)."
+        )
+    return notes
+
+
+def _attach_labels(result: AdaptResult, label_map: dict[str, str]) -> None:
+    for case in result.cases:
+        case.label = label_map.get(case.path)
+    result.unmatched_labels = sorted(set(label_map) - {case.path for case in result.cases})
+    result.metrics = score(result, result.probabilities)
+
+
+@torch.no_grad()
+def predict_cases(
+    learner,
+    support_images: torch.Tensor,
+    support_labels: torch.Tensor,
+    query_images: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit ``learner`` to the support (``(n_support, C, H, W)`` images, ``(n_support,)`` labels)
+    and predict ``query_images`` ``(n_query, C, H, W)`` in batches: logits ``(n_query, n_way)``
+    and support distances ``(n_query,)``, float64 on the CPU (the pipeline's head step)."""
+    from medmeta.pipeline import Task
+
+    n_way = int(support_labels.max()) + 1
+    task = Task(support_images, support_labels, query_images, [str(i) for i in range(n_way)])
+    logits = LearnerHead(learner, device, batch_size)(task)
+    return logits.query, logits.distances
+
+
+def leave_one_out_stability(
+    learner,
+    support_images: torch.Tensor,
+    support_labels: torch.Tensor,
+    query_images: torch.Tensor,
+    temperature: float = 1.0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> np.ndarray:
+    """``(n_query,)``: for each query, the largest absolute change of any temperature-scaled class
+    probability when one support scan is left out (see :func:`medmeta.leave_one_out.leave_one_out`;
+    at least two support scans per class). The learner is left fitted to the last refit."""
+    return leave_one_out(learner, support_images, support_labels, query_images, temperature, device, batch_size).max_change
+
+
+def score(result: AdaptResult, probs: np.ndarray) -> dict[str, Any]:
+    """Accuracy and ECE (15 bins) over the cases that have a label naming a support condition;
+    with prediction sets, their coverage and mean size; the referral rate and the accuracy of
+    the cases not referred."""
+    index = {c: i for i, c in enumerate(result.conditions)}
+    labelled = [(i, index[case.label]) for i, case in enumerate(result.cases) if case.label in index]
+    unknown = sorted({case.label for case in result.cases if case.label is not None and case.label not in index})
+    metrics: dict[str, Any] = {"n_labelled": len(labelled), "unknown_labels": unknown}
+    if labelled:
+        rows, targets = np.array([i for i, _ in labelled]), np.array([t for _, t in labelled])
+        metrics["accuracy"] = float((probs[rows].argmax(1) == targets).mean())
+        metrics["ece"] = expected_calibration_error(probs[rows], targets, n_bins=15)
+        cases = [result.cases[i] for i in rows]
+        if all(case.prediction_set is not None for case in cases):
+            metrics["coverage"] = float(np.mean([case.label in case.prediction_set for case in cases]))
+            metrics["mean_set_size"] = float(np.mean([len(case.prediction_set) for case in cases]))
+        kept = [case for case in cases if not case.refer]
+        metrics["referral_rate"] = 1.0 - len(kept) / len(cases)
+        metrics["accuracy_not_referred"] = float(np.mean([case.predicted == case.label for case in kept])) if kept else None
+    return metrics

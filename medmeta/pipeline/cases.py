@@ -1,0 +1,154 @@
+"""Read step: a cases folder (or in-memory arrays) -> a :class:`~medmeta.pipeline.Task`.
+
+Cases folder layout::
+
+    cases/
+      support/<condition name>/<scans>     the labelled scans (any depth below the condition)
+      query/<scans or patient folders>     the unlabelled cases to diagnose
+
+Unreadable files are collected as ``(path, reason)`` pairs and skipped; one bad scan never
+stops a batch.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medmeta.errors import CasesError, ScanReadError
+from medmeta.io import sha256_file
+from medmeta.pipeline.task import Task
+
+
+@dataclass
+class CaseBatch:
+    """A read batch: the task, and what reports need to name its scans.
+
+    Attributes:
+        task: support and query tensors, condition names from the folder names.
+        query_paths: ``(n_query,)`` path of each case relative to the cases folder.
+        query_sha256: ``(n_query,)`` sha256 of each case file ("" for in-memory cases).
+        support: ``{condition: [{"path", "sha256"}]}`` of the support scans that were read.
+        rejected: ``(path, reason)`` of every file that could not be read.
+    """
+
+    task: Task
+    query_paths: list[str]
+    query_sha256: list[str]
+    support: dict[str, list[dict[str, str]]]
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _is_visible_file(path: Path, root: Path) -> bool:
+    return path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def discover_cases(cases_dir: str | Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """``({condition: [support files]}, [query files])``, checking the layout."""
+    root = Path(cases_dir)
+    if not root.is_dir():
+        raise CasesError(f"{root}: cases folder not found")
+    support_dir, query_dir = root / "support", root / "query"
+    if not support_dir.is_dir():
+        raise CasesError(f"{root}: no 'support/' folder (expected support/<condition>/<scans>)")
+    if not query_dir.is_dir():
+        raise CasesError(f"{root}: no 'query/' folder with the cases to diagnose")
+    support = {
+        d.name: sorted(p for p in d.rglob("*") if _is_visible_file(p, d))
+        for d in sorted(support_dir.iterdir())
+        if d.is_dir() and not d.name.startswith(".")
+    }
+    empty = [name for name, files in support.items() if not files]
+    if empty:
+        raise CasesError(f"{support_dir}: condition folder(s) with no files: {', '.join(empty)}")
+    if len(support) < 2:
+        raise CasesError(f"{support_dir}: need at least 2 condition folders, found {len(support)}")
+    query = sorted(p for p in query_dir.rglob("*") if _is_visible_file(p, query_dir))
+    if not query:
+        raise CasesError(f"{query_dir}: no cases to diagnose (the folder is empty)")
+    return support, query
+
+
+def read_labels(path: str | Path) -> dict[str, str]:
+    """``path,label`` CSV (paths relative to the cases folder) -> ``{path: label}``."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CasesError(f"{path}: cannot read labels CSV ({exc})") from None
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise CasesError(f"{path}: a labels CSV needs the columns 'path' and 'label'")
+    return {Path(r["path"].strip()).as_posix(): r["label"].strip() for r in rows if r.get("path")}
+
+
+def read_cases(cases_dir: str | Path, reader) -> CaseBatch:
+    """Read ``cases_dir`` with ``reader`` (a :class:`~medmeta.data.ScanReader`). Stops with a
+    :class:`CasesError` (carrying the rejected files) only when a condition has no readable
+    support scan or no case can be read."""
+    root = Path(cases_dir)
+    support_files, query_files = discover_cases(root)
+    rejected: list[tuple[str, str]] = []
+    rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+
+    def read(path: Path) -> torch.Tensor | None:
+        try:
+            return reader(path)
+        except ScanReadError as exc:
+            rejected.append((rel(path), exc.reason))
+            return None
+
+    images, labels, support = [], [], {}
+    for index, (condition, files) in enumerate(support_files.items()):
+        support[condition] = []
+        for path in files:
+            image = read(path)
+            if image is not None:
+                images.append(image)
+                labels.append(index)
+                support[condition].append({"path": rel(path), "sha256": sha256_file(path)})
+    unusable = [c for c, scans in support.items() if not scans]
+    if unusable:
+        raise CasesError(f"{root / 'support'}: no readable scan for condition(s) {', '.join(unusable)}", rejected)
+    queries = [(path, image) for path in query_files if (image := read(path)) is not None]
+    if not queries:
+        raise CasesError(f"{root / 'query'}: none of the {len(query_files)} case file(s) could be read", rejected)
+    task = Task(torch.stack(images), torch.tensor(labels), torch.stack([img for _, img in queries]), list(support_files))
+    return CaseBatch(task, [rel(p) for p, _ in queries], [sha256_file(p) for p, _ in queries], support, rejected)
+
+
+def cases_from_arrays(
+    support: dict[str, Sequence[np.ndarray | torch.Tensor]],
+    query: Sequence[np.ndarray | torch.Tensor],
+    reader,
+    names: Sequence[str] | None = None,
+) -> CaseBatch:
+    """The in-memory counterpart of :func:`read_cases`: ``support`` maps each condition to its
+    scans and ``query`` lists the cases, each a 2D array ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``
+    with C in 1, 3, 4 (a tensor is taken as its array), preprocessed by ``reader`` exactly as
+    files are. ``names`` labels the cases in reports (default ``case_0``, ``case_1``, ...)."""
+    if len(support) < 2:
+        raise CasesError(f"need at least 2 conditions in the support, got {len(support)}")
+    names = list(names) if names is not None else [f"case_{i}" for i in range(len(query))]
+    if len(names) != len(query):
+        raise CasesError(f"{len(names)} case names for {len(query)} cases")
+    if not len(query):
+        raise CasesError("no cases to diagnose")
+    as_array = lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)  # noqa: E731
+    images, labels, info = [], [], {}
+    for index, (condition, scans) in enumerate(support.items()):
+        if not len(scans):
+            raise CasesError(f"condition {condition!r} has no support scan")
+        info[condition] = []
+        for j, scan in enumerate(scans):
+            images.append(reader(as_array(scan), name=f"support/{condition}/{j}"))
+            labels.append(index)
+            info[condition].append({"path": f"support/{condition}/{j}", "sha256": ""})
+    query_images = torch.stack([reader(as_array(x), name=n) for x, n in zip(query, names)])
+    task = Task(torch.stack(images), torch.tensor(labels), query_images, list(support))
+    return CaseBatch(task, names, [""] * len(names), info)

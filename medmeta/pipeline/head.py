@@ -1,0 +1,70 @@
+"""Head fit on the support -> logits: the learner's own adaptation, plus leave-one-out refits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medmeta.leave_one_out import leave_one_out
+from medmeta.pipeline.task import Task
+
+
+@dataclass
+class Logits:
+    """Output of a head.
+
+    Attributes:
+        query: ``(n_query, n_way)`` float64 logits of the cases, from the fit on the full support.
+        distances: ``(n_query,)`` distance of each case to the support (NaN: the method has none).
+        support_held_out: ``(n_support, n_way)`` each support scan's logits from the fit without
+            it (see :mod:`medmeta.leave_one_out`), or None when not asked for or impossible (a
+            condition with one scan).
+        max_change: ``(n_query,)`` leave-one-out stability of each case (largest change of any
+            probability at ``temperature``), or None.
+    """
+
+    query: np.ndarray
+    distances: np.ndarray
+    support_held_out: np.ndarray | None = None
+    max_change: np.ndarray | None = None
+
+
+class LearnerHead:
+    """Adapts a :class:`~medmeta.methods.MetaLearner` to a task's support and scores its cases.
+
+    Contract of a head: ``head(task, held_out=..., stability=..., temperature=...) -> Logits``,
+    in evaluation mode, never changing the learner's weights. ``batch_size`` cases are scored at
+    a time (None: all at once). The learner must already be on ``device``; tensors are moved
+    there here (device handling stays at this edge, not in the methods).
+    """
+
+    def __init__(self, learner, device: torch.device | str = "cpu", batch_size: int | None = 64):
+        self.learner = learner
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, task: Task, held_out: bool = False, stability: bool = False, temperature: float = 1.0) -> Logits:
+        """``held_out``: also the support's leave-one-out logits; ``stability``: also each
+        case's leave-one-out stability. Both need two support scans per condition and are
+        left None otherwise."""
+        support = task.support_images.to(self.device)
+        labels = task.support_labels.to(self.device)
+        self.learner.fit_support(support, labels)
+        size = self.batch_size or max(1, len(task.query_images))
+        logits, distances = [], []
+        for start in range(0, len(task.query_images), size):
+            batch = task.query_images[start : start + size].to(self.device)
+            logits.append(self.learner.predict_query(batch).double().cpu())
+            distances.append(self.learner.support_distance(batch).double().cpu())
+        out = Logits(torch.cat(logits).numpy(), torch.cat(distances).numpy())
+        if (held_out or stability) and task.has_two_per_condition():
+            loo = leave_one_out(
+                self.learner, support, labels, task.query_images if stability else None, temperature, self.device,
+                self.batch_size or max(1, len(task.query_images)),
+            )
+            out.support_held_out = loo.support_logits if held_out else None
+            out.max_change = loo.max_change
+        return out

@@ -1,0 +1,89 @@
+"""The steps chained: one task in, one :class:`Diagnosis` out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medmeta.calibration import TEMPERATURE_PRIOR_SIGMA
+from medmeta.pipeline.head import LearnerHead, Logits
+from medmeta.pipeline.referral_step import Referral, ReferralStep
+from medmeta.pipeline.sets import PredictionSets, PredictionSetStep
+from medmeta.pipeline.task import Task
+from medmeta.pipeline.temperature import Probabilities, TemperatureStep
+
+
+@dataclass
+class Diagnosis:
+    """Everything the pipeline decided about one task's cases, step by step."""
+
+    conditions: list[str]
+    logits: Logits
+    probabilities: Probabilities
+    sets: PredictionSets
+    referral: Referral
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """``(n_query,)`` index of each case's most probable condition."""
+        return self.probabilities.query.argmax(1)
+
+
+class AdaptationPipeline:
+    """head -> temperature -> sets -> referral.
+
+    ``stability`` asks the head for each case's leave-one-out stability (``adapt``); held-out
+    support logits are asked for when a step needs them (support-calibrated temperature or
+    sets). Build one from a loaded run with :meth:`from_run`.
+    """
+
+    def __init__(
+        self,
+        head: LearnerHead,
+        temperature: TemperatureStep,
+        sets: PredictionSetStep,
+        referral: ReferralStep,
+        stability: bool = False,
+    ):
+        self.head = head
+        self.temperature = temperature
+        self.sets = sets
+        self.referral = referral
+        self.stability = stability
+
+    @classmethod
+    def from_run(
+        cls,
+        run,
+        temperature_source: str = "val",
+        conformal_source: str = "val",
+        prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
+        stability: bool = False,
+        batch_size: int | None = 64,
+    ) -> "AdaptationPipeline":
+        """The pipeline of a :class:`~medmeta.run.LoadedRun`, with the calibration its checkpoint stores."""
+        calibration = run.calibration
+        return cls(
+            LearnerHead(run.learner, run.device, batch_size),
+            TemperatureStep(calibration.temperature, temperature_source, prior_sigma),
+            PredictionSetStep(calibration.conformal, conformal_source),
+            ReferralStep(calibration.distance_threshold),
+            stability=stability,
+        )
+
+    @property
+    def needs_held_out(self) -> bool:
+        return self.temperature.needs_held_out or self.sets.needs_held_out
+
+    def __call__(self, task: Task) -> Diagnosis:
+        logits = self.head(task, held_out=self.needs_held_out, stability=self.stability, temperature=self.temperature.temperature)
+        return self.finish(task, logits)
+
+    def finish(self, task: Task, logits: Logits) -> Diagnosis:
+        """The steps after the head, for logits computed already."""
+        support_labels = task.support_labels.cpu().numpy()
+        probs = self.temperature(logits, support_labels)
+        sets = self.sets(probs, support_labels)
+        referral = self.referral(sets.sets, logits.distances, task.conditions)
+        return Diagnosis(list(task.conditions), logits, probs, sets, referral)

@@ -1,0 +1,118 @@
+"""Everything a trained run needs to be used again, from one call: :func:`load_run`.
+
+``adapt``, ``evaluate``, ``calibrate`` and the benchmarks all start the same way: load and
+verify the checkpoint, rebuild the learner on a device, rebuild the preprocessing the model
+was trained with, and (for episodes) load the protocol and draw seeded episodes from one of
+its splits. :class:`LoadedRun` holds the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported lazily: loading a run pulls in torch and MONAI
+    import torch
+
+    from medmeta.calibration import CalibrationRecord
+    from medmeta.checkpoint import Checkpoint
+    from medmeta.data import EpisodeSampler, ImageStore, Preprocessing, Protocol, ScanReader
+    from medmeta.methods import MetaLearner
+
+
+@dataclass
+class LoadedRun:
+    """A verified checkpoint with its learner (on ``device``, in evaluation mode), its
+    preprocessing and a scan reader for it. The protocol is loaded on first use (``adapt``
+    needs none); ``protocol_path`` overrides the one the checkpoint names."""
+
+    checkpoint: "Checkpoint"
+    learner: "MetaLearner"
+    preprocessing: "Preprocessing"
+    reader: "ScanReader"
+    device: "torch.device"
+    protocol_path: str | None = None
+    _protocol: "Protocol | None" = field(default=None, repr=False)
+
+    @property
+    def calibration(self) -> "CalibrationRecord":
+        return self.checkpoint.calibration
+
+    @property
+    def method(self) -> str:
+        return str(self.checkpoint.meta["method"]["name"])
+
+    @property
+    def backbone(self) -> str:
+        return str(self.checkpoint.meta["backbone"]["name"])
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """The sidecar's training record (``{}`` when the checkpoint has none)."""
+        record = self.checkpoint.meta.get("training")
+        return record if isinstance(record, dict) else {}
+
+    @property
+    def protocol(self) -> "Protocol":
+        """The protocol (loaded once); :class:`ProtocolError` when neither the caller nor the
+        checkpoint names one."""
+        if self._protocol is None:
+            from medmeta.data import load_protocol
+            from medmeta.errors import ProtocolError
+
+            path = self.protocol_path or (self.checkpoint.meta.get("protocol") or {}).get("path")
+            if not path:
+                raise ProtocolError(f"{self.checkpoint.path}: the checkpoint names no protocol; pass --protocol")
+            self._protocol = load_protocol(path)
+        return self._protocol
+
+    def store(self) -> "ImageStore":
+        """A fresh decode-once image cache with this run's preprocessing."""
+        from medmeta.data import ImageStore
+
+        return ImageStore(self.reader)
+
+    def sampler(self, split: str, way: int, shot: int, query: int, seed: int) -> "EpisodeSampler":
+        """Seeded episodes of the protocol's ``split`` classes (counts checked first)."""
+        from medmeta.data import EpisodeSampler
+
+        self.protocol.check_counts(shot, query, splits=(split,))
+        return EpisodeSampler(self.protocol.split_records(split), way, shot, query, seed)
+
+
+def load_run(
+    checkpoint: str | Path,
+    device: str = "auto",
+    protocol: str | Path | None = None,
+    method_options: dict[str, Any] | None = None,
+) -> LoadedRun:
+    """Load the run at ``checkpoint`` (a run folder, ``NAME.json`` or ``NAME.safetensors``).
+
+    ``device`` is ``"auto"``, ``"cpu"`` or ``"cuda"``; ``protocol`` overrides the protocol the
+    checkpoint names; ``method_options`` replaces method hyperparameters that leave the weights
+    as they are (e.g. ``{"distance": "euclidean"}`` for ProtoNet) before the learner is built.
+    """
+    from medmeta.checkpoint import build_learner, load_checkpoint
+    from medmeta.data import Preprocessing, ScanReader
+    from medmeta.device import resolve_device
+    from medmeta.errors import CheckpointError
+
+    ckpt = load_checkpoint(checkpoint)
+    if method_options:
+        method = ckpt.meta["method"]
+        ckpt.meta["method"] = {**method, "hparams": {**method.get("hparams", {}), **method_options}}
+    torch_device = resolve_device(device)
+    learner = build_learner(ckpt).to(torch_device)
+    try:
+        preprocessing = Preprocessing.from_dict(ckpt.meta["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt.path}: invalid preprocessing record ({exc})") from None
+    return LoadedRun(
+        checkpoint=ckpt,
+        learner=learner,
+        preprocessing=preprocessing,
+        reader=ScanReader(preprocessing),
+        device=torch_device,
+        protocol_path=str(protocol) if protocol is not None else None,
+    )
