@@ -16,18 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from medmeta import load_run  # noqa: E402
 from medmeta.calibration import TemperatureScaler  # noqa: E402
-from medmeta.checkpoint import build_learner, load_checkpoint  # noqa: E402
-from medmeta.data.episodes import EpisodeSampler  # noqa: E402
-from medmeta.data.protocol import load_protocol  # noqa: E402
-from medmeta.data.reading import Preprocessing, ScanReader  # noqa: E402
-from medmeta.data.store import ImageStore  # noqa: E402
 from medmeta.evaluation import run_episodes, summarize  # noqa: E402
 from medmeta.io import atomic_write_json, json_safe  # noqa: E402
+from medmeta.pipeline import PredictionSetStep, TemperatureStep  # noqa: E402
 
 
 def main() -> None:
@@ -39,15 +34,13 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, action="append", default=None, help="prior spread(s) of log T [default: 0.5]")
     parser.add_argument("--out", default=None, help="JSON file for every row")
     args = parser.parse_args()
-    ckpt = load_checkpoint(args.checkpoint)
-    proto = load_protocol(ckpt.meta["protocol"]["path"])
+    run = load_run(args.checkpoint, device="cpu")
+    ckpt, proto = run.checkpoint, run.protocol
     episodes = args.episodes or proto.episodes.test_episodes
     way, query = proto.episodes.way, proto.episodes.query
-    learner = build_learner(ckpt)
-    store = ImageStore(ScanReader(Preprocessing.from_dict(ckpt.meta["preprocessing"])))
-    sampler = EpisodeSampler(proto.split_records("test"), way, args.shot, query, args.seed)
+    sampler = run.sampler("test", way, args.shot, query, args.seed)
     start = time.perf_counter()
-    outputs = run_episodes(learner, store, sampler, range(episodes), torch.device("cpu"), support_loo=args.shot >= 2)
+    outputs = run_episodes(run.learner, run.store(), sampler, range(episodes), run.device, support_loo=args.shot >= 2)
     seconds = time.perf_counter() - start
     method = ckpt.meta["method"]
     print(f"{method['name']} {method.get('hparams', {})} on {proto.name}: {episodes} {way}-way {args.shot}-shot test "
@@ -63,8 +56,9 @@ def main() -> None:
     print(f"  {'temperature':40s} {'sets':8s} {'ECE':>6s} {'NLL':>6s} {'Brier':>6s} {'coverage':>9s} {'size':>5s} {'referred':>8s} {'acc kept':>8s}")
     results = []
     for name, temperature, source, sigma, sets in rows:
-        stats = summarize(outputs, temperature, conformal=conformal, distance_threshold=distance,
-                          conformal_source=sets, temperature_source=source, prior_sigma=sigma)
+        stats = summarize(
+            outputs, TemperatureStep(temperature, source, sigma), PredictionSetStep(conformal, sets), distance
+        ).to_dict()
         results.append({"row": name, "sets_requested": sets, **stats})
         cov = "n/a" if stats["coverage"] is None else f"{stats['coverage']:.3f}"
         size = "n/a" if stats["mean_set_size"] is None else f"{stats['mean_set_size']:.2f}"

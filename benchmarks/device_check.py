@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medmeta.adaptation import adapt  # noqa: E402
-from medmeta.evaluation import evaluate_checkpoint  # noqa: E402
+from medmeta.evaluation import EvaluationSettings, evaluate_checkpoint  # noqa: E402
 from medmeta.methods import list_methods  # noqa: E402
 from medmeta.training import TrainConfig, train  # noqa: E402
 
@@ -47,7 +47,7 @@ def check_method(method: str, out: Path, episodes: int, device: str = "cuda") ->
     on_cpu = adapt(out / method, cases, labels=labels, device="cpu", stability=False)
     gpu_probs = np.array([c.probabilities for c in on_gpu.cases])
     cpu_probs = np.array([c.probabilities for c in on_cpu.cases])
-    evaluation = evaluate_checkpoint(out / method, episodes=20, shot=5, device=device, quiet=True)
+    evaluation = evaluate_checkpoint(out / method, EvaluationSettings(episodes=20, shot=5), device=device, quiet=True)
     return {
         "method": method,
         "train_seconds": round(seconds, 1),
@@ -56,7 +56,7 @@ def check_method(method: str, out: Path, episodes: int, device: str = "cuda") ->
         "max_prob_diff_cuda_vs_cpu": float(np.abs(gpu_probs - cpu_probs).max()),
         "adapt_accuracy_cuda": on_gpu.metrics.get("accuracy"),
         "adapt_accuracy_cpu": on_cpu.metrics.get("accuracy"),
-        "evaluate_accuracy_cuda": evaluation["accuracy"],
+        "evaluate_accuracy_cuda": evaluation.summary.accuracy,
     }
 
 

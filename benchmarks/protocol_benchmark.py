@@ -19,7 +19,7 @@ from pathlib import Path
 
 from medmeta.cli.train import parse_key_values
 from medmeta.data.protocol import load_protocol
-from medmeta.evaluation import evaluate_checkpoint
+from medmeta.evaluation import EvaluationSettings, evaluate_checkpoint
 from medmeta.io import atomic_write_json
 from medmeta.training import TrainConfig, train
 
@@ -79,8 +79,8 @@ def main() -> None:
         }
     report["test"] = {}
     for shot in protocol.episodes.shot:
-        stats = evaluate_checkpoint(out, protocol=args.protocol, shot=shot, episodes=args.eval_episodes, seed=args.eval_seed)
-        report["test"][f"{shot}-shot"] = stats
+        settings = EvaluationSettings(protocol=args.protocol, shot=shot, episodes=args.eval_episodes, seed=args.eval_seed)
+        report["test"][f"{shot}-shot"] = evaluate_checkpoint(out, settings).to_dict()
     atomic_write_json(out / "benchmark.json", report)
 
     print(f"\n{protocol.name}: {args.method}/{args.backbone} at {args.image_size}px")

@@ -16,16 +16,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from medmeta import load_run  # noqa: E402
 from medmeta.calibration import TemperatureScaler, expected_calibration_error, softmax  # noqa: E402
-from medmeta.checkpoint import build_learner, load_checkpoint  # noqa: E402
-from medmeta.data.episodes import EpisodeSampler  # noqa: E402
-from medmeta.data.protocol import load_protocol  # noqa: E402
-from medmeta.data.reading import Preprocessing, ScanReader  # noqa: E402
-from medmeta.data.store import ImageStore  # noqa: E402
 from medmeta.evaluation import run_episodes  # noqa: E402
 
 
@@ -36,13 +31,11 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=None, help="[default: the protocol's test_episodes]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    ckpt = load_checkpoint(args.checkpoint)
-    proto = load_protocol(ckpt.meta["protocol"]["path"])
+    run = load_run(args.checkpoint, device="cpu")
+    ckpt, proto = run.checkpoint, run.protocol
     episodes = args.episodes or proto.episodes.test_episodes
-    learner = build_learner(ckpt)
-    store = ImageStore(ScanReader(Preprocessing.from_dict(ckpt.meta["preprocessing"])))
-    sampler = EpisodeSampler(proto.split_records("test"), proto.episodes.way, args.shot, proto.episodes.query, args.seed)
-    outputs = run_episodes(learner, store, sampler, range(episodes), torch.device("cpu"))
+    sampler = run.sampler("test", proto.episodes.way, args.shot, proto.episodes.query, args.seed)
+    outputs = run_episodes(run.learner, run.store(), sampler, range(episodes), run.device)
     logits, labels = outputs.pooled()
     oracle = TemperatureScaler().fit(logits, labels).temperature_
     rows = [("none (T = 1)", 1.0), ("checkpoint's, fitted on val", ckpt.temperature), ("oracle, fitted on these test cases", oracle)]

@@ -51,8 +51,15 @@ def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, out
     except CasesError as exc:
         for path, reason in exc.rejected:
             warn(f"{path}: {reason}", "rejected")
-        if out_dir.exists():
+        if out_dir.is_dir() and any(out_dir.iterdir()):
             warn(f"the reports already in {out_dir} were left untouched", "note")
+        elif exc.rejected:  # a new folder: keep the list of unreadable files for the user
+            from medmeta.io import atomic_folder
+            from medmeta.reports import write_rejected
+
+            with atomic_folder(out_dir) as tmp:
+                write_rejected(tmp, exc.rejected)
+            warn(f"{len(exc.rejected)} unreadable file(s) listed in {out_dir / 'rejected.csv'}", "note")
         raise
 
 

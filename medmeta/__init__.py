@@ -2,7 +2,7 @@
 
 The Python API (see ``docs/api.md``)::
 
-    from medmeta import adapt, adapt_arrays, evaluate, load_run, train, TrainConfig
+    from medmeta import adapt, adapt_arrays, evaluate, load_run, train, EvaluationSettings, TrainConfig
 
     result = train(TrainConfig(protocol="sample_data/protocol.yaml", out="runs/demo"))
     run = load_run("runs/demo")                       # checkpoint, learner, preprocessing, protocol

@@ -32,8 +32,9 @@ import torch
 import medmeta
 from medmeta.calibration import TEMPERATURE_PRIOR_SIGMA, check_conformal_source, check_temperature_source, expected_calibration_error
 from medmeta.leave_one_out import leave_one_out
-from medmeta.pipeline import AdaptationPipeline, Diagnosis, LearnerHead
+from medmeta.pipeline import AdaptationPipeline, Diagnosis, LearnerHead, Task
 from medmeta.pipeline.cases import CaseBatch, cases_from_arrays, discover_cases, read_cases, read_labels
+from medmeta.run import as_run
 
 __all__ = ["AdaptResult", "CaseResult", "adapt", "adapt_arrays", "discover_cases", "read_labels", "score"]
 
@@ -107,7 +108,7 @@ def adapt(
     with one scan of some condition the checkpoint's is used and a note says so.
     """
     options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma)
-    run = _as_run(checkpoint, device)
+    run = as_run(checkpoint, device)
     batch = read_cases(cases_dir, run.reader)
     result = _diagnose(run, batch, options, cases_dir=str(Path(cases_dir).resolve()))
     if labels:
@@ -129,12 +130,12 @@ def adapt_arrays(
     preprocessed as files are); ``labels`` optionally gives each case's true condition (to
     score the batch), ``names`` how reports call the cases. ``options`` are :func:`adapt`'s
     (``stability``, ``conformal_source``, ``temperature_source``, ``prior_sigma``, ``batch_size``)."""
-    run = _as_run(checkpoint, device)
+    if labels is not None and len(labels) != len(query):
+        raise medmeta.MedmetaError(f"{len(labels)} labels for {len(query)} cases")
+    run = as_run(checkpoint, device)
     batch = cases_from_arrays(support, query, run.reader, names)
     result = _diagnose(run, batch, _Options(**options), cases_dir=None)
     if labels is not None:
-        if len(labels) != len(query):
-            raise medmeta.MedmetaError(f"{len(labels)} labels for {len(query)} cases")
         _attach_labels(result, dict(zip(batch.query_paths, labels)))
     return result
 
@@ -150,12 +151,6 @@ class _Options:
     def __post_init__(self) -> None:
         check_conformal_source(self.conformal_source)
         check_temperature_source(self.temperature_source)
-
-
-def _as_run(checkpoint, device: str):
-    from medmeta.run import LoadedRun, load_run
-
-    return checkpoint if isinstance(checkpoint, LoadedRun) else load_run(checkpoint, device)
 
 
 def _diagnose(run, batch: CaseBatch, options: _Options, cases_dir: str | None) -> AdaptResult:
@@ -270,8 +265,6 @@ def predict_cases(
     """Fit ``learner`` to the support (``(n_support, C, H, W)`` images, ``(n_support,)`` labels)
     and predict ``query_images`` ``(n_query, C, H, W)`` in batches: logits ``(n_query, n_way)``
     and support distances ``(n_query,)``, float64 on the CPU (the pipeline's head step)."""
-    from medmeta.pipeline import Task
-
     n_way = int(support_labels.max()) + 1
     task = Task(support_images, support_labels, query_images, [str(i) for i in range(n_way)])
     logits = LearnerHead(learner, device, batch_size)(task)

@@ -384,21 +384,22 @@ class EvaluationResult:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
+    checkpoint,
     settings: EvaluationSettings | None = None,
     device: str = "auto",
     out_dir: str | Path | None = None,
     quiet: bool = False,
 ) -> EvaluationResult:
-    """Measure a checkpoint on seeded episodes of its protocol's test classes, through the
+    """Measure a checkpoint (a path, or a :class:`~medmeta.run.LoadedRun`) on seeded episodes
+    of its protocol's test classes (``settings``; default: the protocol's shape), through the
     same pipeline as ``adapt``, with the calibration it stores. With ``out_dir`` the results
     JSON, the reliability and risk-coverage figures and the episodes' file lists are written
     there (:func:`medmeta.reports.write_evaluation`)."""
     from medmeta.pipeline import AdaptationPipeline
-    from medmeta.run import load_run
+    from medmeta.run import as_run
 
     settings = settings or EvaluationSettings()
-    run = load_run(checkpoint, device, protocol=settings.protocol)
+    run = as_run(checkpoint, device, protocol=settings.protocol)
     settings = settings.resolved(run.protocol)
     sampler = run.sampler("test", settings.way, settings.shot, settings.query, settings.seed)
     pipeline = AdaptationPipeline.from_run(

@@ -116,3 +116,15 @@ def load_run(
         device=torch_device,
         protocol_path=str(protocol) if protocol is not None else None,
     )
+
+
+def as_run(checkpoint, device: str = "auto", protocol: str | Path | None = None) -> LoadedRun:
+    """``checkpoint`` itself when it is a :class:`LoadedRun` already (with ``protocol``, if
+    given, replacing the one it names), else :func:`load_run` of it."""
+    if isinstance(checkpoint, LoadedRun):
+        if protocol is not None and str(protocol) != checkpoint.protocol_path:
+            from dataclasses import replace
+
+            return replace(checkpoint, protocol_path=str(protocol), _protocol=None)
+        return checkpoint
+    return load_run(checkpoint, device, protocol=protocol)
