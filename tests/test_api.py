@@ -56,3 +56,11 @@ def test_arrays_need_two_conditions_and_one_label_per_case(trained_run):
         adapt_arrays(trained_run, {"a": [image]}, [image], device="cpu")
     with pytest.raises(MedmetaError, match="2 labels for 1 cases"):
         adapt_arrays(trained_run, {"a": [image], "b": [image]}, [image], labels=["a", "b"], device="cpu")
+
+
+def test_the_cli_copies_of_library_constants_agree():
+    """The command modules keep torch-free copies of two constants (for a fast --help)."""
+    from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA
+    from medmeta.cli import adapt
+
+    assert adapt.TEMPERATURE_PRIOR_SIGMA == TEMPERATURE_PRIOR_SIGMA and adapt.CONFORMAL_SOURCES == CONFORMAL_SOURCES

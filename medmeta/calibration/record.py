@@ -173,17 +173,7 @@ class CalibrationRecord:
         n_bins = data.get("n_bins", 15)
         if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
             raise CalibrationError(f"calibration n_bins must be a positive integer, got {n_bins!r}")
-        conformal, evidence = None, {}
-        if data.get("conformal"):
-            record = data["conformal"]
-            if not isinstance(record, dict):
-                raise CalibrationError("the conformal entry must be a mapping")
-            try:
-                conformal = ConformalPredictor.from_dict(record)
-            except MedmetaError as exc:
-                raise CalibrationError(str(exc)) from None
-            predictor_keys = set(conformal.to_dict())
-            evidence = {k: v for k, v in record.items() if k not in predictor_keys}
+        conformal, evidence = _conformal(data.get("conformal"))
         referral = data.get("referral")
         if referral is not None and not isinstance(referral, dict):
             raise CalibrationError("the referral entry must be a mapping")
@@ -191,17 +181,11 @@ class CalibrationRecord:
         if options is not None and not isinstance(options, dict):
             raise CalibrationError("calibration method_options must be a mapping")
         fitted_on = data.get("fitted_on")
-        shot = data.get("shot")
-        if shot is not None and (isinstance(shot, bool) or not isinstance(shot, int) or shot < 1):
-            raise CalibrationError(f"calibration shot must be a positive integer, got {shot!r}")
-        if shot is None and isinstance(fitted_on, str):  # records before the field: "... (2-way 5-shot)"
-            found = re.search(r"(\d+)-shot", fitted_on)
-            shot = int(found.group(1)) if found else None
         return cls(
             method=method,
             temperature=temperature,
             fitted_on=str(fitted_on) if fitted_on is not None else None,
-            shot=shot,
+            shot=_shot(data),
             n_bins=n_bins,
             conformal=conformal,
             conformal_evidence=evidence,
@@ -210,6 +194,31 @@ class CalibrationRecord:
             schema_version=version,
             **{name: _optional_float(data, name) for name in _ECE_FIELDS},
         )
+
+
+def _conformal(record: Any) -> tuple[ConformalPredictor | None, dict[str, Any]]:
+    """The predictor of a ``conformal`` entry and the evidence stored beside it."""
+    if not record:
+        return None, {}
+    if not isinstance(record, dict):
+        raise CalibrationError("the conformal entry must be a mapping")
+    try:
+        conformal = ConformalPredictor.from_dict(record)
+    except MedmetaError as exc:
+        raise CalibrationError(str(exc)) from None
+    predictor_keys = set(conformal.to_dict())
+    return conformal, {k: v for k, v in record.items() if k not in predictor_keys}
+
+
+def _shot(data: dict[str, Any]) -> int | None:
+    """The calibration shot; records written before the field say it in ``fitted_on`` ("... 5-shot)")."""
+    shot = data.get("shot")
+    if shot is not None and (isinstance(shot, bool) or not isinstance(shot, int) or shot < 1):
+        raise CalibrationError(f"calibration shot must be a positive integer, got {shot!r}")
+    if shot is None and isinstance(data.get("fitted_on"), str):
+        found = re.search(r"(\d+)-shot", data["fitted_on"])
+        shot = int(found.group(1)) if found else None
+    return shot
 
 
 _ECE_FIELDS = tuple(f.name for f in fields(CalibrationRecord) if f.name.startswith("ece_"))
