@@ -17,10 +17,10 @@ import json
 import time
 from pathlib import Path
 
-from medmeta.cli.train import parse_key_values
+from medmeta.training.config_file import parse_key_values
 from medmeta.data.protocol import load_protocol
 from medmeta.evaluation import EvaluationSettings, evaluate_checkpoint
-from medmeta.io import atomic_write_json
+from medmeta.io import atomic_write_json, json_safe
 from medmeta.training import TrainConfig, train
 
 
@@ -75,7 +75,7 @@ def main() -> None:
             "episodes_done": result.episodes_done,
             "episodes_per_second": result.episodes_per_second,
             "best_val": result.best_val,
-            "calibration": result.calibration,
+            "calibration": json_safe(result.calibration.to_dict()),
         }
     report["test"] = {}
     for shot in protocol.episodes.shot:

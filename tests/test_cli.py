@@ -43,7 +43,7 @@ def test_train_help_lists_methods_and_options():
     result = invoke("train", "--help")
     assert result.exit_code == 0
     text = plain(result.output)
-    for option in ("--protocol", "--method", "--backbone", "--way", "--shot", "--query", "--episodes", "--image-size", "--device", "--seed", "--out", "--resume", "--conformal-score", "--coverage", "--class-conditional", "--refer-share"):
+    for option in ("--protocol", "--method", "--backbone", "--way", "--shot", "--query", "--episodes", "--image-size", "--device", "--seed", "--out", "--resume", "--conformal-score", "--coverage", "--class-conditional", "--refer-share", "--pretrain-lr", "--config"):
         assert option in text
     for name in list_methods():
         assert name in text
@@ -179,11 +179,12 @@ def test_train_refuses_a_bad_protocol_without_traceback(tmp_path):
 
 def test_train_refuses_unknown_method(tmp_path):
     result = invoke("train", "--method", "nope", "--out", tmp_path / "run")
-    assert result.exit_code == 2 and "unknown --method" in plain(result.output)
+    text = " ".join(plain(result.output).split())
+    assert result.exit_code == 2 and "--method: unknown method 'nope'" in text and "protonet" in text
 
 
 def test_key_value_options_are_parsed_as_yaml_scalars():
-    from medmeta.cli.train import parse_key_values
+    from medmeta.training.config_file import parse_key_values
     from medmeta.errors import MedmetaError
 
     assert parse_key_values(["inner_steps=5", "first_order=true", "inner_lr=0.01", "norm_kind=group"], "--x") == {

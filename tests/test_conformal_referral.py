@@ -271,7 +271,6 @@ def test_per_class_recall_by_hand():
 
 def test_summarize_pools_sets_referral_and_recall_by_class_name():
     from medmeta.evaluation import EpisodeOutputs, summarize
-    from medmeta.pipeline import PredictionSetStep
 
     # two episodes with the classes in opposite order; logits = log-probabilities, temperature 1
     probs = [np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]]), np.array([[0.8, 0.2], [0.5, 0.5], [0.7, 0.3]])]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medmeta.checkpoint import load_tensors
-from medmeta.evaluation import evaluate_checkpoint
+from medmeta.evaluation import EvaluationSettings, evaluate_checkpoint
 from medmeta.training import TrainConfig, train
 
 
@@ -72,7 +72,8 @@ def test_checkpoint_sidecar_records_what_is_needed(trained_run):
 
 
 def test_short_run_beats_chance_on_unseen_test_conditions(trained_run):
-    stats = evaluate_checkpoint(trained_run, shot=5, episodes=40, seed=0, device="cpu", quiet=True)
+    settings = EvaluationSettings(shot=5, episodes=40, seed=0)
+    stats = evaluate_checkpoint(trained_run, settings, device="cpu", quiet=True).to_dict()
     assert stats["way"] == 3 and stats["episodes"] == 40
     # chance is 1/3 on the 3 held-out synthetic conditions
     assert stats["accuracy"] - stats["accuracy_ci95"] > 0.5, stats
@@ -89,7 +90,7 @@ def test_unknown_shot_query_refused_before_training(tmp_path, sample_protocol):
 def test_init_from_copies_the_backbone_and_refuses_another_architecture(tmp_path, trained_run, sample_protocol):
     from medmeta.checkpoint import load_checkpoint
     from medmeta.errors import CheckpointError
-    from medmeta.training.trainer import build_learner, init_backbone
+    from medmeta.training.build import build_learner, init_backbone
 
     config = _config(sample_protocol, tmp_path / "x", image_size=48, init_from=str(trained_run / "best.json"))
     learner = build_learner(config)
@@ -103,7 +104,7 @@ def test_init_from_copies_the_backbone_and_refuses_another_architecture(tmp_path
 
 
 def test_backbone_arguments_compare_with_their_defaults_filled_in():
-    from medmeta.training.trainer import _with_defaults
+    from medmeta.training.build import _with_defaults
 
     assert _with_defaults("conv4", {"in_channels": 3}) == _with_defaults("conv4", {"in_channels": 3, "norm_kind": "batch"})
     assert _with_defaults("conv4", {}) != _with_defaults("conv4", {"norm_kind": "group"})
@@ -163,7 +164,7 @@ def test_grad_clip_caps_the_gradient_norm_of_every_step(tmp_path, sample_protoco
 
 
 def test_train_shots_draws_each_episode_shot_from_the_list_reproducibly(tmp_path, sample_protocol):
-    from medmeta.training.trainer import _Run
+    from medmeta.training.loop import Run as _Run
 
     run = _Run(_config(sample_protocol, tmp_path / "s", train_shots=[3, 1, 3]), quiet=True)
     run.load_images()
@@ -179,3 +180,37 @@ def test_train_shots_draws_each_episode_shot_from_the_list_reproducibly(tmp_path
     assert plain.train_shots == [5] and len(plain.train_episode(0).support) == 5 * plain.way
     with pytest.raises(ValueError, match="train_shots must be positive"):
         _Run(_config(sample_protocol, tmp_path / "z", train_shots=[0, 2]), quiet=True)
+
+
+def test_the_run_folder_keeps_a_config_yaml_that_reproduces_the_run(trained_run):
+    from medmeta.training.config_file import CONFIG_FILE
+
+    stored = json.loads((trained_run / "best.json").read_text())["training"]["config"]
+    assert TrainConfig.from_yaml(trained_run / CONFIG_FILE) == TrainConfig.from_dict(stored)
+
+
+def test_training_stores_the_calibration_record_and_recalibrating_gives_it_again(trained_run, tmp_path):
+    """The held-out check at the end of training reuses the selecting validation's episodes;
+    ``medmeta calibrate`` runs them again: the records must be equal, number for number."""
+    import shutil
+
+    from medmeta.calibration import CalibrationRecord
+    from medmeta.training.calibration import recalibrate, sidecar_entry
+
+    stored = json.loads((trained_run / "best.json").read_text())["calibration"]
+    record = CalibrationRecord.from_dict(stored)
+    assert record.fitted and record.schema_version == 1 and sidecar_entry(record) == stored
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    again = recalibrate(run, device="cpu", quiet=True)
+    assert isinstance(again, CalibrationRecord) and sidecar_entry(again) == stored
+    assert json.loads((run / "best.json").read_text())["calibration"] == stored
+
+
+def test_an_uncalibrated_checkpoint_carries_the_empty_record(tmp_path, sample_protocol):
+    from medmeta.calibration import CalibrationRecord
+    from medmeta.training.loop import Run
+    from medmeta.training.selection import checkpoint_meta
+
+    meta = checkpoint_meta(Run(_config(sample_protocol, tmp_path / "r"), quiet=True))
+    assert meta["calibration"] == CalibrationRecord().to_dict() and meta["calibration"]["method"] == "none"

@@ -123,15 +123,15 @@ class ScanReader:
 
     @staticmethod
     def _make_loaders(LoadImage, NibabelReader, PILReader, PydicomReader) -> dict:
-        return {
-            "dicom": LoadImage(reader=PydicomReader(swap_ij=False), image_only=True, ensure_channel_first=True),
-            "nifti": LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True),
-            "image": LoadImage(
-                reader=PILReader(reverse_indexing=False, converter=_pil_to_intensities),
-                image_only=True,
-                ensure_channel_first=True,
-            ),
+        """``{format: (loader, reader)}``. The reader is passed at each call so that MONAI uses
+        it alone: without it, a failure makes LoadImage try every registered reader and report
+        all their tracebacks instead of the one reason that matters."""
+        readers = {
+            "dicom": PydicomReader(swap_ij=False),
+            "nifti": NibabelReader(),
+            "image": PILReader(reverse_indexing=False, converter=_pil_to_intensities),
         }
+        return {fmt: (LoadImage(reader=r, image_only=True, ensure_channel_first=True), r) for fmt, r in readers.items()}
 
     # -- public -------------------------------------------------------------------------------
     def __call__(self, source: str | Path | np.ndarray, name: str | None = None) -> torch.Tensor:
@@ -155,7 +155,8 @@ class ScanReader:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                image = self._loaders[fmt](str(path))
+                loader, reader = self._loaders[fmt]
+                image = loader(str(path), reader=reader)
         except Exception as exc:  # every decoder failure becomes one clear line
             raise ScanReadError(path, f"cannot decode as {fmt}: {_whole_reason(exc)}{_codec_hint(fmt, exc)}") from None
         array = np.asarray(image, dtype=np.float32)

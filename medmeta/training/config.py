@@ -1,9 +1,34 @@
-"""Everything that defines a training run (stored in checkpoints and resume state)."""
+"""Everything that defines a training run (stored in checkpoints, resume state and ``config.yaml``).
+
+Each field carries its help text (``metadata["help"]``): the ``train`` command builds its
+options from them, so the command line, the YAML file given to ``--config`` and the Python API
+share one list of settings. This module imports neither torch nor MONAI.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+from medmeta.errors import MedmetaError
+
+
+class ConfigError(MedmetaError, ValueError):
+    """A training setting is invalid; ``field`` names the :class:`TrainConfig` field."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field
+        super().__init__(message)
+
+
+def _setting(default: Any = None, help: str = "", option: str | None = None, factory: Any = None) -> Any:
+    """A dataclass field with its help text and (when it differs from the field's name) the
+    name of its command-line option."""
+    metadata = {"help": help, **({"option": option} if option else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -25,48 +50,100 @@ class TrainConfig:
     shot of every meta-training episode from these values (uniformly, seeded by the episode
     index), so one model meets the support sizes it will be used with; validation and
     calibration keep ``shot``.
+
+    :meth:`validate` refuses every bad value with a :class:`ConfigError` (a :class:`MedmetaError`);
+    :func:`medmeta.training.train` calls it before any work.
     """
 
-    protocol: str = "sample_data/protocol.yaml"
-    out: str = "runs/medmeta"
-    method: str = "protonet"
-    backbone: str = "conv4"
-    way: int | None = None
-    shot: int | None = None
-    train_shots: list[int] | None = None
-    query: int | None = None
-    episodes: int = 150
-    image_size: int = 64
-    channels: int = 3
-    meta_batch: int = 1
-    lr: float = 1e-3
-    backbone_lr: float | None = None
-    grad_clip: float | None = None
-    weight_decay: float = 0.0
-    lr_step: int = 2000
-    lr_gamma: float = 0.5
-    pretrain_epochs: int = 10
-    pretrain_lr: float = 0.05
-    pretrain_batch_size: int = 64
-    augment: str = "light"
-    val_interval: int = 50
-    val_episodes: int = 100
-    calibration_episodes: int = 200
-    conformal_score: str = "lac"
-    coverage: float = 0.9
-    class_conditional: bool = False
-    refer_share: float = 0.05
-    seed: int = 0
-    device: str = "auto"
-    max_minutes: float | None = None
-    init_from: str | None = None
-    method_kwargs: dict[str, Any] = field(default_factory=dict)
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    protocol: str = _setting("sample_data/protocol.yaml", "Protocol YAML (class splits, episode shape).")
+    out: str = _setting("runs/medmeta", "Run folder: best.safetensors/best.json, last.* for --resume, config.yaml.")
+    method: str = _setting("protonet", "Meta-learner: {methods}.")
+    backbone: str = _setting("conv4", "Backbone: {backbones}.")
+    way: int | None = _setting(None, "Classes per episode [default: protocol's].")
+    shot: int | None = _setting(None, "Support scans per class [default: protocol's largest].")
+    train_shots: list[int] | None = _setting(
+        None,
+        "Draw each training episode's shot from these values (repeatable, e.g. --train-shot 1 --train-shot 5); "
+        "validation keeps --shot.",
+        option="train-shot",
+    )
+    query: int | None = _setting(None, "Query scans per class [default: protocol's].")
+    episodes: int = _setting(50, "Episodic training episodes (total, also on --resume).")
+    image_size: int = _setting(64, "Square input size in pixels (at least 16).")
+    channels: int = _setting(3, "Input channels: 3 (RGB) or 1 (grayscale).")
+    meta_batch: int = _setting(1, "Episodes (tasks) averaged per optimiser step.")
+    lr: float = _setting(1e-3, "Adam learning rate of episodic training.")
+    backbone_lr: float | None = _setting(None, "Learning rate of the backbone in episodic training [default: --lr]; 0 freezes it.")
+    grad_clip: float | None = _setting(None, "Clip the gradient norm of each episodic step to this value [default: no clipping].")
+    weight_decay: float = _setting(0.0, "Adam weight decay of episodic training.")
+    lr_step: int = _setting(2000, "Multiply the episodic learning rate by --lr-gamma every N episodes.")
+    lr_gamma: float = _setting(0.5, "Factor of the episodic learning-rate step.")
+    pretrain_epochs: int = _setting(10, "Epochs of backbone pre-training on all meta-train classes (0 = none).")
+    pretrain_lr: float = _setting(0.05, "SGD learning rate of pre-training (cosine-annealed).")
+    pretrain_batch_size: int = _setting(64, "Images per pre-training batch.")
+    augment: str = _setting("light", "Augmentation: {augments}.")
+    val_interval: int = _setting(50, "Validate on val classes every N episodes.")
+    val_episodes: int = _setting(100, "Episodes per validation (also the held-out episodes of the calibration report).")
+    calibration_episodes: int = _setting(100, "Val-class episodes to fit the temperature, conformal and referral thresholds on.")
+    conformal_score: str = _setting("lac", "Conformal score of the prediction sets: lac (1 - p_true) or aps (cumulative sorted mass).")
+    coverage: float = _setting(0.9, "Target coverage of the prediction sets, e.g. 0.9.")
+    class_conditional: bool = _setting(False, "Mondrian conformal over the val classes; apply the largest per-class threshold.")
+    refer_share: float = _setting(0.05, "Share of in-distribution (val) cases the distance threshold refers, e.g. 0.05.")
+    seed: int = _setting(0, "Seed of episodes, augmentation and initialisation.")
+    device: str = _setting("auto", "auto, cpu or cuda.")
+    max_minutes: float | None = _setting(None, "Stop episodic training after this many training minutes.")
+    init_from: str | None = _setting(None, "Start the backbone from this checkpoint's backbone (same architecture).")
+    method_kwargs: dict[str, Any] = _setting(
+        help="Method hyperparameter KEY=VALUE (repeatable), e.g. inner_steps=5.", option="method-option", factory=dict
+    )
+    backbone_kwargs: dict[str, Any] = _setting(
+        help="Backbone argument KEY=VALUE (repeatable), e.g. norm_kind=group.", option="backbone-option", factory=dict
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Lenient: keys this version does not know (from older or newer runs) are dropped."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def validate(self) -> "TrainConfig":
+        """Refuse every invalid setting with a :class:`ConfigError` naming the field (calibration
+        settings with a :class:`~medmeta.errors.CalibrationError`); returns ``self``. Builds the
+        learner once (random state untouched) to check the method's options."""
+        from medmeta.training.checks import check_config
+
+        check_config(self)
+        return self
+
+    # ---- YAML files (``--config``) -----------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        """A config from a YAML mapping of field names (unknown keys and wrong types refused,
+        naming the file and the key); missing fields keep their defaults."""
+        from medmeta.training.config_file import read_config_file
+
+        return cls(**read_config_file(path))
+
+    def to_yaml(self) -> str:
+        from medmeta.training.config_file import config_yaml
+
+        return config_yaml(self)
+
+
+def option_name(name: str) -> str:
+    """The command-line option of field ``name``, e.g. ``--train-shot`` for ``train_shots``."""
+    spec = next(f for f in fields(TrainConfig) if f.name == name)
+    return "--" + spec.metadata.get("option", name.replace("_", "-"))
+
+
+def help_text(name: str) -> str:
+    """The help of field ``name``, with the method/backbone/augmentation names filled in."""
+    from medmeta.training.names import AUGMENT_NAMES, BACKBONE_NAMES, METHOD_NAMES
+
+    spec = next(f for f in fields(TrainConfig) if f.name == name)
+    return spec.metadata["help"].format(
+        methods=", ".join(METHOD_NAMES), backbones=", ".join(BACKBONE_NAMES), augments=", ".join(AUGMENT_NAMES)
+    )

@@ -1,0 +1,180 @@
+"""Validation of a :class:`TrainConfig`: types, ranges, names and the method's options.
+
+Every refusal is a :class:`ConfigError` (a :class:`MedmetaError`, and a ``ValueError``) whose
+``field`` names the setting, so the command line can say which option or which key of a
+``--config`` file is wrong; calibration settings raise :class:`CalibrationSettingError`, also a
+:class:`CalibrationError`. Registries (which import torch) are imported only when checking.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import types
+import typing
+from dataclasses import fields
+from typing import Any, Callable
+
+from medmeta.errors import CalibrationError
+from medmeta.training.config import ConfigError, TrainConfig
+
+PATH_FIELDS = ("protocol", "out", "init_from")
+
+
+class CalibrationSettingError(ConfigError, CalibrationError):
+    """An invalid target coverage, conformal score or referral share."""
+
+
+# ---- types -----------------------------------------------------------------------------------
+def field_types() -> dict[str, Any]:
+    """``{field: type hint}`` of :class:`TrainConfig`, resolved."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def matches_type(value: Any, hint: Any, path: bool = False) -> bool:
+    """Whether ``value`` fits the type hint ``hint`` (``int`` refuses ``True``; ``float``
+    takes integers; a path field also takes an ``os.PathLike``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, a, path) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(matches_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str) or (path and isinstance(value, os.PathLike))
+    return isinstance(value, hint)
+
+
+def describe_type(hint: Any) -> str:
+    """``int | None`` -> ``"an integer (or null)"``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [describe_type(a) for a in args if a is not type(None)]
+        return " or ".join(inner) + (" (or null)" if type(None) in args else "")
+    if origin is list:
+        return f"a list of {describe_type(args[0]).split(' ', 1)[1]}s"
+    if origin is dict:
+        return "a mapping of names to values"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a text"}.get(hint, hint.__name__)
+
+
+def check_types(config: TrainConfig) -> None:
+    hints = field_types()
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        if not matches_type(value, hints[spec.name], path=spec.name in PATH_FIELDS):
+            raise ConfigError(f"{spec.name} must be {describe_type(hints[spec.name])}, got {value!r}", spec.name)
+
+
+# ---- values ----------------------------------------------------------------------------------
+def _at_least(bound: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= bound), f"must be at least {bound}"
+
+
+def _positive() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > 0), "must be positive"
+
+
+# field -> (test, requirement); ``None`` values of optional fields are not tested
+VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "way": _at_least(2),
+    "shot": _at_least(1),
+    "query": _at_least(1),
+    "episodes": _at_least(0),
+    "image_size": _at_least(16),
+    "channels": ((lambda v: v in (1, 3)), "must be 1 (grayscale) or 3 (RGB)"),
+    "meta_batch": _at_least(1),
+    "lr": _positive(),
+    "backbone_lr": ((lambda v: v >= 0), "must be 0 (frozen) or positive"),
+    "grad_clip": _positive(),
+    "weight_decay": _at_least(0),
+    "lr_step": _at_least(1),
+    "lr_gamma": _positive(),
+    "pretrain_epochs": _at_least(0),
+    "pretrain_lr": _positive(),
+    "pretrain_batch_size": _at_least(1),
+    "val_interval": _at_least(1),
+    "val_episodes": _at_least(1),
+    "calibration_episodes": _at_least(1),
+    "seed": _at_least(0),
+    "max_minutes": _positive(),
+}
+
+
+def check_values(config: TrainConfig) -> None:
+    for name, hint in field_types().items():
+        value = getattr(config, name)
+        if matches_type(1.5, hint) and value is not None and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}", name)
+    for name, (test, requirement) in VALUE_RULES.items():
+        value = getattr(config, name)
+        if value is not None and not test(value):
+            raise ConfigError(f"{name} {requirement}, got {value!r}", name)
+    if config.train_shots and min(config.train_shots) < 1:
+        raise ConfigError(f"train_shots must be positive, got {config.train_shots}", "train_shots")
+    device = config.device
+    if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:")):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda", "device")
+
+
+def check_names(config: TrainConfig) -> None:
+    """Method, backbone and augmentation against their registries (imported here: torch)."""
+    from medmeta.backbones import list_backbones
+    from medmeta.data.augment import AUGMENTATIONS
+    from medmeta.methods import list_methods
+
+    for name, known in (("method", list_methods()), ("backbone", list_backbones()), ("augment", AUGMENTATIONS)):
+        value = getattr(config, name)
+        if value not in known:
+            raise ConfigError(f"unknown {name} {value!r}; choose from {', '.join(known)}", name)
+
+
+def check_calibration_settings(config: Any) -> None:
+    """Refuse invalid conformal/referral settings before any training time is spent."""
+    from medmeta.training.names import CONFORMAL_SCORES
+
+    if config.conformal_score not in CONFORMAL_SCORES:
+        raise CalibrationSettingError(
+            f"unknown conformal score {config.conformal_score!r}; choose from {', '.join(CONFORMAL_SCORES)}", "conformal_score"
+        )
+    if not 0.0 < config.coverage < 1.0:
+        raise CalibrationSettingError(f"target coverage must be between 0 and 1 (exclusive), got {config.coverage}", "coverage")
+    if not 0.0 <= config.refer_share < 1.0:
+        raise CalibrationSettingError(f"the share of cases to refer must be in [0, 1), got {config.refer_share}", "refer_share")
+
+
+def check_learner(config: TrainConfig) -> None:
+    """Build the learner once (torch's random state is restored afterwards) to check the method
+    and backbone options, and that ``backbone_lr == 0`` leaves something to train."""
+    import torch
+
+    from medmeta.training.build import build_learner
+
+    with torch.random.fork_rng(devices=[]):
+        learner = build_learner(config)
+    if config.backbone_lr == 0:
+        backbone = {id(p) for p in learner.backbone.parameters()}
+        if all(id(p) in backbone for p in learner.parameters()):
+            raise ConfigError(
+                f"method {config.method!r} has no parameters besides the backbone; --backbone-lr 0 would train nothing",
+                "backbone_lr",
+            )
+
+
+def check_config(config: TrainConfig) -> None:
+    """All of the above, cheapest first."""
+    check_types(config)
+    check_values(config)
+    check_calibration_settings(config)
+    check_names(config)
+    check_learner(config)

@@ -1,0 +1,117 @@
+"""Phase 2: episodic meta-training (Adam, step schedule), validating every ``val_interval``
+episodes; one optimiser step per meta-batch of episodes."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from medmeta.progress import console, make_progress
+from medmeta.training.config import ConfigError
+
+if TYPE_CHECKING:
+    from medmeta.training.loop import Run
+
+
+def start_episodic(run: "Run") -> None:
+    """Drop the pre-training head; Adam over :func:`episodic_param_groups` with a step schedule."""
+    cfg = run.config
+    run.head = None
+    run.optimizer = torch.optim.Adam(episodic_param_groups(run), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run.scheduler = torch.optim.lr_scheduler.StepLR(run.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+
+
+def episodic_param_groups(run: "Run") -> list[dict[str, Any]]:
+    """The method's own parameters at ``lr``; the backbone's at ``backbone_lr`` (left out, and
+    frozen, when that is 0)."""
+    cfg = run.config
+    if cfg.backbone_lr is None:  # one group, in the module's own order (as older runs' saved optimisers)
+        return [{"params": list(run.learner.parameters())}]
+    backbone = list(run.learner.backbone.parameters())
+    ids = {id(p) for p in backbone}
+    own = [p for p in run.learner.parameters() if id(p) not in ids]
+    run.learner.backbone.requires_grad_(not run.backbone_frozen)
+    groups = [{"params": own}] if own else []
+    if not run.backbone_frozen:
+        groups.append({"params": backbone, "lr": cfg.backbone_lr})
+    if not groups:
+        raise ConfigError(
+            f"method {cfg.method!r} has no parameters besides the backbone; --backbone-lr 0 would train nothing", "backbone_lr"
+        )
+    return groups
+
+
+def meta_train(run: "Run") -> None:
+    """Train from episode ``run.episode`` to ``episodes`` (or until ``max_minutes`` of training
+    time), validating and saving the resume state every ``val_interval`` episodes and at the end."""
+    cfg = run.config
+    assert run.optimizer is not None
+    run.train_mode()
+    recent: dict[str, list[float]] = {"loss": [], "acc": []}
+    episodes_this_session = 0
+    started_session = time.perf_counter()
+    with make_progress(disable=run.quiet) as progress:
+        run.progress = progress
+        task = progress.add_task("Meta-training", total=cfg.episodes, completed=run.episode, status="")
+        while run.episode < cfg.episodes:
+            if _out_of_time(run):
+                break
+            batch = _meta_step(run, recent)
+            episodes_this_session += len(batch)
+            window = slice(-50, None)
+            status = f"loss {np.mean(recent['loss'][window]):.3f} acc {np.mean(recent['acc'][window]):.3f}"
+            progress.update(task, advance=len(batch), status=status)
+            _validate_if_due(run, previous=run.episode - len(batch))
+        run.progress = None
+    run.episodes_per_second = episodes_this_session / max(1e-9, time.perf_counter() - started_session)
+
+
+def _out_of_time(run: "Run") -> bool:
+    """True (after validating the model as it is, unless just done) once the budget is spent."""
+    cfg = run.config
+    if cfg.max_minutes is None or run.train_seconds < cfg.max_minutes * 60:
+        return False
+    console.print(f"Time budget of {cfg.max_minutes} min reached at episode {run.episode}.")
+    if not run.history or run.history[-1]["episode"] != run.episode:
+        from medmeta.training.selection import validate
+
+        validate(run, label=f"episode {run.episode} (end of the time budget)")
+    return True
+
+
+def _meta_step(run: "Run", recent: dict[str, list[float]]) -> range:
+    """One optimiser step on the mean loss of the next meta-batch of episodes; returns the batch."""
+    cfg = run.config
+    started = time.perf_counter()
+    batch = range(run.episode, min(run.episode + cfg.meta_batch, cfg.episodes))
+    run.optimizer.zero_grad(set_to_none=True)
+    for index in batch:
+        ep = run.train_episode(index)
+        images = run.augment(run.store.stack(ep.support + ep.query), step=index)
+        support, query = images[: len(ep.support)].to(run.device), images[len(ep.support) :].to(run.device)
+        loss, logits = run.learner.episode_loss(support, ep.support_labels.to(run.device), query, ep.query_labels.to(run.device))
+        (loss / len(batch)).backward()
+        recent["loss"].append(loss.item())
+        recent["acc"].append(float((logits.argmax(1).cpu() == ep.query_labels).float().mean()))
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]], cfg.grad_clip)
+    run.optimizer.step()
+    for _ in batch:
+        run.scheduler.step()
+    run.episode += len(batch)
+    run.train_seconds += time.perf_counter() - started
+    return batch
+
+
+def _validate_if_due(run: "Run", previous: int) -> None:
+    cfg = run.config
+    if run.episode // cfg.val_interval > previous // cfg.val_interval or run.episode == cfg.episodes:
+        from medmeta.training.resume import save_state
+        from medmeta.training.selection import validate
+
+        validate(run, label=f"episode {run.episode}")
+        save_state(run)
+        run.train_mode()

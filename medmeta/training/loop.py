@@ -1,0 +1,190 @@
+"""The training run: :func:`train` orchestrates the phases on a :class:`Run`.
+
+decode images -> pre-train (:mod:`.pretrain`) -> meta-train (:mod:`.episodic`), validating and
+keeping the best (:mod:`.selection`), saving resume state (:mod:`.resume`) -> calibrate the
+best model (:mod:`.calibration`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medmeta.progress import console, make_progress
+from medmeta.training.config import ConfigError, TrainConfig
+
+
+@dataclass
+class TrainResult:
+    """Where the checkpoint is and how training went; ``calibration`` is the
+    :class:`~medmeta.calibration.CalibrationRecord` stored in it."""
+
+    out: Path
+    checkpoint: Path
+    best_val: dict[str, float]
+    calibration: Any
+    episodes_done: int
+    episodes_per_second: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Run:
+    """State of one training run: config, protocol, data, learner, optimiser and counters."""
+
+    def __init__(self, config: TrainConfig, quiet: bool = False):
+        from medmeta.data.augment import Augmenter
+        from medmeta.data.protocol import load_protocol
+        from medmeta.data.reading import Preprocessing, ScanReader
+        from medmeta.data.store import ImageStore
+        from medmeta.device import resolve_device
+        from medmeta.training.build import build_learner, episode_shape, init_backbone
+
+        self.config, self.quiet, self.out = config, quiet, Path(config.out)
+        self.device = resolve_device(config.device)
+        self.protocol = load_protocol(config.protocol)
+        self.way, self.shot, self.query = episode_shape(config, self.protocol)
+        self.train_shots = sorted({int(s) for s in config.train_shots}) if config.train_shots else [self.shot]
+        if min(self.train_shots) < 1:
+            raise ConfigError(f"train_shots must be positive, got {config.train_shots}", "train_shots")
+        self.protocol.check_counts(max(self.shot, *self.train_shots), self.query, splits=("train",))
+        self.val_way = min(self.way, len(self.protocol.classes["val"]))
+        self.preprocessing = Preprocessing(image_size=config.image_size, channels=config.channels)
+        self.store = ImageStore(ScanReader(self.preprocessing))
+        self.learner = build_learner(config)
+        if config.init_from:
+            init_backbone(self.learner, config)
+        self.learner.to(self.device)
+        self.augment = Augmenter(config.augment, seed=config.seed)
+        self.history: list[dict[str, Any]] = []
+        self.best_val: dict[str, Any] = {"accuracy": -1.0}
+        self.best_outputs: Any = None  # val episodes of the best model, when validated in this session
+        self.phase, self.epoch, self.episode = "pretrain", 0, 0
+        self.train_seconds, self.episodes_per_second = 0.0, 0.0
+        self.head: torch.nn.Linear | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.progress: Any = None  # the live progress bar, while one runs
+
+    def load_images(self) -> None:
+        """Decode and cache train and val images once; unreadable files are reported and dropped.
+        Then the episode samplers: training (one per training shot), validation, calibration."""
+        from medmeta.data.episodes import EpisodeSampler
+        from medmeta.training.calibration import CALIBRATION_SEED_OFFSET, VAL_SEED_OFFSET
+
+        records = [r for s in ("train", "val") for c in self.protocol.classes[s] for r in self.protocol.records[c]]
+        with make_progress(transient=True, disable=self.quiet) as progress:
+            task = progress.add_task("Decoding scans", total=len(records), status="")
+            _, bad = self.store.warm(records, on_progress=lambda: progress.advance(task))
+        if bad:
+            self._drop_unreadable(bad)
+        train, val, seed = self.protocol.split_records("train"), self.protocol.split_records("val"), self.config.seed
+        self.train_samplers = {shot: EpisodeSampler(train, self.way, shot, self.query, seed) for shot in self.train_shots}
+        self.val_sampler = EpisodeSampler(val, self.val_way, self.shot, self.query, seed + VAL_SEED_OFFSET)
+        self.calibration_sampler = EpisodeSampler(val, self.val_way, self.shot, self.query, seed + CALIBRATION_SEED_OFFSET)
+
+    def _drop_unreadable(self, bad: list) -> None:
+        console.print(f"[yellow]{len(bad)} unreadable file(s) skipped[/], e.g. {bad[0][0].key}: {bad[0][1]}")
+        bad_keys = {r.key for r, _ in bad}
+        for name in list(self.protocol.records):
+            self.protocol.records[name] = [r for r in self.protocol.records[name] if r.key not in bad_keys]
+        self.protocol.check_counts(max(self.shot, *self.train_shots), self.query, splits=("train",))
+
+    def train_episode(self, index: int):
+        """Meta-training episode ``index``; its shot is drawn from ``train_shots`` (seeded by the
+        index alone, so a resumed run draws the same shots)."""
+        shots = self.train_shots
+        shot = shots[0] if len(shots) == 1 else shots[int(np.random.default_rng([self.config.seed, 11, index]).integers(len(shots)))]
+        return self.train_samplers[shot].episode(index)
+
+    def start_phase(self, phase: str) -> None:
+        """Fresh optimiser and schedule for ``"pretrain"`` or ``"episodic"``."""
+        from medmeta.training.episodic import start_episodic
+        from medmeta.training.pretrain import start_pretraining
+
+        self.phase = phase
+        start_pretraining(self) if phase == "pretrain" else start_episodic(self)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.config.backbone_lr == 0
+
+    def train_mode(self) -> None:
+        """Training mode for episodic training; a frozen backbone stays in evaluation mode (its
+        normalisation statistics are part of what is frozen)."""
+        self.learner.train()
+        if self.phase != "pretrain" and self.backbone_frozen:
+            self.learner.backbone.eval()
+
+
+def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
+    """Run (or resume) training as described by ``config``; returns where the checkpoint is.
+
+    The config is validated first (:meth:`TrainConfig.validate`); the effective config is
+    written to ``<out>/config.yaml`` (give it to ``medmeta train --config`` to train again)."""
+    from medmeta.training.calibration import calibrate_best, print_calibration
+    from medmeta.training.config_file import write_config_file
+    from medmeta.training.episodic import meta_train
+    from medmeta.training.resume import resumed_config, save_state
+
+    if resume:
+        config = resumed_config(config)
+    config.validate()
+    torch.manual_seed(config.seed)
+    run = Run(config, quiet=quiet)
+    run.out.mkdir(parents=True, exist_ok=True)
+    write_config_file(config, run.out)
+    _announce(run)
+    run.load_images()
+    _start(run, resume)
+    meta_train(run)
+    save_state(run)
+    record = calibrate_best(run)
+    if not quiet:
+        best = run.best_val
+        console.print(
+            f"Best val accuracy {best['accuracy']:.3f} ± {best.get('accuracy_ci95', float('nan')):.3f} "
+            f"({best.get('phase')}, episode {best.get('episode')})."
+        )
+        print_calibration(record)
+        console.print(f"Checkpoint: {run.out / 'best.json'} (+ best.safetensors)")
+    return TrainResult(
+        out=run.out, checkpoint=run.out / "best.json", best_val=run.best_val, calibration=record,
+        episodes_done=run.episode, episodes_per_second=run.episodes_per_second, history=run.history,
+    )
+
+
+def _announce(run: Run) -> None:
+    if run.quiet:
+        return
+    classes = run.protocol.classes
+    console.print(
+        f"Training [bold]{run.config.method}[/] on {run.protocol.name}: {len(classes['train'])} train / "
+        f"{len(classes['val'])} val / {len(classes['test'])} test classes, "
+        f"{run.way}-way {run.shot}-shot {run.query}-query, device {run.device}"
+    )
+
+
+def _start(run: Run, resume: bool) -> None:
+    """Restore the saved state, or start from scratch; pre-train when that phase is not done.
+    Leaves the run at the start of (or within) episodic training."""
+    from medmeta.training.pretrain import pretrain
+    from medmeta.training.resume import load_state
+    from medmeta.training.selection import validate
+
+    if resume:
+        load_state(run)
+        if not run.quiet:
+            console.print(f"Resumed from {run.out / 'last.json'} at {run.phase} epoch {run.epoch}, episode {run.episode}")
+    elif run.config.pretrain_epochs > 0:
+        run.start_phase("pretrain")
+    else:
+        run.start_phase("episodic")
+        validate(run, label="at initialisation")
+    if run.phase == "pretrain":
+        if run.epoch < run.config.pretrain_epochs:
+            pretrain(run)
+        run.start_phase("episodic")

@@ -1,0 +1,73 @@
+"""Phase 1: the backbone pre-trained as an ordinary classifier over all meta-train classes
+(a linear head on the pooled features, cross-entropy, SGD with Nesterov momentum, cosine
+schedule); the head is discarded afterwards."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from medmeta.progress import make_progress
+
+if TYPE_CHECKING:
+    from medmeta.training.loop import Run
+
+
+def start_pretraining(run: "Run") -> None:
+    """A fresh head (seeded), its SGD optimiser over backbone + head, and the cosine schedule."""
+    cfg = run.config
+    n_classes = len(run.protocol.classes["train"])
+    torch.manual_seed(cfg.seed)
+    run.head = nn.Linear(run.learner.backbone.num_features, n_classes).to(run.device)
+    params = list(run.learner.backbone.parameters()) + list(run.head.parameters())
+    run.optimizer = torch.optim.SGD(params, lr=cfg.pretrain_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    run.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=max(1, cfg.pretrain_epochs))
+
+
+def pretrain(run: "Run") -> None:
+    """Pre-train from ``run.epoch`` to ``pretrain_epochs`` (saving the resume state after every
+    epoch), then validate the result as a model-selection candidate."""
+    from medmeta.training.resume import save_state
+    from medmeta.training.selection import validate
+
+    cfg = run.config
+    names = run.protocol.classes["train"]
+    records = [r for i, n in enumerate(names) for r in run.protocol.records[n]]
+    labels = torch.tensor([i for i, n in enumerate(names) for _ in run.protocol.records[n]])
+    n_batches = max(1, len(records) // cfg.pretrain_batch_size)
+    run.learner.train()
+    assert run.head is not None and run.optimizer is not None
+    with make_progress(disable=run.quiet) as progress:
+        task = progress.add_task("Pre-training", total=cfg.pretrain_epochs * n_batches, completed=run.epoch * n_batches, status="")
+        while run.epoch < cfg.pretrain_epochs:
+            started = time.perf_counter()
+            _epoch(run, records, labels, n_batches, lambda status: progress.update(task, advance=1, status=status))
+            run.scheduler.step()
+            run.train_seconds += time.perf_counter() - started
+            run.epoch += 1
+            save_state(run)
+    validate(run, label="after pre-training")
+
+
+def _epoch(run: "Run", records: list, labels: torch.Tensor, n_batches: int, report) -> None:
+    """One pass over the train images in the seeded order of epoch ``run.epoch``."""
+    batch = run.config.pretrain_batch_size
+    order = np.random.default_rng([run.config.seed, 7, run.epoch]).permutation(len(records))
+    correct = seen = 0
+    for b in range(n_batches):
+        idx = order[b * batch : (b + 1) * batch]
+        images = run.augment(run.store.stack([records[i] for i in idx]), step=(run.epoch + 1) * 1_000_000 + b)
+        target = labels[idx].to(run.device)
+        logits = run.head(run.learner.backbone(images.to(run.device)))
+        loss = F.cross_entropy(logits, target)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        correct += int((logits.argmax(1) == target).sum())
+        seen += len(idx)
+        report(f"epoch {run.epoch + 1} loss {loss.item():.3f} acc {correct / seen:.3f}")

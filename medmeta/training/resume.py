@@ -1,0 +1,83 @@
+"""Resume state: ``last.safetensors`` (weights, optimiser tensors, torch RNG) and ``last.json``
+(config, phase, counters, scheduler, history), written after every pre-training epoch and
+validation, and read back by ``--resume``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from medmeta.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors
+from medmeta.errors import CheckpointError
+from medmeta.io import atomic_write_json
+from medmeta.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from medmeta.training.loop import Run
+
+STATE_FORMAT = "medmeta-train-state"
+
+
+def save_state(run: "Run") -> None:
+    """Write the run's resume state into its folder (tensors first, then the JSON)."""
+    assert run.optimizer is not None
+    tensors = {f"model.{k}": v for k, v in run.learner.state_dict().items()}
+    if run.head is not None:
+        tensors.update({f"head.{k}": v for k, v in run.head.state_dict().items()})
+    optim_tensors, optim_rest = optimizer_to_tensors(run.optimizer.state_dict(), "optim")
+    tensors.update(optim_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_tensors(run.out / "last.safetensors", tensors)
+    atomic_write_json(
+        run.out / "last.json",
+        {
+            "format": STATE_FORMAT,
+            "config": run.config.to_dict(),
+            "phase": run.phase,
+            "epoch": run.epoch,
+            "episode": run.episode,
+            "train_seconds": run.train_seconds,
+            "optimizer": optim_rest,
+            "scheduler": run.scheduler.state_dict(),
+            "best_val": run.best_val,
+            "history": run.history,
+        },
+    )
+
+
+def load_state(run: "Run") -> None:
+    """Restore what :func:`save_state` wrote: weights, counters, phase, optimiser, scheduler, RNG."""
+    path = run.out / "last.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot resume, no readable training state ({exc})") from None
+    if state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a medmeta training state")
+    tensors = load_tensors(run.out / "last.safetensors")
+    run.learner.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    run.epoch, run.episode = int(state["epoch"]), int(state["episode"])
+    run.train_seconds = float(state.get("train_seconds", 0.0))
+    run.best_val, run.history = state["best_val"], state["history"]
+    run.start_phase(state["phase"])
+    if run.head is not None:
+        run.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    assert run.optimizer is not None
+    run.optimizer.load_state_dict(optimizer_from_tensors(tensors, state["optimizer"], "optim"))
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+def resumed_config(config: TrainConfig) -> TrainConfig:
+    """On resume the stored configuration wins, except the budget and the device."""
+    path = Path(config.out) / "last.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: nothing to resume (no readable training state in {config.out})") from None
+    merged = TrainConfig.from_dict(stored)
+    merged.episodes, merged.device, merged.max_minutes = config.episodes, config.device, config.max_minutes
+    return merged
