@@ -246,35 +246,12 @@ def _jpeg_ls_decodable() -> str | None:
 def write_jpeg_ls_dicom(path: Path) -> Path:
     """A DICOM whose pixel data is encapsulated JPEG-LS (the bytes need not decode: with no
     JPEG-LS codec installed, pydicom refuses before looking at them)."""
-    from pydicom import dcmwrite
-    from pydicom.dataset import Dataset, FileMetaDataset
+    import numpy as np
     from pydicom.encaps import encapsulate
-    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+    from test_reading import write_dicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = JPEG_LS_LOSSLESS
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(range(64)) + b"\xff\xd9"])
-    ds["PixelData"].VR = "OB"
-    try:
-        dcmwrite(path, ds, enforce_file_format=True)  # pydicom >= 3
-    except TypeError:
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        dcmwrite(path, ds, write_like_original=False)  # pydicom 2.x
-    return path
+    frame = b"\xff\xd8\xff\xf7" + bytes(range(64)) + b"\xff\xd9"
+    return write_dicom(path, np.zeros((8, 8)), transfer_syntax=JPEG_LS_LOSSLESS, bits_stored=12, pixel_data=encapsulate([frame]))
 
 
 def _bundled_pydicom_file(name: str) -> Path:

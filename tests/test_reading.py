@@ -74,13 +74,18 @@ def write_dicom(
     slope: float | None = None,
     intercept: float | None = None,
     signed: bool = False,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    bits_stored: int = 16,
+    pixel_data: bytes | None = None,
 ) -> Path:
-    """An uncompressed single- or multi-frame grayscale DICOM written with pydicom."""
+    """A single- or multi-frame grayscale DICOM written with pydicom: ``pixels`` uncompressed, or
+    ``pixel_data`` (encapsulated, e.g. compressed frames) in ``transfer_syntax`` with ``pixels``
+    giving only the shape."""
     sop_class = CTImageStorage if modality == "CT" else SecondaryCaptureImageStorage
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = sop_class
@@ -91,14 +96,17 @@ def write_dicom(
         ds.NumberOfFrames = int(pixels.shape[0])
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
     ds.PixelRepresentation = 1 if signed else 0
     if slope is not None:
         ds.RescaleSlope = slope
     if intercept is not None:
         ds.RescaleIntercept = intercept
-    ds.PixelData = pixels.astype(np.int16 if signed else np.uint16).tobytes()
+    if pixel_data is None:
+        ds.PixelData = pixels.astype(np.int16 if signed else np.uint16).tobytes()
+    else:
+        ds.PixelData = pixel_data
+        ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
     return path
 
