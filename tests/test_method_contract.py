@@ -118,3 +118,15 @@ def test_adapt_works_from_a_saved_checkpoint(tmp_path, name, kwargs):
     for case in result.cases:
         assert sum(case.probabilities) == pytest.approx(1.0, abs=1e-6)
         assert 0.0 <= case.stability_max_change <= 1.0
+
+
+@pytest.mark.parametrize("name, kwargs", VARIANTS, ids=IDS)
+def test_logits_and_distances_together_equal_each_alone(name, kwargs):
+    learner, _ = make(name, kwargs)
+    learner.eval()
+    xs, ys, xq, _ = episode(3)
+    with torch.no_grad():
+        learner.fit_support(xs, ys)
+        logits, distances = learner.predict_with_distance(xq)
+        assert torch.equal(logits, learner.predict_query(xq))
+        torch.testing.assert_close(distances, learner.support_distance(xq), rtol=0, atol=0, equal_nan=True)

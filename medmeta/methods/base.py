@@ -58,6 +58,12 @@ class MetaLearner(nn.Module, ABC):
         flags); methods without a natural distance return NaN."""
         return torch.full((query_images.shape[0],), float("nan"), device=query_images.device)
 
+    def predict_with_distance(self, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_query` and :meth:`support_distance` of ``query_images`` together:
+        logits ``(n_query, n_way)`` and distances ``(n_query,)``. Methods whose two share the
+        query embeddings override it to embed once (same numbers, half the backbone passes)."""
+        return self.predict_query(query_images), self.support_distance(query_images)
+
     def episode_loss(
         self,
         support_images: torch.Tensor,

@@ -50,9 +50,19 @@ class ProtoNet(MetaLearner):
         return self
 
     def predict_query(self, query_images: torch.Tensor) -> torch.Tensor:
+        return self._logits(self._squared_distances(query_images, "predict_query"))
+
+    def predict_with_distance(self, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        squared = self._squared_distances(query_images, "predict_with_distance")  # one backbone pass
+        return self._logits(squared), squared.min(dim=1).values.sqrt()
+
+    def _squared_distances(self, query_images: torch.Tensor, caller: str) -> torch.Tensor:
+        """``(n_query, n_way)`` squared distances of the query embeddings to the prototypes."""
         if self.prototypes_ is None:
-            raise RuntimeError("call fit_support before predict_query")
-        squared = squared_distances(self.backbone(query_images), self.prototypes_)
+            raise RuntimeError(f"call fit_support before {caller}")
+        return squared_distances(self.backbone(query_images), self.prototypes_)
+
+    def _logits(self, squared: torch.Tensor) -> torch.Tensor:
         if self.distance == "euclidean":
             # the clamp keeps the gradient finite for a query sitting on a prototype
             return -squared.clamp_min(1e-12).sqrt() / self.scale
@@ -74,9 +84,7 @@ class ProtoNet(MetaLearner):
         return logits
 
     def support_distance(self, query_images: torch.Tensor) -> torch.Tensor:
-        if self.prototypes_ is None:
-            raise RuntimeError("call fit_support before support_distance")
-        return squared_distances(self.backbone(query_images), self.prototypes_).min(dim=1).values.sqrt()
+        return self._squared_distances(query_images, "support_distance").min(dim=1).values.sqrt()
 
     def hparams(self) -> dict:
         return {"scale": self.scale, "distance": self.distance}

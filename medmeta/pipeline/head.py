@@ -57,8 +57,9 @@ class LearnerHead:
         logits, distances = [], []
         for start in range(0, len(task.query_images), size):
             batch = task.query_images[start : start + size].to(self.device)
-            logits.append(self.learner.predict_query(batch).double().cpu())
-            distances.append(self.learner.support_distance(batch).double().cpu())
+            batch_logits, batch_distances = self.learner.predict_with_distance(batch)
+            logits.append(batch_logits.double().cpu())
+            distances.append(batch_distances.double().cpu())
         out = Logits(torch.cat(logits).numpy(), torch.cat(distances).numpy())
         if (held_out or stability) and task.has_two_per_condition():
             loo = leave_one_out(
