@@ -108,11 +108,12 @@ def adapt(
     with one scan of some condition the checkpoint's is used and a note says so.
     """
     options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma)
+    label_map = read_labels(labels) if labels else None  # a bad labels file fails before any work
     run = as_run(checkpoint, device)
     batch = read_cases(cases_dir, run.reader)
     result = _diagnose(run, batch, options, cases_dir=str(Path(cases_dir).resolve()))
-    if labels:
-        _attach_labels(result, read_labels(labels))
+    if label_map is not None:
+        _attach_labels(result, label_map)
     return result
 
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from medmeta.calibration import CalibrationRecord
     from medmeta.data.episodes import EpisodeSampler
     from medmeta.data.store import ImageStore
-    from medmeta.evaluation import EpisodeOutputs
+    from medmeta.evaluation import EpisodeOutputs, EpisodeSummary
     from medmeta.methods import MetaLearner
     from medmeta.training.loop import Run
 
@@ -50,7 +50,7 @@ def fit_calibration(
     scaler, conformal, distance = _fit_steps(fit_out, cfg)
     if held_out is None:
         held_out = _run("Checking on held-out val episodes", learner, store, val_sampler, cfg.val_episodes, device, quiet)
-    evidence = summarize(held_out, temperature=scaler.temperature_, sets=conformal, referral=distance.threshold_).to_dict()
+    evidence = summarize(held_out, temperature=scaler.temperature_, sets=conformal, referral=distance.threshold_)
     fitted_on = f"{cfg.calibration_episodes} val-class episodes ({calibration_sampler.way}-way {calibration_sampler.shot}-shot)"
     return _record(fit_out, (scaler, conformal, distance), evidence, fitted_on, calibration_sampler.shot, cfg.refer_share)
 
@@ -78,7 +78,7 @@ def _fit_steps(fit_out: "EpisodeOutputs", cfg: TrainConfig) -> tuple[Any, Any, A
     return scaler, conformal, distance
 
 
-def _record(fit_out, steps: tuple, held_out: dict[str, Any], fitted_on: str, shot: int, share: float) -> "CalibrationRecord":
+def _record(fit_out, steps: tuple, held_out: "EpisodeSummary", fitted_on: str, shot: int, share: float) -> "CalibrationRecord":
     """The calibration record: the fitted ``(scaler, conformal, distance)`` steps and their
     evidence (``held_out``: the summary of the held-out val episodes)."""
     from medmeta.calibration import CalibrationRecord, ReferralRecord, expected_calibration_error, softmax
@@ -93,20 +93,20 @@ def _record(fit_out, steps: tuple, held_out: dict[str, Any], fitted_on: str, sho
         n_bins=N_BINS,
         ece_before_fit_episodes=expected_calibration_error(softmax(logits), labels),
         ece_after_fit_episodes=expected_calibration_error(softmax(logits / scaler.temperature_), labels),
-        ece_before_val=held_out["ece_before"],
-        ece_after_val=held_out["ece_after"],
+        ece_before_val=held_out.ece_before,
+        ece_after_val=held_out.ece_after,
         conformal=conformal,
         conformal_evidence={
             "fitted_on": f"query cases of the {fitted_on}, temperature-scaled",
-            "coverage_val": held_out["coverage"],
-            "mean_set_size_val": held_out["mean_set_size"],
+            "coverage_val": held_out.coverage,
+            "mean_set_size_val": held_out.mean_set_size,
         },
         referral=ReferralRecord(
             share=float(share),
             distance_threshold=distance.threshold_,
             n_calibration=distance.n_calibration_,
-            distance_flag_rate_val=held_out["referral_rate_distance"],
-            referral_rate_val=held_out["referral_rate"],
+            distance_flag_rate_val=held_out.referral_rate_distance,
+            referral_rate_val=held_out.referral_rate,
         ),
         method_options=None,
     )
