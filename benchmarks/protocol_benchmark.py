@@ -17,14 +17,14 @@ import json
 import time
 from pathlib import Path
 
-from medmeta.training.config_file import parse_key_values
 from medmeta.data.protocol import load_protocol
 from medmeta.evaluation import EvaluationSettings, evaluate_checkpoint
 from medmeta.io import atomic_write_json, json_safe
 from medmeta.training import TrainConfig, train
+from medmeta.training.config_file import parse_key_values
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("protocol")
     parser.add_argument("--out", required=True)
@@ -51,32 +51,40 @@ def main() -> None:
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--eval-episodes", type=int, default=None)
     parser.add_argument("--skip-train", action="store_true", help="evaluate the checkpoint already in --out")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def train_run(args: argparse.Namespace, out: Path) -> dict:
+    """Train as the arguments say; the training part of the report."""
+    config = TrainConfig(
+        protocol=args.protocol, out=str(out), method=args.method, backbone=args.backbone,
+        image_size=args.image_size, episodes=args.episodes, max_minutes=args.max_minutes,
+        pretrain_epochs=args.pretrain_epochs, shot=args.shot, train_shots=args.train_shot, val_interval=args.val_interval,
+        lr_step=args.lr_step, augment=args.augment, meta_batch=args.meta_batch, lr=args.lr,
+        backbone_lr=args.backbone_lr, grad_clip=args.grad_clip,
+        val_episodes=args.val_episodes, calibration_episodes=args.calibration_episodes,
+        init_from=args.init_from,
+        method_kwargs=parse_key_values(args.method_option, "--method-option"),
+        backbone_kwargs=parse_key_values(args.backbone_option, "--backbone-option"),
+    )
+    started = time.perf_counter()
+    result = train(config)
+    return {
+        "wall_seconds": time.perf_counter() - started,
+        "episodes_done": result.episodes_done,
+        "episodes_per_second": result.episodes_per_second,
+        "best_val": result.best_val,
+        "calibration": json_safe(result.calibration.to_dict()),
+    }
+
+
+def main() -> None:
+    args = parse_args()
     protocol = load_protocol(args.protocol)
     out = Path(args.out)
     report: dict = {"protocol": protocol.name, "args": vars(args)}
     if not args.skip_train:
-        config = TrainConfig(
-            protocol=args.protocol, out=str(out), method=args.method, backbone=args.backbone,
-            image_size=args.image_size, episodes=args.episodes, max_minutes=args.max_minutes,
-            pretrain_epochs=args.pretrain_epochs, shot=args.shot, train_shots=args.train_shot, val_interval=args.val_interval,
-            lr_step=args.lr_step, augment=args.augment, meta_batch=args.meta_batch, lr=args.lr,
-            backbone_lr=args.backbone_lr, grad_clip=args.grad_clip,
-            val_episodes=args.val_episodes, calibration_episodes=args.calibration_episodes,
-            init_from=args.init_from,
-            method_kwargs=parse_key_values(args.method_option, "--method-option"),
-            backbone_kwargs=parse_key_values(args.backbone_option, "--backbone-option"),
-        )
-        started = time.perf_counter()
-        result = train(config)
-        report["training"] = {
-            "wall_seconds": time.perf_counter() - started,
-            "episodes_done": result.episodes_done,
-            "episodes_per_second": result.episodes_per_second,
-            "best_val": result.best_val,
-            "calibration": json_safe(result.calibration.to_dict()),
-        }
+        report["training"] = train_run(args, out)
     report["test"] = {}
     for shot in protocol.episodes.shot:
         settings = EvaluationSettings(protocol=args.protocol, shot=shot, episodes=args.eval_episodes, seed=args.eval_seed)
