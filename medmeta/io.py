@@ -9,7 +9,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 @contextmanager
@@ -75,6 +75,30 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP: CSV injection).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as a CSV cell that no spreadsheet runs as a formula: text starting with ``=``,
+    ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'`` (as OWASP recommends);
+    anything else, numbers included, is written as it is."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def atomic_write_csv(path: str | os.PathLike, header: list[Any], rows: Iterable[Iterable[Any]]) -> None:
+    """Write a CSV atomically (UTF-8, ``csv`` module quoting), every cell through :func:`csv_cell`."""
+    import csv
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([csv_cell(cell) for cell in header])
+            writer.writerows([csv_cell(cell) for cell in row] for row in rows)
 
 
 def check_output_folder(path: str | os.PathLike, overwrite: bool = False) -> Path:

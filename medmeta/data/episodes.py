@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 
 from medmeta.data.records import ImageRecord
 from medmeta.errors import ProtocolError
-from medmeta.io import atomic_path
+from medmeta.io import atomic_write_csv
 
 
 @dataclass
@@ -100,12 +99,11 @@ class EpisodeSampler:
 
     def save_manifest(self, path: str | Path, indices: range | list[int]) -> None:
         """Write the file list of the given episodes as CSV (episode, role, class, label, key, patient_id)."""
-        with atomic_path(path) as tmp:
-            with open(tmp, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["episode", "role", "class", "label", "key", "patient_id"])
-                for index in indices:
-                    ep = self.episode(index)
-                    for role, records, labels in (("support", ep.support, ep.support_labels), ("query", ep.query, ep.query_labels)):
-                        for record, label in zip(records, labels.tolist()):
-                            writer.writerow([index, role, ep.classes[label], label, record.key, record.patient_id or ""])
+        atomic_write_csv(path, ["episode", "role", "class", "label", "key", "patient_id"], self._manifest_rows(indices))
+
+    def _manifest_rows(self, indices: range | list[int]):
+        for index in indices:
+            ep = self.episode(index)
+            for role, records, labels in (("support", ep.support, ep.support_labels), ("query", ep.query, ep.query_labels)):
+                for record, label in zip(records, labels.tolist()):
+                    yield [index, role, ep.classes[label], label, record.key, record.patient_id or ""]

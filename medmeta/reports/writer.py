@@ -9,13 +9,14 @@ data URIs, no external URLs) and rendered by Jinja2 with autoescaping on.
 ``prediction_set`` (conditions joined by ``;``, empty for an empty set; absent when the
 checkpoint has no conformal calibration), ``refer`` (``true``/``false``) and ``refer_reason``
 (reasons joined by ``; ``; both absent when the checkpoint has no referral calibration),
-``stability_max_change`` (empty when not computed) and ``label`` (with ``--labels``).
+``stability_max_change`` (empty when not computed) and ``label`` (with ``--labels``). A cell
+that a spreadsheet would run as a formula (text starting with ``=``, ``+``, ``-``, ``@``, a tab or
+a carriage return, e.g. from a condition folder's name) is written with a leading ``'``.
 """
 
 from __future__ import annotations
 
 import base64
-import csv
 import io
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,14 @@ import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from medmeta.adaptation import AdaptResult
-from medmeta.io import atomic_folder, atomic_path, atomic_write_json, atomic_write_text, json_safe
+from medmeta.io import atomic_folder, atomic_write_csv, atomic_write_json, atomic_write_text, json_safe
 
 REPORT_FILES = ("predictions.csv", "report.json", "report.html", "rejected.csv")
 
 
 def write_rejected(out_dir: str | Path, rejected: list[tuple[str, str]]) -> Path:
     path = Path(out_dir) / "rejected.csv"
-    _write_csv(path, ["path", "reason"], [list(row) for row in rejected])
+    atomic_write_csv(path, ["path", "reason"], [list(row) for row in rejected])
     return path
 
 
@@ -69,7 +70,7 @@ def _write_all(result: AdaptResult, out: Path) -> None:
         if has_labels:
             row.append(case.label or "")
         rows.append(row)
-    _write_csv(paths["predictions.csv"], header, rows)
+    atomic_write_csv(paths["predictions.csv"], header, rows)
     atomic_write_json(paths["report.json"], report_dict(result))
     atomic_write_text(paths["report.html"], render_html(result))
 
@@ -144,9 +145,3 @@ def thumbnail_data_uri(image: torch.Tensor) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
