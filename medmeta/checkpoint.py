@@ -144,7 +144,10 @@ def read_meta(json_path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{json_path}: not a medmeta checkpoint (unreadable JSON: {exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path}: not a medmeta checkpoint (no '\"format\": \"{FORMAT}\"' field)")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{json_path}: not a medmeta checkpoint (format_version {version!r} is not an integer)")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{json_path}: checkpoint format {meta['format_version']} is newer than this medmeta reads")
     return meta
 

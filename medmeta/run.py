@@ -96,18 +96,19 @@ def load_run(
     from medmeta.checkpoint import build_learner, load_checkpoint
     from medmeta.data import Preprocessing, ScanReader
     from medmeta.device import resolve_device
-    from medmeta.errors import CheckpointError
+    from medmeta.errors import CheckpointError, MedmetaError
 
     ckpt = load_checkpoint(checkpoint)
+    try:  # the sidecar's values are checked before anything is built from them
+        preprocessing = Preprocessing.from_dict(ckpt.meta.get("preprocessing"))
+    except MedmetaError as exc:
+        raise CheckpointError(f"{ckpt.path}: invalid preprocessing record ({exc})") from None
+    ckpt.calibration  # noqa: B018 - validates the calibration record (CheckpointError naming the file)
     if method_options:
         method = ckpt.meta["method"]
         ckpt.meta["method"] = {**method, "hparams": {**method.get("hparams", {}), **method_options}}
     torch_device = resolve_device(device)
     learner = build_learner(ckpt).to(torch_device)
-    try:
-        preprocessing = Preprocessing.from_dict(ckpt.meta["preprocessing"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{ckpt.path}: invalid preprocessing record ({exc})") from None
     return LoadedRun(
         checkpoint=ckpt,
         learner=learner,

@@ -177,20 +177,27 @@ class ConformalPredictor:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ConformalPredictor":
         """Rebuild a fitted predictor from :meth:`to_dict` (``None`` thresholds mean ``inf``)."""
+        as_threshold = lambda t: math.inf if t is None else _number(t)  # noqa: E731
         try:
             predictor = cls(
-                str(data["score"]), float(data["coverage"]), bool(data.get("class_conditional", False)),
+                str(data["score"]), _number(data["coverage"]), bool(data.get("class_conditional", False)),
                 bool(data.get("interpolate", False)),
             )
-            threshold = data["threshold"]
-        except (KeyError, TypeError, ValueError) as exc:
+            predictor.threshold_ = as_threshold(data["threshold"])
+            predictor.thresholds_ = {c: as_threshold(t) for c, t in (data.get("thresholds_per_class") or {}).items()}
+            predictor.n_calibration_ = int(_number(data.get("n_calibration", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CalibrationError(f"incomplete conformal calibration record ({exc})") from None
-        predictor.threshold_ = math.inf if threshold is None else float(threshold)
-        predictor.thresholds_ = {
-            c: math.inf if t is None else float(t) for c, t in (data.get("thresholds_per_class") or {}).items()
-        }
-        predictor.n_calibration_ = int(data.get("n_calibration", 0))
+        if predictor.score not in SCORES or not 0.0 < predictor.coverage < 1.0:
+            raise CalibrationError(f"conformal record with unknown score {predictor.score!r} or coverage {predictor.coverage} outside (0, 1)")
         return predictor
+
+
+def _number(value: Any) -> float:
+    """A JSON number as a float; text, booleans and NaN are refused (ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)
 
 
 # Where the conformal threshold of a prediction set comes from.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -76,22 +77,55 @@ class Preprocessing:
     def __post_init__(self) -> None:
         from medmeta.errors import MedmetaError
 
-        if self.channels not in (1, 3):
-            raise MedmetaError(f"preprocessing channels must be 1 or 3, got {self.channels}")
-        if self.image_size < 2:
-            raise MedmetaError(f"preprocessing image_size must be at least 2, got {self.image_size}")
+        if not _is_int(self.channels) or self.channels not in (1, 3):
+            raise MedmetaError(f"preprocessing channels must be 1 or 3, got {self.channels!r}")
+        if not _is_int(self.image_size) or not 2 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise MedmetaError(f"preprocessing image_size must be an integer from 2 to {MAX_IMAGE_SIZE}, got {self.image_size!r}")
+        if not _numbers(self.ct_window) or not self.ct_window[1] > 0:
+            raise MedmetaError(f"preprocessing ct_window must be (level, width) with width > 0, got {self.ct_window!r}")
+        if not _numbers(self.percentiles) or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise MedmetaError(f"preprocessing percentiles must be (low, high) with 0 <= low < high <= 100, got {self.percentiles!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        """Rebuild from :meth:`to_dict` (a checkpoint's sidecar); every value is checked for type
+        and bounds (:class:`MedmetaError`), so a forged sidecar cannot ask for a huge image."""
+        from medmeta.errors import MedmetaError
+
+        if not isinstance(data, dict) or "image_size" not in data or "channels" not in data:
+            raise MedmetaError("preprocessing must be a mapping with image_size and channels")
+        window, percentiles = data.get("ct_window", (40.0, 400.0)), data.get("percentiles", (0.5, 99.5))
         return cls(
-            image_size=int(data["image_size"]),
-            channels=int(data["channels"]),
-            ct_window=tuple(data.get("ct_window", (40.0, 400.0))),  # type: ignore[arg-type]
-            percentiles=tuple(data.get("percentiles", (0.5, 99.5))),  # type: ignore[arg-type]
+            image_size=_whole_number(data["image_size"]),
+            channels=_whole_number(data["channels"]),
+            ct_window=tuple(window) if isinstance(window, (list, tuple)) else window,
+            percentiles=tuple(percentiles) if isinstance(percentiles, (list, tuple)) else percentiles,
         )
+
+
+#: Largest side a scan is resized to (a bound on memory per scan: 3 x 1024 x 1024 floats is 12 MB).
+MAX_IMAGE_SIZE = 1024
+
+
+def _whole_number(value: Any) -> Any:
+    """A whole number written as a number or as digits ("48") becomes an int; anything else is
+    left for the bounds check to refuse."""
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(pair: Any) -> bool:
+    """A pair of finite real numbers."""
+    return (
+        isinstance(pair, tuple) and len(pair) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+    )
 
 
 @dataclass

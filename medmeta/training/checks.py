@@ -77,6 +77,9 @@ def check_types(config: TrainConfig) -> None:
 
 
 # ---- values ----------------------------------------------------------------------------------
+MAX_IMAGE_SIZE = 1024  # as medmeta.data.reading.MAX_IMAGE_SIZE (a test keeps them equal; that module loads torch)
+
+
 def _at_least(bound: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v >= bound), f"must be at least {bound}"
 
@@ -91,7 +94,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "shot": _at_least(1),
     "query": _at_least(1),
     "episodes": _at_least(0),
-    "image_size": _at_least(16),
+    "image_size": ((lambda v: 16 <= v <= MAX_IMAGE_SIZE), f"must be at least 16 (and at most {MAX_IMAGE_SIZE})"),
     "channels": ((lambda v: v in (1, 3)), "must be 1 (grayscale) or 3 (RGB)"),
     "meta_batch": _at_least(1),
     "lr": _positive(),
