@@ -110,3 +110,19 @@ def test_labels_that_name_no_condition_or_no_case_are_warned_about(trained_run, 
     text = " ".join(result.output.split())
     assert "1 path(s) in the labels CSV match no case: query/not_there.png" in text
     assert "label(s) that name no condition of the support" in text and "no_such_condition" in text
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_escaped_and_the_batch_goes_on(trained_run, cases, tmp_path):
+    import csv
+    import os
+
+    source = cases / "query" / "case_001.png"
+    bad_name = os.fsencode(cases / "query") + b"/case_\xff.png"
+    os.rename(os.fsencode(source), bad_name)
+    out = tmp_path / "report"
+    result = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--out", out, "--no-stability")
+    assert result.exit_code == 0, result.output
+    with open(out / "predictions.csv", newline="", encoding="utf-8") as handle:
+        paths = [row["path"] for row in csv.DictReader(handle)]
+    assert "query/case_\\xff.png" in paths and len(paths) == 30
+    assert "case_\\xff.png" in (out / "report.html").read_text(encoding="utf-8")

@@ -13,6 +13,7 @@ stops a batch.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,13 @@ class CaseBatch:
     query_sha256: list[str]
     support: dict[str, list[dict[str, str]]]
     rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def display_path(path: Path) -> str:
+    """``path`` as text that any report can hold: a file name byte that is not UTF-8 (possible on
+    POSIX file systems) is written as ``\\xNN`` instead of failing the batch when reports are
+    written."""
+    return os.fsencode(path.as_posix()).decode("utf-8", "backslashreplace")
 
 
 def _is_visible_file(path: Path, root: Path) -> bool:
@@ -94,7 +102,7 @@ def read_cases(cases_dir: str | Path, reader) -> CaseBatch:
     root = Path(cases_dir)
     support_files, query_files = discover_cases(root)
     rejected: list[tuple[str, str]] = []
-    rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+    rel = lambda p: display_path(p.relative_to(root))  # noqa: E731
 
     def read(path: Path) -> torch.Tensor | None:
         try:
