@@ -77,6 +77,35 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# Bounds on a YAML file the user gives (protocols, --config): its size, and how often it may use
+# an alias ("*name"); nested aliases multiply, so a 1 KB file can otherwise expand without end.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_ALIASES = 100
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """``yaml.safe_load`` of the file at ``path`` within :data:`MAX_YAML_BYTES` and
+    :data:`MAX_YAML_ALIASES` (``ValueError`` beyond either; ``yaml.YAMLError`` and
+    ``UnicodeDecodeError`` as usual)."""
+    import yaml
+
+    path = Path(path)
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"larger than {MAX_YAML_BYTES // 1024} KB")
+
+    class BoundedLoader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise ValueError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name): refused as a possible alias bomb")
+            return super().compose_node(parent, index)
+
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 # A spreadsheet runs a cell that starts with one of these as a formula (OWASP: CSV injection).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 

@@ -28,6 +28,7 @@ import yaml
 from medmeta.data.records import ImageRecord
 from medmeta.data.sources import load_source
 from medmeta.errors import ProtocolError
+from medmeta.io import load_yaml
 
 SPLITS = ("train", "val", "test")
 
@@ -45,11 +46,29 @@ class EpisodeSettings:
         if unknown:
             raise ProtocolError(f"{where}: unknown episode settings {sorted(unknown)}")
         shot = data.get("shot", [1, 5])
-        shots = [int(s) for s in (shot if isinstance(shot, list) else [shot])]
-        settings = cls(int(data.get("way", 5)), shots, int(data.get("query", 15)), int(data.get("test_episodes", 600)))
-        if settings.way < 2 or min(settings.shot) < 1 or settings.query < 1 or settings.test_episodes < 1:
-            raise ProtocolError(f"{where}: episodes need way >= 2, shot >= 1, query >= 1, test_episodes >= 1")
-        return settings
+        shots = shot if isinstance(shot, list) and shot else [shot]
+        return cls(
+            _count(data.get("way", 5), "way", 2, where),
+            [_count(s, "shot", 1, where) for s in shots],
+            _count(data.get("query", 15), "query", 1, where),
+            _count(data.get("test_episodes", 600), "test_episodes", 1, where),
+        )
+
+
+# Upper bounds of a protocol's counts: far beyond any real use, small enough that a typo cannot
+# ask for an endless episode list or a huge episode.
+COUNT_LIMITS = {"way": 100, "shot": 1000, "query": 1000, "test_episodes": 100_000}
+
+
+def _count(value: Any, name: str, low: int, where: str) -> int:
+    """A whole number in ``[low, COUNT_LIMITS[name]]``; anything else is a :class:`ProtocolError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{where}: episodes.{name} must be a whole number, got {value!r}")
+    if value < low:
+        raise ProtocolError(f"{where}: episodes need way >= 2, shot >= 1, query >= 1, test_episodes >= 1")
+    if value > COUNT_LIMITS[name]:
+        raise ProtocolError(f"{where}: episodes.{name} is at most {COUNT_LIMITS[name]}, got {value}")
+    return value
 
 
 @dataclass
@@ -97,9 +116,9 @@ def load_protocol(path: str | Path) -> Protocol:
     if not path.is_file():
         raise ProtocolError(f"{path}: protocol file not found")
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        spec = load_yaml(path)
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:300]})") from None
     if not isinstance(spec, dict):
         raise ProtocolError(f"{path}: a protocol is a mapping with 'sources', 'classes' and 'episodes'")
     for key in ("sources", "classes"):

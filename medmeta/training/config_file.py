@@ -26,12 +26,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     are refused with a :class:`ConfigError` naming the file (and the key)."""
     import yaml
 
+    from medmeta.io import load_yaml
+
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+        data = load_yaml(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read the training config ({exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:300]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
