@@ -12,6 +12,7 @@ from medmeta.cli.common import check_choice, check_temperature_options, user_err
 # Kept in step with medmeta.calibration (a test checks it): importing that here would load torch.
 TEMPERATURE_PRIOR_SIGMA = 0.5
 CONFORMAL_SOURCES = ("val", "support")
+MAX_PIXELS = 50_000_000
 
 
 def adapt(
@@ -25,6 +26,7 @@ def adapt(
     conformal_source: Annotated[str, typer.Option(help="Threshold of the prediction sets: val (fitted on validation conditions, in the checkpoint) or support (fitted on this support's leave-one-out predictions; 2+ scans per condition).")] = "val",
     temperature_source: Annotated[str, typer.Option(help="Temperature of the probabilities: val (the checkpoint's, fitted on validation conditions) or support (the checkpoint's updated by the support's leave-one-out predictions; 2+ scans per condition).")] = "val",
     temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Reject, without decoding it, a scan whose header declares more pixels than this (rows x columns x frames x channels).")] = MAX_PIXELS,
 ) -> None:
     """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html, rejected.csv."""
     out_dir = out or cases / "medmeta-report"
@@ -35,7 +37,7 @@ def adapt(
 
         check_output_folder(out_dir, overwrite)
         result = _run(checkpoint, cases, labels, device, out_dir, stability=stability, conformal_source=conformal_source,
-                      temperature_source=temperature_source, prior_sigma=temperature_sigma)
+                      temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels)
         from medmeta.reports import write_reports
 
         write_reports(result, out_dir, overwrite=overwrite)

@@ -88,6 +88,7 @@ def adapt(
     conformal_source: str = "val",
     temperature_source: str = "val",
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
+    max_pixels: int | None = None,
 ) -> AdaptResult:
     """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``.
 
@@ -106,10 +107,13 @@ def adapt(
     checkpoint's temperature updated by this support's leave-one-out predictions (prior spread
     ``prior_sigma`` in log temperature; see :class:`medmeta.calibration.SupportTemperature`);
     with one scan of some condition the checkpoint's is used and a note says so.
+
+    ``max_pixels``: a scan whose header declares more pixels is rejected without being decoded
+    (default :data:`medmeta.data.reading.MAX_PIXELS`; only when ``checkpoint`` is a path).
     """
     options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma)
     label_map = read_labels(labels) if labels else None  # a bad labels file fails before any work
-    run = as_run(checkpoint, device)
+    run = as_run(checkpoint, device, max_pixels=max_pixels)
     batch = read_cases(cases_dir, run.reader)
     result = _diagnose(run, batch, options, cases_dir=str(Path(cases_dir).resolve()))
     if label_map is not None:

@@ -86,15 +86,19 @@ def load_run(
     device: str = "auto",
     protocol: str | Path | None = None,
     method_options: dict[str, Any] | None = None,
+    max_pixels: int | None = None,
 ) -> LoadedRun:
     """Load the run at ``checkpoint`` (a run folder, ``NAME.json`` or ``NAME.safetensors``).
 
     ``device`` is ``"auto"``, ``"cpu"`` or ``"cuda"``; ``protocol`` overrides the protocol the
     checkpoint names; ``method_options`` replaces method hyperparameters that leave the weights
-    as they are (e.g. ``{"distance": "euclidean"}`` for ProtoNet) before the learner is built.
+    as they are (e.g. ``{"distance": "euclidean"}`` for ProtoNet) before the learner is built;
+    ``max_pixels`` caps the pixels a scan's header may declare (default
+    :data:`medmeta.data.reading.MAX_PIXELS`; larger files are refused before decoding).
     """
     from medmeta.checkpoint import build_learner, load_checkpoint
     from medmeta.data import Preprocessing, ScanReader
+    from medmeta.data.reading import MAX_PIXELS
     from medmeta.device import resolve_device
     from medmeta.errors import CheckpointError, MedmetaError
 
@@ -113,13 +117,13 @@ def load_run(
         checkpoint=ckpt,
         learner=learner,
         preprocessing=preprocessing,
-        reader=ScanReader(preprocessing),
+        reader=ScanReader(preprocessing, max_pixels or MAX_PIXELS),
         device=torch_device,
         protocol_path=str(protocol) if protocol is not None else None,
     )
 
 
-def as_run(checkpoint, device: str = "auto", protocol: str | Path | None = None) -> LoadedRun:
+def as_run(checkpoint, device: str = "auto", protocol: str | Path | None = None, max_pixels: int | None = None) -> LoadedRun:
     """``checkpoint`` itself when it is a :class:`LoadedRun` already (with ``protocol``, if
     given, replacing the one it names), else :func:`load_run` of it."""
     if isinstance(checkpoint, LoadedRun):
@@ -128,4 +132,4 @@ def as_run(checkpoint, device: str = "auto", protocol: str | Path | None = None)
 
             return replace(checkpoint, protocol_path=str(protocol), _protocol=None)
         return checkpoint
-    return load_run(checkpoint, device, protocol=protocol)
+    return load_run(checkpoint, device, protocol=protocol, max_pixels=max_pixels)

@@ -106,6 +106,10 @@ class Preprocessing:
         )
 
 
+#: Default cap on the pixels a scan's header may declare (rows x columns x frames x channels):
+#: 50 million is a 7000 x 7000 image; a 9000 x 9000 PNG of 79 KB would otherwise take 4.5 GB.
+MAX_PIXELS = 50_000_000
+
 #: Largest side a scan is resized to (a bound on memory per scan: 3 x 1024 x 1024 floats is 12 MB).
 MAX_IMAGE_SIZE = 1024
 
@@ -137,6 +141,8 @@ class ScanReader:
     """
 
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    #: a file whose header declares more pixels than this is refused before it is decoded
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         from monai.data import NibabelReader, PILReader, PydicomReader
@@ -186,6 +192,11 @@ class ScanReader:
         if fmt is None:
             raise ScanReadError(path, "unsupported file type (expected DICOM, NIfTI, PNG or JPEG)")
         info = _dicom_header(path) if fmt == "dicom" else None
+        declared = info.pixels if info is not None else _declared_pixels(path, fmt)
+        if declared > self.max_pixels:
+            raise ScanReadError(
+                path, f"declares {declared:,} pixels, more than the {self.max_pixels:,} a scan may have (not decoded)"
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -229,6 +240,7 @@ class _DicomInfo:
     invert: bool
     frames: int
     samples: int
+    pixels: int = 0  # declared in the header: rows x columns x frames x samples
 
 
 def _dicom_header(path: Path) -> _DicomInfo:
@@ -247,7 +259,27 @@ def _dicom_header(path: Path) -> _DicomInfo:
         samples = int(getattr(header, "SamplesPerPixel", 1) or 1)
     except (TypeError, ValueError):
         frames, samples = 1, 1
-    return _DicomInfo(modality == "CT", photometric == "MONOCHROME1", frames, samples)
+    try:
+        pixels = int(getattr(header, "Rows", 0) or 0) * int(getattr(header, "Columns", 0) or 0) * frames * samples
+    except (TypeError, ValueError):
+        pixels = 0
+    return _DicomInfo(modality == "CT", photometric == "MONOCHROME1", frames, samples, pixels)
+
+
+def _declared_pixels(path: Path, fmt: str) -> int:
+    """Pixels a PNG/JPEG or NIfTI header declares, read without decoding (0 when the header
+    cannot be read: decoding then reports the problem)."""
+    try:
+        if fmt == "image":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return int(image.size[0]) * int(image.size[1]) * int(getattr(image, "n_frames", 1) or 1)
+        import nibabel
+
+        return int(np.prod(nibabel.load(str(path)).header.get_data_shape(), dtype=np.int64))
+    except Exception:  # noqa: BLE001 - any unreadable header is left to the decoder to report
+        return 0
 
 
 def _dicom_to_chw(array: np.ndarray, info: _DicomInfo) -> np.ndarray:
