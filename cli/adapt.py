@@ -27,6 +27,7 @@ def adapt(
     temperature_source: Annotated[str, typer.Option(help="Temperature of the probabilities: val (the checkpoint's, fitted on validation conditions) or support (the checkpoint's updated by the support's leave-one-out predictions; 2+ scans per condition).")] = "val",
     temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
     max_pixels: Annotated[int, typer.Option(min=1, help="Reject, without decoding it, a scan whose header declares more pixels than this (rows x columns x frames x channels).")] = MAX_PIXELS,
+    allow_unfinished: Annotated[bool, typer.Option(help="Use a checkpoint whose training stopped before calibration (uncalibrated probabilities).")] = False,
 ) -> None:
     """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html, rejected.csv."""
     out_dir = out or cases / "medmeta-report"
@@ -37,7 +38,8 @@ def adapt(
 
         check_output_folder(out_dir, overwrite)
         result = _run(checkpoint, cases, labels, device, out_dir, stability=stability, conformal_source=conformal_source,
-                      temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels)
+                      temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels,
+                      allow_unfinished=allow_unfinished)
         from medmeta.reports import write_reports
 
         write_reports(result, out_dir, overwrite=overwrite)

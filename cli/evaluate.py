@@ -24,6 +24,7 @@ def evaluate(
     conformal_source: Annotated[str, typer.Option(help="Threshold of the prediction sets: val (the checkpoint's, fitted on validation conditions) or support (fitted per episode on the support's leave-one-out predictions; 2+ shots).")] = "val",
     temperature_source: Annotated[str, typer.Option(help="Temperature of the probabilities: val (the checkpoint's, fitted on validation conditions) or support (the checkpoint's updated by the support's leave-one-out predictions; 2+ scans per condition).")] = "val",
     temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
+    allow_unfinished: Annotated[bool, typer.Option(help="Measure a checkpoint whose training stopped before calibration.")] = False,
 ) -> None:
     """Accuracy (95% CI), macro AUC, ECE/MCE/NLL/Brier before and after temperature scaling, per-class
     recall, conformal coverage and set size, referral and risk-coverage (AURC) on test classes."""
@@ -36,7 +37,7 @@ def evaluate(
         settings = EvaluationSettings(
             protocol, way, shot, query, episodes, seed, conformal_source, temperature_source, temperature_sigma
         )
-        result = evaluate_checkpoint(checkpoint, settings, device, out_dir=out, quiet=is_quiet())
+        result = evaluate_checkpoint(checkpoint, settings, device, out_dir=out, quiet=is_quiet(), allow_unfinished=allow_unfinished)
     _print_result(result)
 
 

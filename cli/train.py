@@ -38,7 +38,7 @@ def train(ctx: typer.Context, **values: Any) -> None:
         from medmeta.progress import console
         from medmeta.training import train as run_training
 
-        run_training(config, resume=resume, quiet=console.quiet)
+        run_training(config, resume=resume, quiet=console.quiet, overwrite=bool(values.get("overwrite")))
 
 
 def build_config(ctx: typer.Context, values: dict[str, Any]) -> tuple[TrainConfig, bool]:
@@ -115,6 +115,10 @@ def _signature() -> inspect.Signature:
     params.append(inspect.Parameter(
         "resume", inspect.Parameter.KEYWORD_ONLY, default=False,
         annotation=Annotated[bool, typer.Option(help="Continue the run in --out from its last saved state.")],
+    ))
+    params.append(inspect.Parameter(
+        "overwrite", inspect.Parameter.KEYWORD_ONLY, default=False,
+        annotation=Annotated[bool, typer.Option(help="Train from scratch into an --out that already holds a run, replacing it.")],
     ))
     return inspect.Signature(params, return_annotation=None)
 

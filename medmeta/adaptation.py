@@ -89,6 +89,7 @@ def adapt(
     temperature_source: str = "val",
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
     max_pixels: int | None = None,
+    allow_unfinished: bool = False,
 ) -> AdaptResult:
     """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``.
 
@@ -110,10 +111,11 @@ def adapt(
 
     ``max_pixels``: a scan whose header declares more pixels is rejected without being decoded
     (default :data:`medmeta.data.reading.MAX_PIXELS`; only when ``checkpoint`` is a path).
+    ``allow_unfinished`` accepts a checkpoint whose training stopped before calibration.
     """
     options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma)
     label_map = read_labels(labels) if labels else None  # a bad labels file fails before any work
-    run = as_run(checkpoint, device, max_pixels=max_pixels)
+    run = as_run(checkpoint, device, max_pixels=max_pixels, allow_unfinished=allow_unfinished)
     batch = read_cases(cases_dir, run.reader)
     result = _diagnose(run, batch, options, cases_dir=str(Path(cases_dir).resolve()))
     if label_map is not None:

@@ -389,6 +389,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     out_dir: str | Path | None = None,
     quiet: bool = False,
+    allow_unfinished: bool = False,
 ) -> EvaluationResult:
     """Measure a checkpoint (a path, or a :class:`~medmeta.run.LoadedRun`) on seeded episodes
     of its protocol's test classes (``settings``; default: the protocol's shape), through the
@@ -399,7 +400,7 @@ def evaluate_checkpoint(
     from medmeta.run import as_run
 
     settings = settings or EvaluationSettings()
-    run = as_run(checkpoint, device, protocol=settings.protocol)
+    run = as_run(checkpoint, device, protocol=settings.protocol, allow_unfinished=allow_unfinished)
     settings = settings.resolved(run.protocol)
     sampler = run.sampler("test", settings.way, settings.shot, settings.query, settings.seed)
     pipeline = AdaptationPipeline.from_run(

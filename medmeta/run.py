@@ -87,6 +87,7 @@ def load_run(
     protocol: str | Path | None = None,
     method_options: dict[str, Any] | None = None,
     max_pixels: int | None = None,
+    allow_unfinished: bool = False,
 ) -> LoadedRun:
     """Load the run at ``checkpoint`` (a run folder, ``NAME.json`` or ``NAME.safetensors``).
 
@@ -95,6 +96,8 @@ def load_run(
     as they are (e.g. ``{"distance": "euclidean"}`` for ProtoNet) before the learner is built;
     ``max_pixels`` caps the pixels a scan's header may declare (default
     :data:`medmeta.data.reading.MAX_PIXELS`; larger files are refused before decoding).
+    A checkpoint whose training run stopped before calibration (its last phase) is refused
+    unless ``allow_unfinished``: it would diagnose with uncalibrated probabilities.
     """
     from medmeta.checkpoint import build_learner, load_checkpoint
     from medmeta.data import Preprocessing, ScanReader
@@ -107,7 +110,12 @@ def load_run(
         preprocessing = Preprocessing.from_dict(ckpt.meta.get("preprocessing"))
     except MedmetaError as exc:
         raise CheckpointError(f"{ckpt.path}: invalid preprocessing record ({exc})") from None
-    ckpt.calibration  # noqa: B018 - validates the calibration record (CheckpointError naming the file)
+    if not ckpt.calibration.fitted and "training" in ckpt.meta and not allow_unfinished:
+        raise CheckpointError(
+            f"{ckpt.path}: the training run that wrote this checkpoint did not finish (it stopped before "
+            f"calibration); finish it with `medmeta train --resume --out {ckpt.path.parent}` or `medmeta calibrate "
+            f"--checkpoint {ckpt.path}`, or pass --allow-unfinished to use it uncalibrated"
+        )
     if method_options:
         method = ckpt.meta["method"]
         ckpt.meta["method"] = {**method, "hparams": {**method.get("hparams", {}), **method_options}}
@@ -123,7 +131,10 @@ def load_run(
     )
 
 
-def as_run(checkpoint, device: str = "auto", protocol: str | Path | None = None, max_pixels: int | None = None) -> LoadedRun:
+def as_run(
+    checkpoint, device: str = "auto", protocol: str | Path | None = None, max_pixels: int | None = None,
+    allow_unfinished: bool = False,
+) -> LoadedRun:
     """``checkpoint`` itself when it is a :class:`LoadedRun` already (with ``protocol``, if
     given, replacing the one it names), else :func:`load_run` of it."""
     if isinstance(checkpoint, LoadedRun):
@@ -132,4 +143,4 @@ def as_run(checkpoint, device: str = "auto", protocol: str | Path | None = None,
 
             return replace(checkpoint, protocol_path=str(protocol), _protocol=None)
         return checkpoint
-    return load_run(checkpoint, device, protocol=protocol, max_pixels=max_pixels)
+    return load_run(checkpoint, device, protocol=protocol, max_pixels=max_pixels, allow_unfinished=allow_unfinished)

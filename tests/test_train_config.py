@@ -198,7 +198,7 @@ def captured(monkeypatch):
     import medmeta.training.loop as loop
 
     seen: list[tuple[TrainConfig, bool]] = []
-    monkeypatch.setattr(loop, "train", lambda config, resume=False, quiet=False: seen.append((config, resume)))
+    monkeypatch.setattr(loop, "train", lambda config, resume=False, quiet=False, overwrite=False: seen.append((config, resume)))
     return seen
 
 

@@ -179,7 +179,7 @@ def recalibrate(
     from medmeta.checkpoint import update_checkpoint_meta
     from medmeta.run import load_run
 
-    run = load_run(checkpoint, device, method_options=method_options or None)
+    run = load_run(checkpoint, device, method_options=method_options or None, allow_unfinished=True)  # calibrating finishes it
     overrides = {"coverage": coverage, "conformal_score": conformal_score, "class_conditional": class_conditional,
                  "refer_share": refer_share, "calibration_episodes": calibration_episodes}
     cfg, (way, trained_shot, query) = _stored_settings(run, {k: v for k, v in overrides.items() if v is not None})

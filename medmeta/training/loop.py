@@ -120,11 +120,13 @@ class Run:
             self.learner.backbone.eval()
 
 
-def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
+def train(config: TrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> TrainResult:
     """Run (or resume) training as described by ``config``; returns where the checkpoint is.
 
     The config is validated first (:meth:`TrainConfig.validate`); the effective config is
-    written to ``<out>/config.yaml`` (give it to ``medmeta train --config`` to train again)."""
+    written to ``<out>/config.yaml`` (give it to ``medmeta train --config`` to train again).
+    A fresh run into a folder that already holds one is refused unless ``overwrite``: a good
+    model is never replaced silently."""
     from medmeta.training.calibration import calibrate_best, print_calibration
     from medmeta.training.config_file import write_config_file
     from medmeta.training.episodic import meta_train
@@ -132,6 +134,8 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> Tra
 
     if resume:
         config = resumed_config(config)
+    elif not overwrite:
+        _refuse_existing_run(Path(config.out))
     config.validate()
     torch.manual_seed(config.seed)
     run = Run(config, quiet=quiet)
@@ -155,6 +159,16 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> Tra
         out=run.out, checkpoint=run.out / "best.json", best_val=run.best_val, calibration=record,
         episodes_done=run.episode, episodes_per_second=run.episodes_per_second, history=run.history,
     )
+
+
+def _refuse_existing_run(out: Path) -> None:
+    held = [name for name in ("best.json", "last.json") if (out / name).is_file()]
+    if held:
+        raise ConfigError(
+            f"{out}: already holds a training run ({', '.join(held)}); continue it with --resume, "
+            "replace it with --overwrite, or choose another --out",
+            "out",
+        )
 
 
 def _announce(run: Run) -> None:
