@@ -50,6 +50,10 @@ def build_config(ctx: typer.Context, values: dict[str, Any]) -> tuple[TrainConfi
     from_file = read_config_file(path) if path is not None else {}
     given = {spec.name for spec in fields(TrainConfig) if _given(ctx, spec.name)}
     settings = {**from_file, **{name: _setting(name, values[name]) for name in given}}
+    if resume:
+        from medmeta.training.resume import check_resume_options
+
+        check_resume_options(settings.get("out", TrainConfig().out), settings)
     config = TrainConfig(**settings)
     try:
         config.validate()

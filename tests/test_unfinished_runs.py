@@ -58,3 +58,19 @@ def test_training_into_a_folder_that_holds_a_run_is_refused_without_overwrite(tr
     result = runner.invoke(app, ["train", "--out", str(run), "--episodes", "1", "--pretrain-epochs", "0"])
     assert result.exit_code == 2 and "already holds a training run" in result.output
     assert (run / "best.safetensors").read_bytes() == before
+
+
+def test_resume_refuses_options_that_differ_from_the_run_and_writes_where_out_says(trained_run, tmp_path):
+    from medmeta.training import TrainConfig
+    from medmeta.training.resume import check_resume_options, resumed_config
+
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run, moved)
+    result = runner.invoke(app, ["train", "--out", str(moved), "--resume", "--method", "matching", "--episodes", "70"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "--resume continues the run as it was configured" in text and "--method 'matching' (the run has 'protonet')" in text
+    # the budget and the device may change; giving the run's own values is fine
+    check_resume_options(moved, {"episodes": 70, "device": "cpu", "method": "protonet", "out": str(moved)})
+    merged = resumed_config(TrainConfig(out=str(moved), episodes=70, device="cpu"))
+    assert merged.out == str(moved) and merged.episodes == 70 and merged.image_size == 48

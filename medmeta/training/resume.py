@@ -71,13 +71,40 @@ def load_state(run: "Run") -> None:
     torch.set_rng_state(tensors["rng.torch"])
 
 
-def resumed_config(config: TrainConfig) -> TrainConfig:
-    """On resume the stored configuration wins, except the budget and the device."""
-    path = Path(config.out) / "last.json"
+# What a resumed run may change: its budget, where it runs, and where it is (a moved folder).
+RESUME_MAY_CHANGE = ("episodes", "device", "max_minutes", "out")
+
+
+def _stored_config(out: str | Path) -> TrainConfig:
+    path = Path(out) / "last.json"
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))["config"]
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: nothing to resume (no readable training state in {config.out})") from None
-    merged = TrainConfig.from_dict(stored)
+        raise CheckpointError(f"{path}: nothing to resume (no readable training state in {out})") from None
+    return TrainConfig.from_dict(stored)
+
+
+def resumed_config(config: TrainConfig) -> TrainConfig:
+    """On resume the stored configuration wins, except the budget and the device; the run is
+    always written where ``config.out`` says (the folder may have been moved)."""
+    merged = _stored_config(config.out)
     merged.episodes, merged.device, merged.max_minutes = config.episodes, config.device, config.max_minutes
+    merged.out = config.out
     return merged
+
+
+def check_resume_options(out: str | Path, given: dict) -> None:
+    """Refuse options given with ``--resume`` that differ from the run's own (``given``: field ->
+    value as the command line set them); a resumed run cannot change its method or data."""
+    from medmeta.training.config import ConfigError, option_name
+
+    stored = _stored_config(out).to_dict()
+    wanted = TrainConfig(**{**stored, **given}).to_dict()
+    differing = [name for name in given if name not in RESUME_MAY_CHANGE and wanted[name] != stored[name]]
+    if differing:
+        listed = ", ".join(f"{option_name(n)} {wanted[n]!r} (the run has {stored[n]!r})" for n in differing)
+        raise ConfigError(
+            f"{out}: --resume continues the run as it was configured; these options differ from it: {listed}. "
+            "Drop them, or start a new run in another --out",
+            differing[0],
+        )
