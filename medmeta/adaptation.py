@@ -219,7 +219,7 @@ def _metadata(run, batch: CaseBatch, diagnosis: Diagnosis, options: _Options, ca
 
 def _notes(batch: CaseBatch, diagnosis: Diagnosis, options: _Options, temperature: float) -> list[str]:
     """What the report must say about how this batch was calibrated and what was not computed."""
-    n_support, notes = len(batch.task.support_labels), []
+    n_support, notes = len(batch.task.support_labels), list(batch.notes)
     single = ", ".join(c for c, scans in batch.support.items() if len(scans) < 2)
     probs, sets = diagnosis.probabilities, diagnosis.sets
     if probs.source == "support":

@@ -491,7 +491,8 @@ def sample_support_and_queries(image_size: int = 16) -> tuple[torch.Tensor, torc
     from medmeta.data.reading import Preprocessing, ScanReader
 
     reader = ScanReader(Preprocessing(image_size=image_size, channels=1))
-    files, queries = discover_cases(SAMPLE_CASES)
+    found = discover_cases(SAMPLE_CASES)
+    files, queries = found.support, found.query
     images = torch.stack([reader(f) for c in files for f in files[c]])
     labels = torch.tensor([i for i, c in enumerate(files) for _ in files[c]])
     return images, labels, torch.stack([reader(f) for f in queries])

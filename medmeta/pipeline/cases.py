@@ -6,14 +6,14 @@ Cases folder layout::
       support/<condition name>/<scans>     the labelled scans (any depth below the condition)
       query/<scans or patient folders>     the unlabelled cases to diagnose
 
-Unreadable files are collected as ``(path, reason)`` pairs and skipped; one bad scan never
-stops a batch.
+Every path under ``support/`` and ``query/`` is either read or collected as a ``(path,
+reason)`` pair and skipped (:mod:`medmeta.pipeline.discovery` states the rule for links, FIFOs
+and hidden files); one bad scan never stops a batch.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,10 @@ import torch
 
 from medmeta.errors import CasesError, ScanReadError
 from medmeta.io import sha256_file
+from medmeta.pipeline.discovery import CaseFiles, discover_cases, display_path
 from medmeta.pipeline.task import Task
+
+__all__ = ["CaseBatch", "CaseFiles", "cases_from_arrays", "discover_cases", "display_path", "read_cases", "read_labels"]
 
 
 @dataclass
@@ -35,7 +38,9 @@ class CaseBatch:
         query_paths: ``(n_query,)`` path of each case relative to the cases folder.
         query_sha256: ``(n_query,)`` sha256 of each case file ("" for in-memory cases).
         support: ``{condition: [{"path", "sha256"}]}`` of the support scans that were read.
-        rejected: ``(path, reason)`` of every file that could not be read.
+        rejected: ``(path, reason)`` of every path that was not read or could not be read.
+        notes: what the report should say about how the cases were found (links followed
+            out of the cases folder).
     """
 
     task: Task
@@ -43,43 +48,7 @@ class CaseBatch:
     query_sha256: list[str]
     support: dict[str, list[dict[str, str]]]
     rejected: list[tuple[str, str]] = field(default_factory=list)
-
-
-def display_path(path: Path) -> str:
-    """``path`` as text that any report can hold: a file name byte that is not UTF-8 (possible on
-    POSIX file systems) is written as ``\\xNN`` instead of failing the batch when reports are
-    written."""
-    return os.fsencode(path.as_posix()).decode("utf-8", "backslashreplace")
-
-
-def _is_visible_file(path: Path, root: Path) -> bool:
-    return path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def discover_cases(cases_dir: str | Path) -> tuple[dict[str, list[Path]], list[Path]]:
-    """``({condition: [support files]}, [query files])``, checking the layout."""
-    root = Path(cases_dir)
-    if not root.is_dir():
-        raise CasesError(f"{root}: cases folder not found")
-    support_dir, query_dir = root / "support", root / "query"
-    if not support_dir.is_dir():
-        raise CasesError(f"{root}: no 'support/' folder (expected support/<condition>/<scans>)")
-    if not query_dir.is_dir():
-        raise CasesError(f"{root}: no 'query/' folder with the cases to diagnose")
-    support = {
-        d.name: sorted(p for p in d.rglob("*") if _is_visible_file(p, d))
-        for d in sorted(support_dir.iterdir())
-        if d.is_dir() and not d.name.startswith(".")
-    }
-    empty = [name for name, files in support.items() if not files]
-    if empty:
-        raise CasesError(f"{support_dir}: condition folder(s) with no files: {', '.join(empty)}")
-    if len(support) < 2:
-        raise CasesError(f"{support_dir}: need at least 2 condition folders, found {len(support)}")
-    query = sorted(p for p in query_dir.rglob("*") if _is_visible_file(p, query_dir))
-    if not query:
-        raise CasesError(f"{query_dir}: no cases to diagnose (the folder is empty)")
-    return support, query
+    notes: list[str] = field(default_factory=list)
 
 
 def read_labels(path: str | Path) -> dict[str, str]:
@@ -99,10 +68,10 @@ def read_cases(cases_dir: str | Path, reader) -> CaseBatch:
     """Read ``cases_dir`` with ``reader`` (a :class:`~medmeta.data.ScanReader`). Stops with a
     :class:`CasesError` (carrying the rejected files) only when a condition has no readable
     support scan or no case can be read."""
-    root = Path(cases_dir)
-    support_files, query_files = discover_cases(root)
-    rejected: list[tuple[str, str]] = []
-    rel = lambda p: display_path(p.relative_to(root))  # noqa: E731
+    found = discover_cases(cases_dir)
+    root = found.root
+    rejected = found.rejected
+    rel = found.relative
 
     def read(path: Path) -> torch.Tensor | None:
         try:
@@ -112,7 +81,7 @@ def read_cases(cases_dir: str | Path, reader) -> CaseBatch:
             return None
 
     images, labels, support = [], [], {}
-    for index, (condition, files) in enumerate(support_files.items()):
+    for index, (condition, files) in enumerate(found.support.items()):
         support[condition] = []
         for path in files:
             image = read(path)
@@ -123,11 +92,22 @@ def read_cases(cases_dir: str | Path, reader) -> CaseBatch:
     unusable = [c for c, scans in support.items() if not scans]
     if unusable:
         raise CasesError(f"{root / 'support'}: no readable scan for condition(s) {', '.join(unusable)}", rejected)
-    queries = [(path, image) for path in query_files if (image := read(path)) is not None]
+    queries = [(path, image) for path in found.query if (image := read(path)) is not None]
     if not queries:
-        raise CasesError(f"{root / 'query'}: none of the {len(query_files)} case file(s) could be read", rejected)
-    task = Task(torch.stack(images), torch.tensor(labels), torch.stack([img for _, img in queries]), list(support_files))
-    return CaseBatch(task, [rel(p) for p, _ in queries], [sha256_file(p) for p, _ in queries], support, rejected)
+        raise CasesError(f"{root / 'query'}: none of the {len(found.query)} case file(s) could be read", rejected)
+    task = Task(torch.stack(images), torch.tensor(labels), torch.stack([img for _, img in queries]), list(found.support))
+    return CaseBatch(
+        task, [rel(p) for p, _ in queries], [sha256_file(p) for p, _ in queries], support, rejected, _link_notes(found)
+    )
+
+
+def _link_notes(found: CaseFiles) -> list[str]:
+    if not found.outside_links:
+        return []
+    shown = ", ".join(found.outside_links[:5]) + (" ..." if len(found.outside_links) > 5 else "")
+    return [
+        f"{len(found.outside_links)} symbolic link(s) in the cases folder point outside it and were followed: {shown}"
+    ]
 
 
 def cases_from_arrays(

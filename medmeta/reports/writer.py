@@ -1,4 +1,10 @@
-"""Batch diagnosis reports: ``predictions.csv``, ``report.json``, ``report.html``, ``rejected.csv``.
+"""Batch diagnosis reports: ``predictions.csv``, ``support.csv``, ``report.json``,
+``report.html``, ``rejected.csv``.
+
+Every path under the cases folder's ``query/`` is in exactly one of ``predictions.csv`` and
+``rejected.csv``; every path under ``support/`` in exactly one of ``support.csv`` (columns
+``path``, ``condition``, ``sha256``: the support scans the adaptation used) and ``rejected.csv``
+(columns ``path``, ``reason``).
 
 The batch's files are written into a temporary folder that replaces ``--out`` only when all of
 them are complete (:func:`medmeta.io.atomic_folder`): a run never mixes with an older one, and
@@ -28,7 +34,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from medmeta.adaptation import AdaptResult
 from medmeta.io import atomic_folder, atomic_write_csv, atomic_write_json, atomic_write_text, json_safe
 
-REPORT_FILES = ("predictions.csv", "report.json", "report.html", "rejected.csv")
+REPORT_FILES = ("predictions.csv", "support.csv", "report.json", "report.html", "rejected.csv")
 
 
 def write_rejected(out_dir: str | Path, rejected: list[tuple[str, str]]) -> Path:
@@ -38,7 +44,7 @@ def write_rejected(out_dir: str | Path, rejected: list[tuple[str, str]]) -> Path
 
 
 def write_reports(result: AdaptResult, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
-    """Write all four report files as one new ``out_dir``; returns their paths. An existing
+    """Write all the report files as one new ``out_dir``; returns their paths. An existing
     non-empty ``out_dir`` is refused unless ``overwrite`` (then it is replaced as a whole)."""
     with atomic_folder(out_dir, overwrite) as tmp:
         _write_all(result, tmp)
@@ -48,6 +54,10 @@ def write_reports(result: AdaptResult, out_dir: str | Path, overwrite: bool = Fa
 def _write_all(result: AdaptResult, out: Path) -> None:
     paths = {name: out / name for name in REPORT_FILES}
     write_rejected(out, result.rejected)
+    atomic_write_csv(
+        paths["support.csv"], ["path", "condition", "sha256"],
+        [[scan["path"], condition, scan["sha256"]] for condition, scans in result.support.items() for scan in scans],
+    )
     has_sets = result.metadata.get("conformal") is not None
     has_referral = result.metadata.get("referral") is not None
     header = ["path", "predicted", *[f"p_{c}" for c in result.conditions]]
