@@ -22,7 +22,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from medmeta.data.reading import Preprocessing, ScanReader, scan_format
+from medmeta.data.reading import Preprocessing, ScanReader, is_rejection_reason, scan_format
 from medmeta.errors import MedmetaError, ScanReadError
 from conftest import require_dataset as shared
 
@@ -578,35 +578,35 @@ def _case_missing_directory(tmp_path):
 
 
 def _case_random_dcm(tmp_path):
-    return _random_bytes(tmp_path / "corrupt.dcm"), "DICOM"
+    return _random_bytes(tmp_path / "corrupt.dcm"), "not a DICOM file (the 'DICM' prefix or the file meta header is missing)"
 
 
 def _case_empty_dcm(tmp_path):
     path = tmp_path / "empty.dcm"
     path.write_bytes(b"")
-    return path, "DICOM"
+    return path, "not a DICOM file (the 'DICM' prefix or the file meta header is missing)"
 
 
 def _case_truncated_dcm(tmp_path):
-    return _truncated_copy(pydicom_file("CT_small.dcm"), tmp_path / "truncated.dcm", keep=0.7), "cannot decode as dicom"
+    return _truncated_copy(pydicom_file("CT_small.dcm"), tmp_path / "truncated.dcm", keep=0.7), "PixelData (7FE0,0010) does not hold the pixels"
 
 
 def _case_random_png(tmp_path):
-    return _random_bytes(tmp_path / "corrupt.png"), "cannot decode as image"
+    return _random_bytes(tmp_path / "corrupt.png"), "not a PNG/JPEG/BMP/TIFF image (content not recognised)"
 
 
 def _case_truncated_png(tmp_path):
     source = tmp_path / "whole.png"
     Image.fromarray((np.random.default_rng(1).random((64, 64)) * 255).astype(np.uint8)).save(source)
-    return _truncated_copy(source, tmp_path / "truncated.png", keep=0.5), "cannot decode as image"
+    return _truncated_copy(source, tmp_path / "truncated.png", keep=0.5), "the image file is truncated or corrupt"
 
 
 def _case_random_jpg(tmp_path):
-    return _random_bytes(tmp_path / "corrupt.jpg"), "cannot decode as image"
+    return _random_bytes(tmp_path / "corrupt.jpg"), "not a PNG/JPEG/BMP/TIFF image (content not recognised)"
 
 
 def _case_random_nifti(tmp_path):
-    return _random_bytes(tmp_path / "corrupt.nii"), "cannot decode as nifti"
+    return _random_bytes(tmp_path / "corrupt.nii"), "not a NIfTI file (header not recognised)"
 
 
 def _case_constant_png(tmp_path):
@@ -655,6 +655,7 @@ def test_unreadable_files_raise_scan_read_error_naming_the_file(make_case, tmp_p
     assert reason in error.reason
     assert str(error) == f"{path}: {error.reason}"
     assert "\n" not in str(error)  # one clear line
+    assert is_rejection_reason(error.reason)  # fixed wording, never a decoder's message
 
 
 def test_reader_accepts_str_paths(written):

@@ -18,11 +18,16 @@ image_size)`` with intensities in ``[0, 1]``:
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import logging
 import math
 import re
+import string
+import struct
 import warnings
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,70 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: Files beside scans that are never scans themselves (skipped silently in class folders).
 SIDECAR_SUFFIXES = (".csv", ".json", ".txt", ".md", ".yaml", ".yml", ".html", ".xml", ".npz")
+
+#: Every reason a :class:`ScanReadError` from :class:`ScanReader` can give (rejected.csv,
+#: report.json, report.html). Each is fixed wording; a ``{field}`` is filled only with what the
+#: tool itself knows: numbers it computed, a DICOM element's keyword and tag from pydicom's
+#: dictionary, a transfer syntax's name from pydicom's UID dictionary, a format's name, an
+#: exception's class name. Never a decoder's message, never a value read from a file's header
+#: (DICOM and NIfTI headers hold free text, patient data and UIDs).
+REJECTION_REASONS: dict[str, str] = {
+    "not_found": "file not found",
+    "unsupported_type": "unsupported file type (expected DICOM, NIfTI, PNG or JPEG)",
+    "too_many_pixels": "declares {count} pixels, more than the {limit} a scan may have (not decoded)",
+    "dicom_unparsable": "not a readable DICOM file (the header cannot be parsed)",
+    "dicom_not_part10": "not a DICOM file (the 'DICM' prefix or the file meta header is missing)",
+    "dicom_no_image": "DICOM file has no image (no Rows/PixelData)",
+    "dicom_element": "DICOM element {element} is missing or invalid",
+    "dicom_photometric": "unsupported PhotometricInterpretation (0028,0004)",
+    "dicom_no_pixel_data": "PixelData (7FE0,0010) is missing (no pixel data, or the file ends before it)",
+    "dicom_pixel_length": (
+        "PixelData (7FE0,0010) does not hold the pixels Rows x Columns x frames x BitsAllocated declare"
+        " (truncated or corrupt)"
+    ),
+    "dicom_codec": "compressed pixel data in {transfer_syntax} that no installed codec can decode{codec_hint}",
+    "image_unrecognised": "not a PNG/JPEG/BMP/TIFF image (content not recognised)",
+    "image_truncated": "the image file is truncated or corrupt",
+    "nifti_unrecognised": "not a NIfTI file (header not recognised)",
+    "compressed_data": "compressed data is truncated or corrupt",
+    "undecodable": "cannot decode as {format} ({exception})",
+    "degenerate": "empty or degenerate image of shape {shape}",
+    "non_finite": "image contains NaN or infinite values",
+    "blank": "blank image (constant intensity)",
+    "array_shape": "expected a 2D image array, got shape {shape}",
+}
+
+#: What each ``{field}`` of :data:`REJECTION_REASONS` may hold, as a regular expression.
+REJECTION_REASON_FIELDS: dict[str, str] = {
+    "count": r"[0-9][0-9,]*",
+    "limit": r"[0-9][0-9,]*",
+    "element": r"[A-Za-z]+ \([0-9A-F]{4},[0-9A-F]{4}\)",
+    "transfer_syntax": r"an unknown transfer syntax|[A-Z][A-Za-z0-9 (),./\[\]-]*",
+    "codec_hint": r"(?: \(the DICOM pixel-data codecs are not installed: pip install \"medmeta\[dicom-codecs\]\"\))?",
+    "format": r"DICOM|NIfTI|PNG/JPEG/BMP/TIFF",
+    "exception": r"[A-Za-z_][A-Za-z0-9_]*",
+    "shape": r"\((?:[0-9]+(?:, [0-9]+)*,?)?\)",
+}
+
+
+def rejection_reason_pattern(key: str) -> re.Pattern[str]:
+    """The regular expression a whole reason of kind ``key`` (of :data:`REJECTION_REASONS`) matches."""
+    parts = [
+        re.escape(literal) + (f"(?:{REJECTION_REASON_FIELDS[name]})" if name else "")
+        for literal, name, _, _ in string.Formatter().parse(REJECTION_REASONS[key])
+    ]
+    return re.compile("".join(parts))
+
+
+def is_rejection_reason(reason: str) -> bool:
+    """Whether ``reason`` is one of :data:`REJECTION_REASONS`, its fields holding what they may."""
+    return any(rejection_reason_pattern(key).fullmatch(reason) for key in REJECTION_REASONS)
+
+
+def _reason(key: str, **fields: str) -> str:
+    """The reason of kind ``key`` with its fields filled in."""
+    return REJECTION_REASONS[key].format(**fields)
+
 
 # MONAI announces at import that an optional GPU DICOM codec is absent; that is expected here.
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -137,7 +206,8 @@ class ScanReader:
     """Callable that turns a path or an array into a ``(channels, size, size)`` tensor.
 
     Raises :class:`~medmeta.errors.ScanReadError` naming the file and the reason for anything
-    unreadable: unknown type, corrupt file, empty or constant image, non-finite values.
+    unreadable: unknown type, corrupt file, empty or constant image, non-finite values. Every
+    reason is one of :data:`REJECTION_REASONS`: fixed wording, never a header value.
     """
 
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
@@ -187,23 +257,21 @@ class ScanReader:
     # -- steps --------------------------------------------------------------------------------
     def _decode(self, path: Path) -> tuple[np.ndarray, bool]:
         if not path.is_file():
-            raise ScanReadError(path, "file not found")
+            raise ScanReadError(path, _reason("not_found"))
         fmt = scan_format(path)
         if fmt is None:
-            raise ScanReadError(path, "unsupported file type (expected DICOM, NIfTI, PNG or JPEG)")
+            raise ScanReadError(path, _reason("unsupported_type"))
         info = _dicom_header(path) if fmt == "dicom" else None
         declared = info.pixels if info is not None else _declared_pixels(path, fmt)
         if declared > self.max_pixels:
-            raise ScanReadError(
-                path, f"declares {declared:,} pixels, more than the {self.max_pixels:,} a scan may have (not decoded)"
-            )
+            raise ScanReadError(path, _reason("too_many_pixels", count=f"{declared:,}", limit=f"{self.max_pixels:,}"))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 loader, reader = self._loaders[fmt]
                 image = loader(str(path), reader=reader)
-        except Exception as exc:  # every decoder failure becomes one clear line
-            raise ScanReadError(path, f"cannot decode as {fmt}: {_whole_reason(exc)}{_codec_hint(fmt, exc)}") from None
+        except Exception as exc:  # every decoder failure becomes one fixed-wording line
+            raise ScanReadError(path, _decode_failure(path, fmt, exc, info)) from None
         array = np.asarray(image, dtype=np.float32)
         if info is not None:
             array = _dicom_to_chw(array, info)
@@ -217,15 +285,15 @@ class ScanReader:
 
     def _preprocess(self, array: np.ndarray, is_ct: bool, label: str) -> torch.Tensor:
         if array.size == 0 or min(array.shape[1:]) < 2:
-            raise ScanReadError(label, f"empty or degenerate image of shape {tuple(array.shape)}")
+            raise ScanReadError(label, _reason("degenerate", shape=str(tuple(array.shape))))
         if not np.isfinite(array).all():
-            raise ScanReadError(label, "image contains NaN or infinite values")
+            raise ScanReadError(label, _reason("non_finite"))
         array = _to_channels(array, self.preprocessing.channels)
         if is_ct:
             scaled = self._ct_window(array)
         else:
             if float(array.max()) == float(array.min()):
-                raise ScanReadError(label, "blank image (constant intensity)")
+                raise ScanReadError(label, _reason("blank"))
             scaled = self._robust(array)
         tensor = torch.as_tensor(np.asarray(scaled), dtype=torch.float32)
         size = self.preprocessing.image_size
@@ -241,29 +309,116 @@ class _DicomInfo:
     frames: int
     samples: int
     pixels: int = 0  # declared in the header: rows x columns x frames x samples
+    transfer_syntax: str = ""
+    #: conditionally required elements the header lacks; named only if decoding then fails
+    absent: tuple[str, ...] = ()
+
+
+#: pydicom's limits on the image pixel module (``pydicom.pixels.common.RunnerBase._validate_options``),
+#: checked before decoding so that a bad element is named: keyword -> (required, accepts(value,
+#: values seen so far)). BitsStored and PixelRepresentation are not required of float pixel data,
+#: which the header read without the pixels cannot tell apart: their absence (and that of
+#: PlanarConfiguration) is named only when decoding fails.
+_PIXEL_MODULE: dict[str, tuple[bool, Callable[[int, dict[str, int]], bool]]] = {
+    "Rows": (True, lambda v, seen: 1 <= v <= 0xFFFF),
+    "Columns": (True, lambda v, seen: 1 <= v <= 0xFFFF),
+    "SamplesPerPixel": (True, lambda v, seen: v in (1, 3)),
+    "BitsAllocated": (True, lambda v, seen: v == 1 or (v % 8 == 0 and 8 <= v <= 64)),
+    "BitsStored": (False, lambda v, seen: 1 <= v <= seen["BitsAllocated"]),
+    "PixelRepresentation": (False, lambda v, seen: v in (0, 1)),
+    "PlanarConfiguration": (False, lambda v, seen: v in (0, 1)),  # looked at for colour only
+}
+#: The PhotometricInterpretation values pydicom decodes (``pydicom.pixels.common.PhotometricInterpretation``).
+_PHOTOMETRIC = (
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
+    "HSV", "ARGB", "CMYK", "YBR_PARTIAL_422", "YBR_PARTIAL_420",
+)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_INVALID = object()
 
 
 def _dicom_header(path: Path) -> _DicomInfo:
+    """The DICOM header, read without the pixels, with its image pixel module checked as pydicom
+    checks it when decoding; anything wrong is a :class:`ScanReadError` naming the element."""
     import pydicom
 
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception as exc:
-        raise ScanReadError(path, f"not a readable DICOM file: {_whole_reason(exc)}") from None
-    if "PixelData" not in header and not hasattr(header, "Rows"):
-        raise ScanReadError(path, "DICOM file has no image (no Rows/PixelData)")
-    modality = str(getattr(header, "Modality", "")).upper()
-    photometric = str(getattr(header, "PhotometricInterpretation", "")).upper()
+    except Exception:  # noqa: BLE001 - the parser's message may quote header bytes: not repeated
+        raise ScanReadError(path, _reason("dicom_unparsable")) from None
+    if getattr(header, "preamble", b"") is None:  # no "DICM": the decoder (pydicom unforced) refuses it
+        raise ScanReadError(path, _reason("dicom_not_part10"))
+    if "Rows" not in header and "Columns" not in header:
+        raise ScanReadError(path, _reason("dicom_no_image"))
+    values, absent = _pixel_module(header, path)
+    photometric = _element_value(header, "PhotometricInterpretation")
+    if not isinstance(photometric, str) or not photometric:
+        raise ScanReadError(path, _reason("dicom_element", element=_element_name("PhotometricInterpretation")))
+    if photometric not in _PHOTOMETRIC:
+        raise ScanReadError(path, _reason("dicom_photometric"))
+    frames, samples = _number_of_frames(header, path), values["SamplesPerPixel"]
+    modality = _element_value(header, "Modality")
+    syntax = _element_value(getattr(header, "file_meta", {}), "TransferSyntaxUID")
+    return _DicomInfo(
+        is_ct=isinstance(modality, str) and modality.upper() == "CT",
+        invert=photometric == "MONOCHROME1",
+        frames=frames,
+        samples=samples,
+        pixels=values["Rows"] * values["Columns"] * frames * samples,
+        transfer_syntax=syntax if isinstance(syntax, str) else "",
+        absent=absent,
+    )
+
+
+def _pixel_module(header: Any, path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
+    """The whole-number elements of :data:`_PIXEL_MODULE` that the header holds, and those it
+    lacks that only some pixel data needs; a required one missing, or any one out of pydicom's
+    bounds, is a :class:`ScanReadError`."""
+    seen: dict[str, int] = {}
+    absent = []
+    for keyword, (required, accepts) in _PIXEL_MODULE.items():
+        if keyword == "PlanarConfiguration" and seen["SamplesPerPixel"] == 1:
+            continue  # pydicom ignores it for one sample per pixel
+        value = _element_value(header, keyword)
+        if value is None and not required:
+            absent.append(keyword)
+            continue
+        if not _is_int(value) or not accepts(value, seen):
+            raise ScanReadError(path, _reason("dicom_element", element=_element_name(keyword)))
+        seen[keyword] = int(value)
+    return seen, tuple(absent)
+
+
+def _number_of_frames(header: Any, path: Path) -> int:
+    """NumberOfFrames as pydicom takes it: absent, empty or 0 is one frame, digits (or a whole
+    number written as ``"3.0"``) are a number."""
+    value = _element_value(header, "NumberOfFrames")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if value is None or value == 0:
+        return 1
+    if not _is_int(value) or value < 1:
+        raise ScanReadError(path, _reason("dicom_element", element=_element_name("NumberOfFrames")))
+    return int(value)
+
+
+def _element_value(dataset: Any, keyword: str) -> Any:
+    """An element's value (``None`` when absent or empty), or ``_INVALID`` when pydicom cannot
+    convert the stored bytes."""
     try:
-        frames = int(getattr(header, "NumberOfFrames", 1) or 1)
-        samples = int(getattr(header, "SamplesPerPixel", 1) or 1)
-    except (TypeError, ValueError):
-        frames, samples = 1, 1
-    try:
-        pixels = int(getattr(header, "Rows", 0) or 0) * int(getattr(header, "Columns", 0) or 0) * frames * samples
-    except (TypeError, ValueError):
-        pixels = 0
-    return _DicomInfo(modality == "CT", photometric == "MONOCHROME1", frames, samples, pixels)
+        return dataset.get(keyword)
+    except Exception:  # noqa: BLE001 - a malformed value is reported by the element's name only
+        return _INVALID
+
+
+def _element_name(keyword: str) -> str:
+    """``"BitsAllocated (0028,0100)"``: a DICOM keyword and its tag, from pydicom's dictionary."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    return f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def _declared_pixels(path: Path, fmt: str) -> int:
@@ -320,7 +475,7 @@ def _channel_first_from_array(array: np.ndarray, label: str) -> np.ndarray:
         return np.moveaxis(array, -1, 0)
     if array.ndim == 3:
         return array
-    raise ScanReadError(label, f"expected a 2D image array, got shape {tuple(array.shape)}")
+    raise ScanReadError(label, _reason("array_shape", shape=str(tuple(array.shape))))
 
 
 def _to_channels(array: np.ndarray, channels: int) -> np.ndarray:
@@ -343,33 +498,111 @@ def _to_channels(array: np.ndarray, channels: int) -> np.ndarray:
 DICOM_CODECS_EXTRA = 'pip install "medmeta[dicom-codecs]"'
 #: The modules the extra installs: pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg.
 _CODEC_MODULES = ("pylibjpeg", "libjpeg", "openjpeg")
-# pydicom's words when no installed plugin/handler can decode compressed pixel data
-# (pydicom 3: "... all plugins are missing dependencies: ...", "... exceptions were raised by all
-# available plugins: ..."; pydicom 2: "... missing required dependencies ...", "No available image
-# handler could decode ...").
-_CODEC_FAILURE = re.compile(
-    r"missing (required )?dependencies|no available (image |pixel data )?handler|all available plugins"
-    r"|unable to decompress|requires? (gdcm|pylibjpeg)",
-    re.IGNORECASE,
-)
+#: Format names in the catch-all reason.
+_FORMAT_NAMES = {"dicom": "DICOM", "nifti": "NIfTI", "image": "PNG/JPEG/BMP/TIFF"}
+# pydicom's words when the pixel data is shorter than the header declares (pydicom 3: "The number
+# of bytes of pixel data is less than expected"; pydicom 2: "... doesn't match the expected
+# length"): used only to choose a fixed phrase, never repeated.
+_PIXEL_LENGTH = re.compile(r"less than expected|doesn't match the expected length", re.IGNORECASE)
 
 
-def _whole_reason(exc: BaseException) -> str:
-    """An exception's whole message on one line: each line stripped, lines joined by ``"; "``
-    (a space after a line that ends in ``:``, ``;``, ``,`` or ``.``), nothing cut off."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = lines[0]
-    for line in lines[1:]:
-        text += (" " if text.endswith((":", ";", ",", ".")) else "; ") + line
-    return text
+def _decode_failure(path: Path, fmt: str, exc: BaseException, info: _DicomInfo | None) -> str:
+    """The fixed-wording reason why the decoder refused ``path``; the decoder's own message is
+    never repeated, as it may quote header values."""
+    if info is not None:
+        return _dicom_failure(path, exc, info)
+    causes = list(_causes(exc))
+    if fmt == "image":
+        from PIL import UnidentifiedImageError
+
+        if any(isinstance(c, UnidentifiedImageError) for c in causes):
+            return _reason("image_unrecognised")
+        if any(type(c) in (OSError, SyntaxError, EOFError, struct.error, zlib.error) for c in causes):
+            return _reason("image_truncated")  # PIL: "image file is truncated", "broken PNG file"
+    elif fmt == "nifti":
+        from nibabel.filebasedimages import ImageFileError
+
+        if any(isinstance(c, ImageFileError) for c in causes):
+            return _reason("nifti_unrecognised")
+        if any(isinstance(c, (EOFError, zlib.error, gzip.BadGzipFile)) for c in causes):
+            return _reason("compressed_data")
+        if any(type(c) is OSError for c in causes):  # nibabel: "Expected N bytes, got M bytes"
+            return _reason("image_truncated")
+    return _reason("undecodable", format=_FORMAT_NAMES[fmt], exception=type(exc).__name__)
 
 
-def _codec_hint(fmt: str, exc: BaseException) -> str:
-    """For DICOM pixel data that no installed codec can decode (JPEG, JPEG-LS, JPEG 2000 without
-    pylibjpeg/gdcm): which extra to install; ``""`` for any other failure."""
-    if fmt != "dicom" or not _CODEC_FAILURE.search(str(exc)):
+def _dicom_failure(path: Path, exc: BaseException, info: _DicomInfo) -> str:
+    """Why a DICOM file whose header passed :func:`_dicom_header` did not decode: told from the
+    file itself where it can be (no pixel data, a missing element, the transfer syntax)."""
+    from pydicom.errors import InvalidDicomError
+
+    if any(isinstance(c, InvalidDicomError) for c in _causes(exc)):
+        return _reason("dicom_not_part10")
+    present = _pixel_elements(path)
+    if present == ():
+        return _reason("dicom_no_pixel_data")
+    needed = [k for k in info.absent if k == "PlanarConfiguration" or present == ("PixelData",)]
+    if needed:
+        return _reason("dicom_element", element=_element_name(needed[0]))
+    if not info.transfer_syntax:
+        return _reason("dicom_element", element=_element_name("TransferSyntaxUID"))
+    if _PIXEL_LENGTH.search(" ".join(str(c) for c in _causes(exc))):
+        return _reason("dicom_pixel_length")
+    name = _transfer_syntax_name(info.transfer_syntax)
+    if name is None or _is_compressed(info.transfer_syntax):
+        return _reason(
+            "dicom_codec",
+            transfer_syntax=name or "an unknown transfer syntax",
+            codec_hint=_codec_hint(info.transfer_syntax),
+        )
+    return _reason("undecodable", format=_FORMAT_NAMES["dicom"], exception=type(exc).__name__)
+
+
+def _pixel_elements(path: Path) -> tuple[str, ...] | None:
+    """The pixel-data elements (``PixelData``, ``FloatPixelData``...) the file holds, read with
+    their values deferred (not loaded); ``None`` when the file cannot be parsed to the end."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(path, force=True, defer_size=1024)
+        return tuple(keyword for keyword in _PIXEL_KEYWORDS if keyword in dataset)
+    except Exception:  # noqa: BLE001 - unknown: the other checks decide
+        return None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _transfer_syntax_name(uid: str) -> str | None:
+    """The transfer syntax's name in pydicom's UID dictionary (fixed text, never the file's own
+    bytes), or ``None`` when the dictionary does not know it as a transfer syntax."""
+    from pydicom.uid import UID
+
+    known = UID(uid)
+    return str(known.name) if known.type == "Transfer Syntax" else None
+
+
+def _is_compressed(uid: str) -> bool:
+    """Whether pydicom knows ``uid`` as a transfer syntax with compressed (encapsulated) pixels."""
+    from pydicom.uid import UID
+
+    try:
+        return bool(UID(uid).is_compressed)
+    except ValueError:  # not a transfer syntax pydicom knows
+        return False
+
+
+def _codec_hint(uid: str) -> str:
+    """For pixel data compressed in a transfer syntax pydicom knows (JPEG, JPEG-LS, JPEG 2000...)
+    while the codecs extra is not installed: which extra to install; ``""`` otherwise."""
+    if not _is_compressed(uid):
         return ""
     if all(importlib.util.find_spec(name) is not None for name in _CODEC_MODULES):
         return ""  # the extra is installed: the data itself is the problem
