@@ -34,19 +34,21 @@ def adapt(
     with user_errors():
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
         check_temperature_options(temperature_source, temperature_sigma)
-        from medmeta.io import check_output_folder
-
-        check_output_folder(out_dir, overwrite)
-        result = _run(checkpoint, cases, labels, device, out_dir, stability=stability, conformal_source=conformal_source,
-                      temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels,
-                      allow_unfinished=allow_unfinished)
+        from medmeta.errors import CasesError
+        from medmeta.output_folder import OutputFolder
         from medmeta.reports import write_reports
 
-        write_reports(result, out_dir, overwrite=overwrite)
+        if not cases.is_dir():  # before the default --out inside it is claimed
+            raise CasesError(f"{cases}: cases folder not found")
+        with OutputFolder(out_dir, overwrite) as folder:  # checked and locked before any work
+            result = _run(checkpoint, cases, labels, device, folder, stability=stability, conformal_source=conformal_source,
+                          temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels,
+                          allow_unfinished=allow_unfinished)
+            write_reports(result, folder)
     _print_summary(result, out_dir)
 
 
-def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, out_dir: Path, **options):
+def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, folder, **options):
     from medmeta.adaptation import adapt as run_adapt
     from medmeta.errors import CasesError
 
@@ -55,15 +57,14 @@ def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, out
     except CasesError as exc:
         for path, reason in exc.rejected:
             warn(f"{path}: {reason}", "rejected")
-        if out_dir.is_dir() and any(out_dir.iterdir()):
-            warn(f"the reports already in {out_dir} were left untouched", "note")
+        if folder.has_results():
+            warn(f"the reports already in {folder.path} were left untouched", "note")
         elif exc.rejected:  # a new folder: keep the list of unreadable files for the user
-            from medmeta.io import atomic_folder
             from medmeta.reports import write_rejected
 
-            with atomic_folder(out_dir) as tmp:
+            with folder.writing() as tmp:
                 write_rejected(tmp, exc.rejected)
-            warn(f"{len(exc.rejected)} unreadable file(s) listed in {out_dir / 'rejected.csv'}", "note")
+            warn(f"{len(exc.rejected)} unreadable file(s) listed in {folder.path / 'rejected.csv'}", "note")
         raise
 
 

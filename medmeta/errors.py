@@ -36,3 +36,11 @@ class CasesError(MedmetaError):
     def __init__(self, message: str, rejected: list[tuple[str, str]] | None = None):
         self.rejected = list(rejected or [])
         super().__init__(message)
+
+
+class OutputBusyError(MedmetaError):
+    """Another medmeta command holds the lock on the same output folder."""
+
+
+class OutputChangedError(MedmetaError):
+    """The output folder changed while a command ran; its new results were kept elsewhere."""

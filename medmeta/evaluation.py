@@ -395,7 +395,20 @@ def evaluate_checkpoint(
     of its protocol's test classes (``settings``; default: the protocol's shape), through the
     same pipeline as ``adapt``, with the calibration it stores. With ``out_dir`` the results
     JSON, the reliability and risk-coverage figures and the episodes' file lists are written
-    there (:func:`medmeta.reports.write_evaluation`)."""
+    there (:func:`medmeta.reports.write_evaluation`): the folder is checked before any work and
+    locked for the whole evaluation (:func:`medmeta.output_folder.output_lock`); results of other
+    settings already there are kept."""
+    from medmeta.io import check_output_folder
+    from medmeta.output_folder import output_lock
+
+    if out_dir is None:
+        return _evaluate(checkpoint, settings, device, None, quiet, allow_unfinished)
+    check_output_folder(out_dir, overwrite=True)  # before any work: not a file, parent writable
+    with output_lock(out_dir):
+        return _evaluate(checkpoint, settings, device, out_dir, quiet, allow_unfinished)
+
+
+def _evaluate(checkpoint, settings, device, out_dir, quiet, allow_unfinished) -> EvaluationResult:
     from medmeta.pipeline import AdaptationPipeline
     from medmeta.run import as_run
 

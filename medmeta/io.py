@@ -151,12 +151,38 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool = False) -> Pat
     return path
 
 
+#: ``expected`` default of :func:`atomic_folder`: no check of the destination.
+_ANY = object()
+
+
+def folder_fingerprint(path: str | os.PathLike) -> tuple | None:
+    """What :func:`atomic_folder` compares to tell whether ``path`` changed: ``None`` when it
+    does not exist, else the folder's identity and modification time and each entry's name,
+    identity, size and modification time."""
+    path = Path(path)
+    try:
+        info = path.stat()
+        entries = sorted(
+            (entry.name, s.st_ino, s.st_size, s.st_mtime_ns)
+            for entry in os.scandir(path)
+            for s in (entry.stat(follow_symlinks=False),)
+        ) if path.is_dir() else []
+    except FileNotFoundError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, tuple(entries))
+
+
 @contextmanager
-def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False, expected: Any = _ANY) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``path``; when the block succeeds it replaces
     ``path`` as a whole (an older folder there is removed only then, so results never mix and a
     failure leaves the older folder exactly as it was). Checks ``path`` first
-    (:func:`check_output_folder`)."""
+    (:func:`check_output_folder`).
+
+    ``expected``: the :func:`folder_fingerprint` of ``path`` when the command started. If
+    ``path`` differs from it at the end (another process wrote there meanwhile), nothing is
+    replaced: the new folder is kept beside it under a ``.conflict-`` name and an
+    :class:`~medmeta.errors.OutputChangedError` says where."""
     import shutil
 
     path = check_output_folder(path, overwrite)
@@ -165,6 +191,8 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        if expected is not _ANY and folder_fingerprint(path) != expected:
+            _keep_conflicting(tmp, path)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -180,6 +208,21 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _keep_conflicting(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` to a unique ``<name>.conflict-<time>-<pid>`` beside ``path`` and
+    raise :class:`~medmeta.errors.OutputChangedError`."""
+    import time
+
+    from medmeta.errors import OutputChangedError
+
+    kept = path.with_name(f"{path.name}.conflict-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.replace(tmp, kept)
+    raise OutputChangedError(
+        f"{path}: changed while this command ran (another process wrote there); it was left as it is "
+        f"and the new results were kept in {kept}"
+    )
 
 
 def _umask() -> int:

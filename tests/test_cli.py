@@ -49,11 +49,11 @@ def test_train_help_lists_methods_and_options():
         assert name in text
 
 
-def test_adapt_on_sample_data_writes_all_four_reports(trained_run, cases, tmp_path):
+def test_adapt_on_sample_data_writes_all_the_reports(trained_run, cases, tmp_path):
     out = tmp_path / "report"
     result = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--out", out, "--labels", cases / "labels.csv")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "rejected.csv", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "rejected.csv", "report.html", "report.json", "support.csv"]
     rows = read_csv(out / "predictions.csv")
     assert len(rows) == 30
     conditions = ["concentric_rings", "gradient_halo", "triangle_mass"]
@@ -90,6 +90,11 @@ def test_adapt_on_sample_data_writes_all_four_reports(trained_run, cases, tmp_pa
     assert "Prediction set" in html and "stability: up to" in html
     assert html.count('class="refer"') == sum(r["refer"] == "true" for r in rows)
     assert read_csv(out / "rejected.csv") == []
+    support = read_csv(out / "support.csv")
+    assert [(r["path"], r["condition"], r["sha256"]) for r in support] == [
+        (scan["path"], condition, scan["sha256"]) for condition, scans in report["support"].items() for scan in scans
+    ]
+    assert len(support) == 15 and {r["condition"] for r in support} == set(conditions)
 
 
 def test_one_bad_scan_is_rejected_and_the_batch_goes_on(trained_run, cases, tmp_path):

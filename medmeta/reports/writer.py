@@ -7,7 +7,8 @@ Every path under the cases folder's ``query/`` is in exactly one of ``prediction
 (columns ``path``, ``reason``).
 
 The batch's files are written into a temporary folder that replaces ``--out`` only when all of
-them are complete (:func:`medmeta.io.atomic_folder`): a run never mixes with an older one, and
+them are complete (:func:`medmeta.io.atomic_folder`), under the output folder's lock
+(:mod:`medmeta.output_folder`): a run never mixes with an older one, and
 a failed run leaves older reports exactly as they were. The HTML page is self-contained (thumbnails inlined as PNG
 data URIs, no external URLs) and rendered by Jinja2 with autoescaping on.
 
@@ -25,14 +26,17 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from medmeta.adaptation import AdaptResult
-from medmeta.io import atomic_folder, atomic_write_csv, atomic_write_json, atomic_write_text, json_safe
+from medmeta.io import atomic_write_csv, atomic_write_json, atomic_write_text, json_safe
+
+if TYPE_CHECKING:
+    from medmeta.output_folder import OutputFolder
 
 REPORT_FILES = ("predictions.csv", "support.csv", "report.json", "report.html", "rejected.csv")
 
@@ -43,10 +47,20 @@ def write_rejected(out_dir: str | Path, rejected: list[tuple[str, str]]) -> Path
     return path
 
 
-def write_reports(result: AdaptResult, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+def write_reports(result: AdaptResult, out_dir: "str | Path | OutputFolder", overwrite: bool = False) -> dict[str, Path]:
     """Write all the report files as one new ``out_dir``; returns their paths. An existing
-    non-empty ``out_dir`` is refused unless ``overwrite`` (then it is replaced as a whole)."""
-    with atomic_folder(out_dir, overwrite) as tmp:
+    non-empty ``out_dir`` is refused unless ``overwrite`` (then it is replaced as a whole).
+
+    ``out_dir`` may be an :class:`~medmeta.output_folder.OutputFolder` the caller claimed before
+    computing ``result`` (locked, its state noted): the reports then replace it only if no other
+    process wrote there meanwhile. A plain path is claimed here."""
+    from medmeta.output_folder import OutputFolder
+
+    if isinstance(out_dir, OutputFolder):
+        with out_dir.writing() as tmp:
+            _write_all(result, tmp)
+        return {name: out_dir.path / name for name in REPORT_FILES}
+    with OutputFolder(out_dir, overwrite) as folder, folder.writing() as tmp:
         _write_all(result, tmp)
     return {name: Path(out_dir) / name for name in REPORT_FILES}
 

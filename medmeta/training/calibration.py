@@ -175,7 +175,18 @@ def recalibrate(
     ``method_options`` changes method hyperparameters that do not touch the weights before the
     refit (e.g. ``{"distance": "euclidean"}`` for ProtoNet: same predictions, other
     probabilities); the sidecar's method record is rewritten with them and the calibration
-    record lists them under ``method_options``."""
+    record lists them under ``method_options``. The run folder is locked meanwhile
+    (:func:`medmeta.output_folder.output_lock`)."""
+    from medmeta.output_folder import output_lock
+
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    with output_lock(folder):  # not while a training or another calibration writes the run folder
+        return _recalibrate(checkpoint, shot, coverage, conformal_score, class_conditional, refer_share,
+                            calibration_episodes, device, quiet, method_options)
+
+
+def _recalibrate(checkpoint, shot, coverage, conformal_score, class_conditional, refer_share,
+                 calibration_episodes, device, quiet, method_options) -> "CalibrationRecord":
     from medmeta.checkpoint import update_checkpoint_meta
     from medmeta.run import load_run
 

@@ -126,17 +126,28 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False, overwr
     The config is validated first (:meth:`TrainConfig.validate`); the effective config is
     written to ``<out>/config.yaml`` (give it to ``medmeta train --config`` to train again).
     A fresh run into a folder that already holds one is refused unless ``overwrite``: a good
-    model is never replaced silently."""
-    from medmeta.training.calibration import calibrate_best, print_calibration
-    from medmeta.training.config_file import write_config_file
-    from medmeta.training.episodic import meta_train
-    from medmeta.training.resume import resumed_config, save_state
+    model is never replaced silently. The run folder is locked for the whole run
+    (:func:`medmeta.output_folder.output_lock`): a second command writing it is refused."""
+    from medmeta.io import check_output_folder
+    from medmeta.output_folder import output_lock
+    from medmeta.training.resume import resumed_config
 
     if resume:
         config = resumed_config(config)
-    elif not overwrite:
-        _refuse_existing_run(Path(config.out))
     config.validate()
+    check_output_folder(config.out, overwrite=True)  # a file, or an unwritable parent: said before any work
+    with output_lock(config.out):  # one command at a time in a run folder
+        if not resume and not overwrite:
+            _refuse_existing_run(Path(config.out))
+        return _train(config, resume, quiet)
+
+
+def _train(config: TrainConfig, resume: bool, quiet: bool) -> TrainResult:
+    from medmeta.training.calibration import calibrate_best, print_calibration
+    from medmeta.training.config_file import write_config_file
+    from medmeta.training.episodic import meta_train
+    from medmeta.training.resume import save_state
+
     torch.manual_seed(config.seed)
     run = Run(config, quiet=quiet)
     run.out.mkdir(parents=True, exist_ok=True)
