@@ -63,3 +63,59 @@ def test_a_bomb_in_a_batch_is_rejected_and_the_batch_goes_on(trained_run, tmp_pa
     rejected = (out / "rejected.csv").read_text()
     assert "query/bomb.png" in rejected and "more than the 50,000,000" in rejected
     assert len((out / "predictions.csv").read_text().splitlines()) == 31
+
+
+def deflate_bomb(path: Path, inflated_mb: int = 600) -> Path:
+    """A deflated-transfer-syntax DICOM of about 0.6 MB whose dataset inflates to ``inflated_mb``
+    MB (one private OB element of zeros). Before the check, pydicom inflated all of it at once:
+    a 1 GB bomb took 2.1 GB and 18 s to read its header."""
+    import struct
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from medmeta.data.reading import _deflated_dataset_offset
+
+    small = write_dicom(path, np.arange(16, dtype=np.uint16).reshape(4, 4), transfer_syntax=DeflatedExplicitVRLittleEndian)
+    start = _deflated_dataset_offset(small)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    size = inflated_mb << 20
+    body = compressor.compress(struct.pack("<HH", 0x0011, 0x1010) + b"OB\0\0" + struct.pack("<I", size))
+    zeros = bytes(1 << 20)
+    body += b"".join(compressor.compress(zeros) for _ in range(inflated_mb)) + compressor.flush()
+    path.write_bytes(small.read_bytes()[:start] + body)
+    return path
+
+
+def test_a_deflated_dicom_bomb_is_refused_without_inflating_it_into_memory(tmp_path):
+    path = deflate_bomb(tmp_path / "deflated bomb.dcm")
+    assert path.stat().st_size < 1_000_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reader = ScanReader(Preprocessing(image_size=16), max_pixels=10_000_000)  # so at most 80 MB + 64 MiB inflated
+    with pytest.raises(ScanReadError, match="deflated DICOM data expands to more than 147,108,864 bytes"):
+        reader(path)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100
+
+
+def test_a_deflated_dicom_within_the_cap_still_reads(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    pixels = (np.arange(32 * 32).reshape(32, 32) % 97).astype(np.uint16)
+    path = write_dicom(tmp_path / "deflated.dcm", pixels, transfer_syntax=DeflatedExplicitVRLittleEndian)
+    plain = write_dicom(tmp_path / "plain.dcm", pixels)
+    reader = ScanReader(Preprocessing(image_size=16, channels=1))
+    assert torch_equal(reader(path), reader(plain))
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+def test_a_file_larger_than_any_scan_within_the_cap_is_not_read(tmp_path):
+    reader = ScanReader(Preprocessing(image_size=16), max_pixels=1000)  # at most 8,000 bytes + 64 MiB
+    path = tmp_path / "huge.png"
+    with open(path, "wb") as handle:
+        handle.truncate(reader.max_bytes + 1)  # sparse: no disk used
+    with pytest.raises(ScanReadError, match=r"holds 67,116,865 bytes, more than the 67,116,864 a scan"):
+        reader(path)

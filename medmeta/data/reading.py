@@ -53,6 +53,11 @@ REJECTION_REASONS: dict[str, str] = {
     "not_found": "file not found",
     "unsupported_type": "unsupported file type (expected DICOM, NIfTI, PNG or JPEG)",
     "too_many_pixels": "declares {count} pixels, more than the {limit} a scan may have (not decoded)",
+    "too_many_bytes": "holds {count} bytes, more than the {limit} a scan within the pixel cap may need (not read)",
+    "dicom_deflate_bomb": (
+        "deflated DICOM data expands to more than {limit} bytes, more than a scan within the pixel cap"
+        " may need (not decoded)"
+    ),
     "dicom_unparsable": "not a readable DICOM file (the header cannot be parsed)",
     "dicom_not_part10": "not a DICOM file (the 'DICM' prefix or the file meta header is missing)",
     "dicom_no_image": "DICOM file has no image (no Rows/PixelData)",
@@ -214,6 +219,12 @@ class ScanReader:
     #: a file whose header declares more pixels than this is refused before it is decoded
     max_pixels: int = MAX_PIXELS
 
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes a scan's file (or a deflated DICOM once inflated) may hold: 8 bytes per
+        pixel of :attr:`max_pixels` plus 64 MiB of header; beyond it the file is not read."""
+        return self.max_pixels * 8 + (64 << 20)
+
     def __post_init__(self) -> None:
         from monai.data import NibabelReader, PILReader, PydicomReader
         from monai.transforms import LoadImage, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
@@ -261,6 +272,11 @@ class ScanReader:
         fmt = scan_format(path)
         if fmt is None:
             raise ScanReadError(path, _reason("unsupported_type"))
+        size, limit = path.stat().st_size, self.max_bytes
+        if size > limit:
+            raise ScanReadError(path, _reason("too_many_bytes", count=f"{size:,}", limit=f"{limit:,}"))
+        if fmt == "dicom":
+            _check_deflated_size(path, limit)
         info = _dicom_header(path) if fmt == "dicom" else None
         declared = info.pixels if info is not None else _declared_pixels(path, fmt)
         if declared > self.max_pixels:
@@ -335,6 +351,62 @@ _PHOTOMETRIC = (
 )
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _INVALID = object()
+
+
+#: Transfer syntax whose whole dataset is deflated (pydicom inflates it in one piece when reading).
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+#: Value representations whose explicit-VR element header has a 4-byte length (DICOM PS3.5 7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _check_deflated_size(path: Path, limit: int) -> None:
+    """Refuse a deflated DICOM whose dataset inflates to more than ``limit`` bytes, counted by
+    inflating it in 1 MiB pieces that are thrown away (a 1 MB file can otherwise make pydicom
+    inflate gigabytes into memory). Other transfer syntaxes are left alone."""
+    start = _deflated_dataset_offset(path)
+    if start is None:
+        return
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            while chunk := handle.read(1 << 16):
+                while chunk:
+                    total += len(inflater.decompress(chunk, 1 << 20))
+                    if total > limit:
+                        raise ScanReadError(path, _reason("dicom_deflate_bomb", limit=f"{limit:,}"))
+                    chunk = inflater.unconsumed_tail
+                if inflater.eof:
+                    return
+    except (OSError, zlib.error):
+        return  # not a deflate stream after all: pydicom reports what is wrong
+
+
+def _deflated_dataset_offset(path: Path) -> int | None:
+    """Where the deflated dataset of a Part 10 file starts (after the file meta group, always
+    explicit VR little endian), or ``None`` when its transfer syntax is not deflated."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(132)[128:] != b"DICM":
+                return None
+            offset, syntax = 132, b""
+            while len(head := handle.read(8)) == 8:
+                group, element = struct.unpack("<HH", head[:4])
+                if group != 0x0002:
+                    break
+                vr = head[4:6]
+                if vr in _LONG_VRS:
+                    length, header = struct.unpack("<I", handle.read(4))[0], 12
+                else:
+                    length, header = struct.unpack("<H", head[6:8])[0], 8
+                value = handle.read(min(length, 1 << 16))
+                if element == 0x0010:
+                    syntax = value
+                offset += header + length
+                handle.seek(offset)
+    except (OSError, struct.error):
+        return None
+    return offset if syntax.rstrip(b"\0 ").decode("ascii", "replace") == _DEFLATED else None
 
 
 def _dicom_header(path: Path) -> _DicomInfo:
