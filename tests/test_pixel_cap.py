@@ -119,3 +119,15 @@ def test_a_file_larger_than_any_scan_within_the_cap_is_not_read(tmp_path):
         handle.truncate(reader.max_bytes + 1)  # sparse: no disk used
     with pytest.raises(ScanReadError, match=r"holds 67,116,865 bytes, more than the 67,116,864 a scan"):
         reader(path)
+
+
+def test_a_header_beyond_pils_own_bomb_limit_is_refused_with_its_declared_size(tmp_path):
+    """PIL itself refuses to open a PNG declaring more than 2 x Image.MAX_IMAGE_PIXELS; the
+    reason still says how many pixels the header declares (was: "cannot decode ... (DecompressionBombError)")."""
+    from test_fuzz_cases import _png_with_size
+
+    path = tmp_path / "declared.png"
+    path.write_bytes(_png_with_size(60_000, 60_000))
+    with pytest.raises(ScanReadError) as excinfo:
+        ScanReader(Preprocessing(image_size=16))(path)
+    assert excinfo.value.reason == "declares 3,600,000,000 pixels, more than the 50,000,000 a scan may have (not decoded)"

@@ -500,8 +500,12 @@ def _declared_pixels(path: Path, fmt: str) -> int:
         if fmt == "image":
             from PIL import Image
 
-            with Image.open(path) as image:
-                return int(image.size[0]) * int(image.size[1]) * int(getattr(image, "n_frames", 1) or 1)
+            try:
+                with Image.open(path) as image:
+                    return int(image.size[0]) * int(image.size[1]) * int(getattr(image, "n_frames", 1) or 1)
+            except Image.DecompressionBombError as exc:  # PIL refuses to open beyond 2 x MAX_IMAGE_PIXELS
+                counted = re.search(r"\((\d+) pixels\)", str(exc))  # the size PIL computed from the header
+                return int(counted.group(1)) if counted else 2 * int(Image.MAX_IMAGE_PIXELS or 0) + 1
         import nibabel
 
         return int(np.prod(nibabel.load(str(path)).header.get_data_shape(), dtype=np.int64))

@@ -40,6 +40,7 @@ HIDDEN_FILE = "hidden file, not read"
 HIDDEN_FOLDER = "hidden folder, not read"
 UNLISTABLE = "folder cannot be listed (permission denied or unreadable)"
 OUTSIDE_CONDITION = "not inside a condition folder (expected support/<condition>/<scans>)"
+UNEXAMINABLE = "cannot be examined (permission denied or removed during the walk)"
 
 
 def _special_kind(mode: int) -> str:
@@ -55,6 +56,13 @@ def _special_kind(mode: int) -> str:
 def not_regular(kind: str) -> str:
     """The reason for a path that is neither a regular file nor a folder."""
     return f"not a regular file ({kind}); not opened"
+
+
+#: Every reason :func:`discover_cases` gives.
+DISCOVERY_REASONS = (
+    BROKEN_LINK, LINK_LOOP, HIDDEN_FILE, HIDDEN_FOLDER, UNLISTABLE, OUTSIDE_CONDITION, UNEXAMINABLE,
+    *(not_regular(kind) for kind in ("FIFO", "socket", "device", "special file")),
+)
 
 
 @dataclass
@@ -123,7 +131,7 @@ class _Walker:
             if path.is_symlink():
                 self.reject(path, LINK_LOOP if exc.errno == errno.ELOOP else BROKEN_LINK)
             else:
-                self.reject(path, "cannot be examined (permission denied or removed during the walk)")
+                self.reject(path, UNEXAMINABLE)
             return "rejected", None
         if path.is_symlink() and not _inside(Path(os.path.realpath(path)), self.real_root):
             self.found.outside_links.append(self.found.relative(path))
