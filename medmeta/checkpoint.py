@@ -39,17 +39,30 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Write tensors atomically as safetensors; returns the file's sha256."""
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write tensors atomically as safetensors (with ``metadata``, text in the file's header);
+    returns the file's sha256."""
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(clean, str(tmp))
+        save_file(clean, str(tmp), metadata=metadata)
     return sha256_file(path)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def tensors_metadata(path: str | Path) -> dict[str, str]:
+    """The text metadata in a safetensors file's header (``{}`` when it has none); the tensors
+    are not read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
 

@@ -41,8 +41,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """``obj`` as JSON text (paths as strings, numpy scalars and arrays as numbers and lists)."""
+    return json.dumps(obj, indent=indent, sort_keys=False, default=_json_default)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, json_text(obj) + "\n")
 
 
 def json_safe(obj: Any) -> Any:

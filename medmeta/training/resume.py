@@ -1,6 +1,11 @@
-"""Resume state: ``last.safetensors`` (weights, optimiser tensors, torch RNG) and ``last.json``
-(config, phase, counters, scheduler, history), written after every pre-training epoch and
-validation, and read back by ``--resume``."""
+"""Resume state: ``last.safetensors`` (weights, optimiser tensors, torch RNG, and in its header
+the config, phase, counters, scheduler and history), written after every pre-training epoch and
+validation, and read back by ``--resume``.
+
+The state is one file, replaced atomically, so a run killed at any instant (``kill -9`` while
+saving included) resumes from a state whose weights and counters belong together. ``last.json``
+is a readable copy of the header's part, written after it; runs saved before the header held
+the state are read from ``last.json``."""
 
 from __future__ import annotations
 
@@ -10,19 +15,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from medmeta.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors
+from medmeta.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, tensors_metadata
 from medmeta.errors import CheckpointError
-from medmeta.io import atomic_write_json
+from medmeta.io import atomic_write_json, json_text
 from medmeta.training.config import TrainConfig
 
 if TYPE_CHECKING:
     from medmeta.training.loop import Run
 
 STATE_FORMAT = "medmeta-train-state"
+#: The key of the state JSON in ``last.safetensors``'s header.
+STATE_KEY = "medmeta_train_state"
 
 
 def save_state(run: "Run") -> None:
-    """Write the run's resume state into its folder (tensors first, then the JSON)."""
+    """Write the run's resume state into its folder: one atomic ``last.safetensors`` holding
+    tensors and state, then its readable copy ``last.json``."""
     assert run.optimizer is not None
     tensors = {f"model.{k}": v for k, v in run.learner.state_dict().items()}
     if run.head is not None:
@@ -30,33 +38,46 @@ def save_state(run: "Run") -> None:
     optim_tensors, optim_rest = optimizer_to_tensors(run.optimizer.state_dict(), "optim")
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
-    save_tensors(run.out / "last.safetensors", tensors)
-    atomic_write_json(
-        run.out / "last.json",
-        {
-            "format": STATE_FORMAT,
-            "config": run.config.to_dict(),
-            "phase": run.phase,
-            "epoch": run.epoch,
-            "episode": run.episode,
-            "train_seconds": run.train_seconds,
-            "optimizer": optim_rest,
-            "scheduler": run.scheduler.state_dict(),
-            "best_val": run.best_val,
-            "history": run.history,
-        },
-    )
+    state = {
+        "format": STATE_FORMAT,
+        "config": run.config.to_dict(),
+        "phase": run.phase,
+        "epoch": run.epoch,
+        "episode": run.episode,
+        "train_seconds": run.train_seconds,
+        "optimizer": optim_rest,
+        "scheduler": run.scheduler.state_dict(),
+        "best_val": run.best_val,
+        "history": run.history,
+    }
+    save_tensors(run.out / "last.safetensors", tensors, metadata={STATE_KEY: json_text(state, indent=None)})
+    atomic_write_json(run.out / "last.json", state)
+
+
+def read_state(out: str | Path) -> dict:
+    """The resume state of the run in ``out``: the header of ``last.safetensors`` (or, for runs
+    saved before it held the state, ``last.json``)."""
+    out = Path(out)
+    tensors_path, json_path = out / "last.safetensors", out / "last.json"
+    try:
+        if tensors_path.is_file():
+            text = tensors_metadata(tensors_path).get(STATE_KEY)
+            if text is not None:
+                return _checked(json.loads(text), tensors_path)
+        return _checked(json.loads(json_path.read_text(encoding="utf-8")), json_path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{json_path}: cannot resume, no readable training state ({exc})") from None
+
+
+def _checked(state, path: Path) -> dict:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a medmeta training state")
+    return state
 
 
 def load_state(run: "Run") -> None:
     """Restore what :func:`save_state` wrote: weights, counters, phase, optimiser, scheduler, RNG."""
-    path = run.out / "last.json"
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot resume, no readable training state ({exc})") from None
-    if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path}: not a medmeta training state")
+    state = read_state(run.out)
     tensors = load_tensors(run.out / "last.safetensors")
     run.learner.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     run.epoch, run.episode = int(state["epoch"]), int(state["episode"])
@@ -76,11 +97,12 @@ RESUME_MAY_CHANGE = ("episodes", "device", "max_minutes", "out")
 
 
 def _stored_config(out: str | Path) -> TrainConfig:
-    path = Path(out) / "last.json"
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: nothing to resume (no readable training state in {out})") from None
+        stored = read_state(out)["config"]
+    except CheckpointError:
+        raise CheckpointError(f"{Path(out) / 'last.json'}: nothing to resume (no readable training state in {out})") from None
+    except KeyError:
+        raise CheckpointError(f"{Path(out) / 'last.json'}: nothing to resume (the training state has no config)") from None
     return TrainConfig.from_dict(stored)
 
 
