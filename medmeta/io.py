@@ -190,7 +190,8 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False, expected: An
     :class:`~medmeta.errors.OutputChangedError` says where."""
     import shutil
 
-    path = check_output_folder(path, overwrite)
+    # with ``expected`` the folder was checked when the command began; a change since is caught below
+    path = check_output_folder(path, overwrite or expected is not _ANY)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
