@@ -13,6 +13,8 @@ from medmeta.cli.common import check_choice, check_temperature_options, user_err
 TEMPERATURE_PRIOR_SIGMA = 0.5
 CONFORMAL_SOURCES = ("val", "support")
 MAX_PIXELS = 50_000_000
+#: ``--head`` choices, kept in step with medmeta.heads.list_heads() (a test checks it).
+HEAD_NAMES = ("method", "logistic", "prototype")
 
 
 def adapt(
@@ -28,12 +30,15 @@ def adapt(
     temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
     max_pixels: Annotated[int, typer.Option(min=1, help="Reject, without decoding it, a scan whose header declares more pixels than this (rows x columns x frames x channels), or whose file (a deflated DICOM: once inflated) holds more than 8 bytes per pixel of it plus 64 MiB.")] = MAX_PIXELS,
     allow_unfinished: Annotated[bool, typer.Option(help="Use a checkpoint whose training stopped before calibration (uncalibrated probabilities).")] = False,
+    head: Annotated[Optional[str], typer.Option(help="What is fitted on the support: method (the trained method's own adaptation), prototype (nearest class mean) or logistic (logistic regression) on normalised embeddings [default: the checkpoint's, chosen on val classes].")] = None,
 ) -> None:
     """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html, rejected.csv."""
     out_dir = out or cases / "medmeta-report"
     with user_errors():
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
         check_temperature_options(temperature_source, temperature_sigma)
+        if head is not None:
+            check_choice(head, HEAD_NAMES, "--head")
         from medmeta.errors import CasesError
         from medmeta.output_folder import OutputFolder
         from medmeta.reports import write_reports
@@ -43,7 +48,7 @@ def adapt(
         with OutputFolder(out_dir, overwrite) as folder:  # checked and locked before any work
             result = _run(checkpoint, cases, labels, device, folder, stability=stability, conformal_source=conformal_source,
                           temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels,
-                          allow_unfinished=allow_unfinished)
+                          allow_unfinished=allow_unfinished, head=head)
             write_reports(result, folder)
     _print_summary(result, out_dir)
 

@@ -90,8 +90,13 @@ def adapt(
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
     max_pixels: int | None = None,
     allow_unfinished: bool = False,
+    head: str | None = None,
 ) -> AdaptResult:
     """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``.
+
+    ``head`` says what is fitted on the support (:mod:`medmeta.heads`): ``"method"`` (the
+    trained method's own adaptation), ``"prototype"`` or ``"logistic"`` on the normalised
+    embeddings; None: the checkpoint's default, chosen on val classes at training.
 
     ``checkpoint`` is a run folder, ``NAME.json``/``NAME.safetensors``, or a
     :class:`~medmeta.run.LoadedRun` from :func:`medmeta.load_run` (loaded once, reused).
@@ -113,7 +118,7 @@ def adapt(
     (default :data:`medmeta.data.reading.MAX_PIXELS`; only when ``checkpoint`` is a path).
     ``allow_unfinished`` accepts a checkpoint whose training stopped before calibration.
     """
-    options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma)
+    options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma, head)
     label_map = read_labels(labels) if labels else None  # a bad labels file fails before any work
     run = as_run(checkpoint, device, max_pixels=max_pixels, allow_unfinished=allow_unfinished)
     batch = read_cases(cases_dir, run.reader)
@@ -154,6 +159,7 @@ class _Options:
     conformal_source: str = "val"
     temperature_source: str = "val"
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA
+    head: str | None = None
 
     def __post_init__(self) -> None:
         check_conformal_source(self.conformal_source)
@@ -162,7 +168,8 @@ class _Options:
 
 def _diagnose(run, batch: CaseBatch, options: _Options, cases_dir: str | None) -> AdaptResult:
     pipeline = AdaptationPipeline.from_run(
-        run, options.temperature_source, options.conformal_source, options.prior_sigma, options.stability, options.batch_size
+        run, options.temperature_source, options.conformal_source, options.prior_sigma, options.stability, options.batch_size,
+        head=options.head,
     )
     diagnosis = pipeline(batch.task)
     task, conditions = batch.task, batch.task.conditions
@@ -179,12 +186,12 @@ def _diagnose(run, batch: CaseBatch, options: _Options, cases_dir: str | None) -
             zip(batch.query_paths, batch.query_sha256, task.query_images, diagnosis.probabilities.query, diagnosis.logits.distances)
         )
     ]
-    metadata = _metadata(run, batch, diagnosis, options, cases_dir)
+    metadata = _metadata(run, pipeline, batch, diagnosis, options, cases_dir)
     return AdaptResult(list(conditions), cases, batch.rejected, batch.support, metadata, probabilities=diagnosis.probabilities.query)
 
 
-def _metadata(run, batch: CaseBatch, diagnosis: Diagnosis, options: _Options, cases_dir: str | None) -> dict[str, Any]:
-    calibration, probs, sets = run.calibration, diagnosis.probabilities, diagnosis.sets
+def _metadata(run, pipeline, batch: CaseBatch, diagnosis: Diagnosis, options: _Options, cases_dir: str | None) -> dict[str, Any]:
+    calibration, probs, sets = pipeline.calibration, diagnosis.probabilities, diagnosis.sets
     refits = len(batch.task.support_labels) if diagnosis.logits.max_change is not None else 0
     return {
         "medmeta_version": medmeta.__version__,
@@ -193,6 +200,8 @@ def _metadata(run, batch: CaseBatch, diagnosis: Diagnosis, options: _Options, ca
         "checkpoint_sha256": run.checkpoint.sha256,
         "method": run.method,
         "backbone": run.backbone,
+        "head": pipeline.head_name,
+        "embedding_normalisation": _normalisation(run, pipeline.head_name),
         "temperature": calibration.temperature,
         "temperature_source": probs.source,
         "support_temperature": probs.temperature if probs.source == "support" else None,
@@ -210,11 +219,19 @@ def _metadata(run, batch: CaseBatch, diagnosis: Diagnosis, options: _Options, ca
             "min_support_scans_per_condition": min(len(scans) for scans in batch.support.values()),
             "refits": refits,
         },
-        "notes": run.checkpoint.calibration_notes() + _notes(batch, diagnosis, options, calibration.temperature),
+        "notes": calibration.notes(run.method) + _notes(batch, diagnosis, options, calibration.temperature),
         "preprocessing": run.preprocessing.to_dict(),
         "cases_dir": cases_dir,
         "device": str(run.device),
     }
+
+
+def _normalisation(run, head: str) -> str:
+    """How the head's embeddings were normalised: ``"method"`` for the method's own head."""
+    if head == "method":
+        return "method"
+    normaliser = run.checkpoint.normaliser
+    return normaliser.kind if normaliser is not None else "none"
 
 
 def _notes(batch: CaseBatch, diagnosis: Diagnosis, options: _Options, temperature: float) -> list[str]:

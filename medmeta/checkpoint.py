@@ -111,6 +111,67 @@ class Checkpoint:
         or None for checkpoints written before conformal calibration existed."""
         return self.calibration.conformal
 
+    @property
+    def normaliser(self):
+        """The stored :class:`~medmeta.heads.EmbeddingNormaliser`, or None (a checkpoint trained
+        before normalisation was learnt: embedding heads then use raw embeddings)."""
+        from medmeta.heads import EmbeddingNormaliser
+
+        data = self.meta.get("embedding_normaliser")
+        if data is None:
+            return None
+        try:
+            return EmbeddingNormaliser.from_dict(data)
+        except MedmetaError as exc:
+            raise CheckpointError(f"{self.path}: invalid embedding normalisation ({exc})") from None
+
+    @property
+    def heads_record(self) -> dict[str, Any]:
+        """The sidecar's ``heads`` entry: ``default``, ``options`` and ``calibration`` per head
+        (``{}`` for a checkpoint with the method's own head only)."""
+        record = self.meta.get("heads")
+        if record is None:
+            return {}
+        if not isinstance(record, dict) or not isinstance(record.get("calibration", {}), dict):
+            raise CheckpointError(f"{self.path}: invalid heads record (expected a mapping)")
+        return record
+
+    @property
+    def calibrated_heads(self) -> list[str]:
+        """The heads this checkpoint holds a calibration for, ``method`` first."""
+        return ["method", *sorted(self.heads_record.get("calibration", {}))]
+
+    @property
+    def default_head(self) -> str:
+        """The head ``adapt`` and ``evaluate`` use without ``--head`` (chosen on val at training)."""
+        head = self.heads_record.get("default", "method")
+        if head not in self.calibrated_heads:
+            raise CheckpointError(f"{self.path}: the default head {head!r} has no calibration record")
+        return head
+
+    def head_options(self, head: str) -> dict[str, Any]:
+        options = self.heads_record.get("options", {}).get(head, {})
+        if not isinstance(options, dict):
+            raise CheckpointError(f"{self.path}: invalid options of head {head!r}")
+        return options
+
+    def calibration_for(self, head: str):
+        """The :class:`~medmeta.calibration.CalibrationRecord` of ``head`` (validated)."""
+        from medmeta.calibration.record import CalibrationRecord
+
+        if head == "method":
+            return self.calibration
+        data = self.heads_record.get("calibration", {}).get(head)
+        if data is None:
+            raise CheckpointError(
+                f"{self.path}: no calibration for head {head!r} (calibrated: {', '.join(self.calibrated_heads)}); "
+                f"fit one with `medmeta calibrate --checkpoint {self.path.parent} --head {head}`"
+            )
+        try:
+            return CalibrationRecord.from_dict(data)
+        except MedmetaError as exc:
+            raise CheckpointError(f"{self.path}: invalid calibration record of head {head!r} ({exc})") from None
+
     def calibration_notes(self) -> list[str]:
         """What this checkpoint's calibration cannot provide, as sentences for reports."""
         return self.calibration.notes(self.meta["method"]["name"])

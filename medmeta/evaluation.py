@@ -319,6 +319,7 @@ class EvaluationSettings:
     conformal_source: str = "val"
     temperature_source: str = "val"
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA
+    head: str | None = None
 
     def resolved(self, protocol) -> "EvaluationSettings":
         """A copy with every ``None`` filled in from ``protocol``'s episode settings."""
@@ -326,11 +327,14 @@ class EvaluationSettings:
         return EvaluationSettings(
             self.protocol, self.way or ep.way, self.shot or min(ep.shot), self.query or ep.query,
             self.episodes or ep.test_episodes, self.seed, self.conformal_source, self.temperature_source, self.prior_sigma,
+            self.head,
         )
 
     @property
     def tag(self) -> str:
-        return f"{self.way}way_{self.shot}shot"
+        """``<way>way_<shot>shot``, then ``_<head>`` for a head other than the method's own."""
+        tag = f"{self.way}way_{self.shot}shot"
+        return tag if self.head in (None, "method") else f"{tag}_{self.head}"
 
 
 @dataclass
@@ -373,7 +377,7 @@ class EvaluationResult:
         out = {
             "checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256, "method": self.method,
             "backbone": self.backbone, "protocol": self.protocol, "test_classes": self.test_classes,
-            "way": s.way, "shot": s.shot, "query": s.query, "seed": s.seed,
+            "way": s.way, "shot": s.shot, "query": s.query, "seed": s.seed, "head": s.head or "method",
             **self.summary.to_dict(),
             "conformal": self.conformal, "distance_threshold": self.distance_threshold,
             "risk_coverage": self.risk_coverage, "notes": self.notes, "warnings": self.warnings,
@@ -417,28 +421,30 @@ def _evaluate(checkpoint, settings, device, out_dir, quiet, allow_unfinished) ->
     settings = settings.resolved(run.protocol)
     sampler = run.sampler("test", settings.way, settings.shot, settings.query, settings.seed)
     pipeline = AdaptationPipeline.from_run(
-        run, settings.temperature_source, settings.conformal_source, settings.prior_sigma, batch_size=None
+        run, settings.temperature_source, settings.conformal_source, settings.prior_sigma, batch_size=None, head=settings.head
     )
-    outputs = _run_with_progress(run, sampler, settings, pipeline.needs_held_out, quiet)
+    settings.head = pipeline.head_name
+    outputs = _run_with_progress(run, pipeline.head.learner, sampler, settings, pipeline.needs_held_out, quiet)
     diagnoses = diagnose(outputs, pipeline.temperature, pipeline.sets, pipeline.referral)
     summary = summarize(outputs, pipeline.temperature, pipeline.sets, pipeline.referral, diagnoses=diagnoses)
     logits, labels = outputs.pooled()
     after = np.concatenate([d.probabilities.query for d in diagnoses])
     confidence, correct = after.max(1), after.argmax(1) == labels
-    conformal = run.calibration.conformal
+    calibration = pipeline.calibration
+    conformal = calibration.conformal
     result = EvaluationResult(
         checkpoint=str(run.checkpoint.path), checkpoint_sha256=run.checkpoint.sha256, method=run.method,
         backbone=run.backbone, protocol=run.protocol.name, test_classes=run.protocol.classes["test"],
         settings=settings, summary=summary, conformal=conformal.to_dict() if conformal is not None else None,
-        distance_threshold=run.calibration.distance_threshold,
+        distance_threshold=calibration.distance_threshold,
         risk_coverage={
             "coverage": RISK_COVERAGE_LEVELS.tolist(),
             "risk": risk_at_coverage(confidence, correct, RISK_COVERAGE_LEVELS).tolist(),
         },
-        notes=run.checkpoint.calibration_notes() + _fallback_notes(pipeline, summary, settings.shot),
+        notes=calibration.notes(run.method) + _fallback_notes(pipeline, summary, settings.shot),
         probabilities_before=softmax(logits), probabilities_after=after, labels=labels,
     )
-    result.warnings = evaluation_warnings(run.calibration, summary, settings.shot)
+    result.warnings = evaluation_warnings(calibration, summary, settings.shot)
     if out_dir is not None:
         from medmeta.reports.evaluation import write_evaluation
 
@@ -447,7 +453,7 @@ def _evaluate(checkpoint, settings, device, out_dir, quiet, allow_unfinished) ->
     return result
 
 
-def _run_with_progress(run, sampler, settings: EvaluationSettings, held_out: bool, quiet: bool) -> EpisodeOutputs:
+def _run_with_progress(run, learner, sampler, settings: EvaluationSettings, held_out: bool, quiet: bool) -> EpisodeOutputs:
     from medmeta.progress import make_progress
 
     with make_progress(disable=quiet) as progress:
@@ -457,7 +463,7 @@ def _run_with_progress(run, sampler, settings: EvaluationSettings, held_out: boo
             accs = [(lg.argmax(1) == lb).mean() for lg, lb in zip(out.logits, out.labels)]
             progress.update(task, advance=1, status=f"acc {np.mean(accs):.3f}")
 
-        return run_episodes(run.learner, run.store(), sampler, range(settings.episodes), run.device, tick, held_out)
+        return run_episodes(learner, run.store(), sampler, range(settings.episodes), run.device, tick, held_out)
 
 
 def _fallback_notes(pipeline, summary: EpisodeSummary, shot: int) -> list[str]:

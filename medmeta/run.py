@@ -40,6 +40,29 @@ class LoadedRun:
         return self.checkpoint.calibration
 
     @property
+    def default_head(self) -> str:
+        """The head used when none is asked for (:attr:`Checkpoint.default_head`)."""
+        return self.checkpoint.default_head
+
+    def calibration_for(self, head: str | None = None) -> "CalibrationRecord":
+        """The calibration record of ``head`` (None: the default head)."""
+        return self.checkpoint.calibration_for(head or self.default_head)
+
+    def head_learner(self, head: str | None = None):
+        """The learner with ``head`` (None: the default head) as its adaptation: the learner
+        itself for ``method``, else a :class:`~medmeta.heads.HeadLearner` on its backbone with
+        the stored normaliser and the head's stored options."""
+        from medmeta.errors import MedmetaError
+        from medmeta.heads import METHOD_HEAD, HeadLearner, create_head, list_heads
+
+        head = head or self.default_head
+        if head == METHOD_HEAD:
+            return self.learner
+        if head not in list_heads():
+            raise MedmetaError(f"unknown head {head!r}; choose from {', '.join(list_heads())}")
+        return HeadLearner(self.learner, create_head(head, **self.checkpoint.head_options(head)), self.checkpoint.normaliser)
+
+    @property
     def method(self) -> str:
         return str(self.checkpoint.meta["method"]["name"])
 

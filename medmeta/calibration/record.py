@@ -87,6 +87,8 @@ class CalibrationRecord:
         shot: support scans per class in those episodes (None: not recorded).
         n_bins: bins of the ECE figures below.
         ece_*: ECE before/after scaling on the fitting episodes and on held-out val episodes.
+        accuracy_*: accuracy on the fitting episodes and on the held-out val episodes (what the
+            default head is chosen by).
         conformal: the fitted :class:`ConformalPredictor`, or None (checkpoint without sets).
         conformal_evidence: ``fitted_on``, ``coverage_val`` and ``mean_set_size_val`` of the sets.
         referral: the distance threshold, or None (checkpoint without referral calibration).
@@ -102,6 +104,8 @@ class CalibrationRecord:
     ece_after_fit_episodes: float | None = None
     ece_before_val: float | None = None
     ece_after_val: float | None = None
+    accuracy_fit_episodes: float | None = None
+    accuracy_val: float | None = None
     conformal: ConformalPredictor | None = None
     conformal_evidence: dict[str, Any] = field(default_factory=dict)
     referral: ReferralRecord | None = None
@@ -136,7 +140,7 @@ class CalibrationRecord:
             "method": self.method,
             "temperature": self.temperature,
         }
-        for name in ("fitted_on", "shot", "ece_before_fit_episodes", "ece_after_fit_episodes", "ece_before_val", "ece_after_val"):
+        for name in ("fitted_on", "shot", *_NUMBER_FIELDS):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value if not isinstance(value, float) or math.isfinite(value) else None
@@ -192,7 +196,7 @@ class CalibrationRecord:
             referral=ReferralRecord.from_dict(referral) if referral else None,
             method_options=options,
             schema_version=version,
-            **{name: _optional_float(data, name) for name in _ECE_FIELDS},
+            **{name: _optional_float(data, name) for name in _NUMBER_FIELDS},
         )
 
 
@@ -221,4 +225,4 @@ def _shot(data: dict[str, Any]) -> int | None:
     return shot
 
 
-_ECE_FIELDS = tuple(f.name for f in fields(CalibrationRecord) if f.name.startswith("ece_"))
+_NUMBER_FIELDS = tuple(f.name for f in fields(CalibrationRecord) if f.name.startswith(("ece_", "accuracy_")))

@@ -69,25 +69,31 @@ class ProtoNet(MetaLearner):
         return -squared / self.scale
 
     def correct_held_out_logits(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """A held-out support scan's own class had one scan fewer in its prototype. A point's
-        expected squared distance to the mean of ``n`` independent draws of its class is
-        ``tr(Sigma) (1 + 1 / n)``, so the own-class squared distance is scaled by
-        ``(1 + 1/K) / (1 + 1/(K - 1)) = (K^2 - 1) / K^2`` (``K``: the class's support scans), the
-        distance by its square root; the other classes' logits are left as they are."""
-        logits = np.array(logits, dtype=np.float64, copy=True)
-        labels = np.asarray(labels, dtype=np.int64)
-        shots = np.bincount(labels, minlength=logits.shape[1])[labels].astype(np.float64)
-        factor = (shots**2 - 1.0) / shots**2
-        if self.distance == "euclidean":
-            factor = np.sqrt(factor)
-        logits[np.arange(len(labels)), labels] *= factor
-        return logits
+        return held_out_correction(logits, labels, self.distance)
 
     def support_distance(self, query_images: torch.Tensor) -> torch.Tensor:
         return self._squared_distances(query_images, "support_distance").min(dim=1).values.sqrt()
 
     def hparams(self) -> dict:
         return {"scale": self.scale, "distance": self.distance}
+
+
+def held_out_correction(logits: np.ndarray, labels: np.ndarray, distance: str = "squared") -> np.ndarray:
+    """Leave-one-out support logits ``(n_support, n_way)`` of a nearest-class-mean rule made
+    comparable to a case's. A held-out support scan's own class had one scan fewer in its mean. A
+    point's expected squared distance to the mean of ``n`` independent draws of its class is
+    ``tr(Sigma) (1 + 1 / n)``, so the own-class squared distance is scaled by
+    ``(1 + 1/K) / (1 + 1/(K - 1)) = (K^2 - 1) / K^2`` (``K``: the class's support scans), the
+    distance (``distance="euclidean"``) by its square root; the other classes' logits are left
+    as they are. ``labels``: ``(n_support,)``."""
+    logits = np.array(logits, dtype=np.float64, copy=True)
+    labels = np.asarray(labels, dtype=np.int64)
+    shots = np.bincount(labels, minlength=logits.shape[1])[labels].astype(np.float64)
+    factor = (shots**2 - 1.0) / shots**2
+    if distance == "euclidean":
+        factor = np.sqrt(factor)
+    logits[np.arange(len(labels)), labels] *= factor
+    return logits
 
 
 def compute_prototypes(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

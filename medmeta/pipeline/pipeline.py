@@ -45,12 +45,17 @@ class AdaptationPipeline:
         sets: PredictionSetStep,
         referral: ReferralStep,
         stability: bool = False,
+        head_name: str = "method",
+        calibration=None,
     ):
         self.head = head
         self.temperature = temperature
         self.sets = sets
         self.referral = referral
         self.stability = stability
+        #: which head (``--head``) adapts, and the :class:`~medmeta.calibration.CalibrationRecord` of it
+        self.head_name = head_name
+        self.calibration = calibration
 
     @classmethod
     def from_run(
@@ -61,15 +66,20 @@ class AdaptationPipeline:
         prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
         stability: bool = False,
         batch_size: int | None = 64,
+        head: str | None = None,
     ) -> "AdaptationPipeline":
-        """The pipeline of a :class:`~medmeta.run.LoadedRun`, with the calibration its checkpoint stores."""
-        calibration = run.calibration
+        """The pipeline of a :class:`~medmeta.run.LoadedRun` with ``head`` (None: the
+        checkpoint's default head) and the calibration its checkpoint stores for that head."""
+        head = head or run.default_head
+        calibration = run.calibration_for(head)
         return cls(
-            LearnerHead(run.learner, run.device, batch_size),
+            LearnerHead(run.head_learner(head), run.device, batch_size),
             TemperatureStep(calibration.temperature, temperature_source, prior_sigma),
             PredictionSetStep(calibration.conformal, conformal_source),
             ReferralStep(calibration.distance_threshold),
             stability=stability,
+            head_name=head,
+            calibration=calibration,
         )
 
     @property

@@ -95,6 +95,8 @@ def _record(fit_out, steps: tuple, held_out: "EpisodeSummary", fitted_on: str, s
         ece_after_fit_episodes=expected_calibration_error(softmax(logits / scaler.temperature_), labels),
         ece_before_val=held_out.ece_before,
         ece_after_val=held_out.ece_after,
+        accuracy_fit_episodes=float((logits.argmax(1) == labels).mean()),
+        accuracy_val=held_out.accuracy,
         conformal=conformal,
         conformal_evidence={
             "fitted_on": f"query cases of the {fitted_on}, temperature-scaled",
@@ -119,17 +121,100 @@ def sidecar_entry(record: "CalibrationRecord") -> dict[str, Any]:
     return json_safe(record.to_dict())
 
 
+#: The embedding heads calibrated at the end of training, beside the method's own.
+TRAINED_HEADS = ("prototype", "logistic")
+#: At most this many meta-train scans (evenly spaced) give the embedding normaliser its mean.
+NORMALISER_SCANS = 2000
+
+
 def calibrate_best(run: "Run") -> "CalibrationRecord":
-    """Calibrate the run's best model (see :func:`fit_calibration`) and store the result in
-    ``best.json``."""
+    """Calibrate the run's best model (see :func:`fit_calibration`) with its own head, learn the
+    embedding normaliser on the meta-train scans, calibrate every head of
+    :data:`TRAINED_HEADS` the same way, choose the default head on the calibration episodes, and
+    store it all in ``best.json``. Returns the method head's record."""
     from medmeta.checkpoint import load_tensors, update_checkpoint_meta
 
     run.learner.load_state_dict(load_tensors(run.out / "best.safetensors"))
     record = fit_calibration(
         run.learner, run.store, run.calibration_sampler, run.val_sampler, run.config, run.device, run.quiet, held_out=run.best_outputs
     )
-    update_checkpoint_meta(run.out / "best.json", calibration=sidecar_entry(record))
+    normaliser = fit_normaliser(run.learner, run.store, train_records(run.protocol), run.device)
+    heads = calibrate_heads(
+        run.learner, normaliser, record, run.store, run.calibration_sampler, run.val_sampler, run.config, run.device, run.quiet
+    )
+    update_checkpoint_meta(
+        run.out / "best.json", calibration=sidecar_entry(record), embedding_normaliser=normaliser.to_dict(), heads=heads
+    )
+    run.heads = heads
     return record
+
+
+def train_records(protocol) -> list:
+    """The meta-train scans of ``protocol``, class by class."""
+    return [r for name in protocol.classes["train"] for r in protocol.records[name]]
+
+
+def fit_normaliser(learner, store, records, device, limit: int = NORMALISER_SCANS):
+    """The :class:`~medmeta.heads.EmbeddingNormaliser` (centring + L2) fitted on the backbone
+    embeddings of at most ``limit`` evenly spaced ``records`` (meta-train scans)."""
+    import numpy as np
+    import torch
+
+    from medmeta.heads import EmbeddingNormaliser
+
+    chosen = [records[i] for i in np.unique(np.linspace(0, len(records) - 1, min(limit, len(records))).round().astype(int))]
+    was_training = learner.training
+    learner.eval()
+    try:
+        with torch.no_grad():
+            parts = [
+                learner.backbone(store.stack(chosen[start : start + 256]).to(device)).double().cpu()
+                for start in range(0, len(chosen), 256)
+            ]
+    finally:
+        learner.train(was_training)
+    return EmbeddingNormaliser("center_l2").fit(torch.cat(parts))
+
+
+def calibrate_heads(learner, normaliser, method_record, store, calibration_sampler, val_sampler, cfg, device, quiet,
+                    names: tuple[str, ...] = TRAINED_HEADS, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Calibrate each head of ``names`` on ``learner``'s backbone (as :func:`fit_calibration`
+    does for the method's own) and choose the default: the head with the highest accuracy on the
+    calibration episodes, val classes drawn apart from those that selected the checkpoint (ties
+    go to the method's own head). Returns the sidecar's ``heads`` entry; ``previous`` (an
+    existing entry) keeps its other heads."""
+    from medmeta.heads import HeadLearner, create_head
+
+    entry = {"options": {}, "calibration": {}, **(previous or {})}
+    entry = {**entry, "options": dict(entry["options"]), "calibration": dict(entry["calibration"])}
+    for name in names:
+        head = create_head(name)
+        record = fit_calibration(HeadLearner(learner, head, normaliser), store, calibration_sampler, val_sampler, cfg, device, quiet)
+        entry["options"][name] = head.hparams()
+        entry["calibration"][name] = sidecar_entry(record)
+    accuracy = {"method": method_record.accuracy_fit_episodes}
+    accuracy.update({name: data.get("accuracy_fit_episodes") for name, data in entry["calibration"].items()})
+    entry["default"] = choose_head(accuracy)
+    entry["chosen_by"] = "accuracy on the calibration episodes (val classes, apart from model selection)"
+    return entry
+
+
+def choose_head(accuracy: dict[str, float | None]) -> str:
+    """The head of highest accuracy (None counts as unknown, never chosen); ties go to the
+    earlier head in ``accuracy``'s order (the method's own first)."""
+    best, best_accuracy = "method", -1.0
+    for name, value in accuracy.items():
+        if value is not None and math.isfinite(value) and value > best_accuracy + 1e-12:
+            best, best_accuracy = name, value
+    return best
+
+
+def print_heads(heads: dict[str, Any], method_record: "CalibrationRecord") -> None:
+    """One line: each head's accuracy on the calibration episodes and the default chosen."""
+    values = {"method": method_record.accuracy_fit_episodes}
+    values.update({n: d.get("accuracy_fit_episodes") for n, d in heads["calibration"].items()})
+    shown = ", ".join(f"{name} {_fmt(value)}" for name, value in values.items())
+    console.print(f"Heads (accuracy on calibration episodes): {shown}; default head: {heads['default']}", highlight=False)
 
 
 def print_calibration(record: "CalibrationRecord") -> None:
@@ -169,7 +254,9 @@ def recalibrate(
     method_options: dict[str, Any] | None = None,
 ) -> "CalibrationRecord":
     """Refit the calibration of an existing checkpoint on its protocol's val classes (e.g. for
-    another coverage or shot) and rewrite its sidecar; the weights are untouched. Episodes use
+    another coverage or shot), for the method's own head and every embedding head
+    (:func:`calibrate_heads`, which chooses the default head again), and rewrite its sidecar;
+    the weights are untouched. A checkpoint without an embedding normaliser gets one. Episodes use
     the training run's seeds, so the result equals what training would have stored.
 
     ``method_options`` changes method hyperparameters that do not touch the weights before the
@@ -198,10 +285,21 @@ def _recalibrate(checkpoint, shot, coverage, conformal_score, class_conditional,
     _check_recalibration(cfg, shot)
     calibration_sampler = run.sampler("val", way, shot, query, cfg.seed + CALIBRATION_SEED_OFFSET)
     val_sampler = run.sampler("val", way, shot, query, cfg.seed + VAL_SEED_OFFSET)
-    record = fit_calibration(run.learner, run.store(), calibration_sampler, val_sampler, cfg, run.device, quiet)
+    store = run.store()
+    record = fit_calibration(run.learner, store, calibration_sampler, val_sampler, cfg, run.device, quiet)
     if method_options:
         record.method_options = dict(method_options)
-    update_checkpoint_meta(run.checkpoint.path, calibration=sidecar_entry(record), method=run.checkpoint.meta["method"])
+    normaliser = run.checkpoint.normaliser or fit_normaliser(run.learner, store, train_records(run.protocol), run.device)
+    heads = calibrate_heads(
+        run.learner, normaliser, record, store, calibration_sampler, val_sampler, cfg, run.device, quiet,
+        previous=run.checkpoint.heads_record or None,
+    )
+    update_checkpoint_meta(
+        run.checkpoint.path, calibration=sidecar_entry(record), method=run.checkpoint.meta["method"],
+        embedding_normaliser=normaliser.to_dict(), heads=heads,
+    )
+    if not quiet:
+        print_heads(heads, record)
     return record
 
 

@@ -62,6 +62,7 @@ class Run:
         self.history: list[dict[str, Any]] = []
         self.best_val: dict[str, Any] = {"accuracy": -1.0}
         self.best_outputs: Any = None  # val episodes of the best model, when validated in this session
+        self.heads: dict[str, Any] = {}  # the sidecar's heads entry, once calibrated
         self.phase, self.epoch, self.episode = "pretrain", 0, 0
         self.train_seconds, self.episodes_per_second = 0.0, 0.0
         self.head: torch.nn.Linear | None = None
@@ -143,7 +144,7 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False, overwr
 
 
 def _train(config: TrainConfig, resume: bool, quiet: bool) -> TrainResult:
-    from medmeta.training.calibration import calibrate_best, print_calibration
+    from medmeta.training.calibration import calibrate_best, print_calibration, print_heads
     from medmeta.training.config_file import write_config_file
     from medmeta.training.episodic import meta_train
     from medmeta.training.resume import save_state
@@ -165,6 +166,7 @@ def _train(config: TrainConfig, resume: bool, quiet: bool) -> TrainResult:
             f"({best.get('phase')}, episode {best.get('episode')})."
         )
         print_calibration(record)
+        print_heads(run.heads, record)
         console.print(f"Checkpoint: {run.out / 'best.json'} (+ best.safetensors)")
     return TrainResult(
         out=run.out, checkpoint=run.out / "best.json", best_val=run.best_val, calibration=record,

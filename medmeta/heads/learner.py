@@ -1,0 +1,54 @@
+"""A learner whose adaptation is an embedding head: backbone -> normaliser -> head."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from medmeta.heads.base import EmbeddingHead
+from medmeta.heads.normalise import EmbeddingNormaliser
+
+
+class HeadLearner(nn.Module):
+    """Wraps a trained :class:`~medmeta.methods.MetaLearner` so that ``--head`` replaces its
+    adaptation: its backbone embeds the scans, ``normaliser`` normalises the embeddings and
+    ``head`` is fitted on the support's. It has the learner's adaptation interface
+    (``fit_support``, ``predict_query``, ``predict_with_distance``, ``support_distance``,
+    ``correct_held_out_logits``), so episodes, leave-one-out refits and the adaptation pipeline
+    use it unchanged. The learner's weights are never changed.
+    """
+
+    def __init__(self, learner: nn.Module, head: EmbeddingHead, normaliser: EmbeddingNormaliser | None = None):
+        super().__init__()
+        self.learner = learner
+        self.head = head
+        self.normaliser = normaliser or EmbeddingNormaliser("none")
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.learner.backbone
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(n, C, H, W)`` -> normalised ``(n, d)`` embeddings."""
+        return self.normaliser(self.learner.backbone(images))
+
+    def fit_support(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "HeadLearner":
+        """Fit the head to ``support_images`` ``(n_support, C, H, W)`` with ``support_labels``
+        ``(n_support,)``."""
+        self.head.fit(self.embed(support_images), support_labels)
+        return self
+
+    def predict_with_distance(self, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(n_query, n_way)`` and distances to the support ``(n_query,)``, one backbone pass."""
+        query = self.embed(query_images)
+        return self.head.logits(query), self.head.distance(query)
+
+    def predict_query(self, query_images: torch.Tensor) -> torch.Tensor:
+        return self.predict_with_distance(query_images)[0]
+
+    def support_distance(self, query_images: torch.Tensor) -> torch.Tensor:
+        return self.head.distance(self.embed(query_images))
+
+    def correct_held_out_logits(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return self.head.correct_held_out_logits(logits, labels)

@@ -1,0 +1,22 @@
+"""Adaptation heads by name."""
+
+from __future__ import annotations
+
+from medmeta.registry import Registry
+
+HEADS = Registry("head")
+register_head = HEADS.register
+
+#: The head that is the method's own adaptation (ProtoNet's prototypes on raw embeddings, MAML's
+#: inner loop, ...), always available.
+METHOD_HEAD = "method"
+
+
+def create_head(name: str, **kwargs):
+    """Build a registered :class:`~medmeta.heads.base.EmbeddingHead`."""
+    return HEADS.create(name, **kwargs)
+
+
+def list_heads() -> list[str]:
+    """Every head name ``--head`` accepts: ``method`` and the registered embedding heads."""
+    return [METHOD_HEAD, *HEADS.names()]
