@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medmeta.cli.adapt import CONFORMAL_SOURCES, HEAD_NAMES, TEMPERATURE_PRIOR_SIGMA
+from medmeta.cli.adapt import CONFORMAL_SOURCES, DEFAULT_SOURCE, HEAD_NAMES, TEMPERATURE_PRIOR_SIGMA
 from medmeta.cli.common import check_choice, check_temperature_options, user_errors, warn
 
 
@@ -21,8 +21,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Episode seed (same seed, same episodes for every model).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Folder for the results JSON, reliability and risk-coverage PNGs and the episodes' file lists (CSV).")] = None,
-    conformal_source: Annotated[str, typer.Option(help="Threshold of the prediction sets: val (the checkpoint's, fitted on validation conditions) or support (fitted per episode on the support's leave-one-out predictions; 2+ shots).")] = "val",
-    temperature_source: Annotated[str, typer.Option(help="Temperature of the probabilities: val (the checkpoint's, fitted on validation conditions) or support (the checkpoint's updated by the support's leave-one-out predictions; 2+ scans per condition).")] = "val",
+    conformal_source: Annotated[str, typer.Option(help="Threshold of the prediction sets: val (the checkpoint's, fitted on validation conditions) or support (fitted per episode on the support's leave-one-out predictions; 2+ shots, else val with a note).")] = DEFAULT_SOURCE,
+    temperature_source: Annotated[str, typer.Option(help="Temperature of the probabilities: val (the checkpoint's, fitted on validation conditions) or support (the checkpoint's updated by the support's leave-one-out predictions; 2+ scans per condition, else val with a note).")] = DEFAULT_SOURCE,
     temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
     allow_unfinished: Annotated[bool, typer.Option(help="Measure a checkpoint whose training stopped before calibration.")] = False,
     head: Annotated[Optional[str], typer.Option(help="What is fitted on each support: method, prototype or logistic (see `medmeta adapt --help`) [default: the checkpoint's].")] = None,

@@ -30,7 +30,13 @@ import numpy as np
 import torch
 
 import medmeta
-from medmeta.calibration import TEMPERATURE_PRIOR_SIGMA, check_conformal_source, check_temperature_source, expected_calibration_error
+from medmeta.calibration import (
+    DEFAULT_CALIBRATION_SOURCE,
+    TEMPERATURE_PRIOR_SIGMA,
+    check_conformal_source,
+    check_temperature_source,
+    expected_calibration_error,
+)
 from medmeta.leave_one_out import leave_one_out
 from medmeta.pipeline import AdaptationPipeline, Diagnosis, LearnerHead, Task
 from medmeta.pipeline.cases import CaseBatch, cases_from_arrays, discover_cases, read_cases, read_labels
@@ -85,8 +91,8 @@ def adapt(
     device: str = "auto",
     batch_size: int = 64,
     stability: bool = True,
-    conformal_source: str = "val",
-    temperature_source: str = "val",
+    conformal_source: str = DEFAULT_CALIBRATION_SOURCE,
+    temperature_source: str = DEFAULT_CALIBRATION_SOURCE,
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA,
     max_pixels: int | None = None,
     allow_unfinished: bool = False,
@@ -156,8 +162,8 @@ def adapt_arrays(
 class _Options:
     batch_size: int = 64
     stability: bool = True
-    conformal_source: str = "val"
-    temperature_source: str = "val"
+    conformal_source: str = DEFAULT_CALIBRATION_SOURCE
+    temperature_source: str = DEFAULT_CALIBRATION_SOURCE
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA
     head: str | None = None
 

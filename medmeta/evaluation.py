@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from medmeta.calibration import (
+    DEFAULT_CALIBRATION_SOURCE,
     TEMPERATURE_PRIOR_SIGMA,
     ConformalPredictor,
     aurc,
@@ -316,8 +317,8 @@ class EvaluationSettings:
     query: int | None = None
     episodes: int | None = None
     seed: int = 0
-    conformal_source: str = "val"
-    temperature_source: str = "val"
+    conformal_source: str = DEFAULT_CALIBRATION_SOURCE
+    temperature_source: str = DEFAULT_CALIBRATION_SOURCE
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA
     head: str | None = None
 

@@ -60,9 +60,10 @@ def test_arrays_need_two_conditions_and_one_label_per_case(trained_run):
 
 def test_the_cli_copies_of_library_constants_agree():
     """The command modules keep torch-free copies of two constants (for a fast --help)."""
-    from medmeta.calibration import CONFORMAL_SOURCES, TEMPERATURE_PRIOR_SIGMA
+    from medmeta.calibration import CONFORMAL_SOURCES, DEFAULT_CALIBRATION_SOURCE, TEMPERATURE_PRIOR_SIGMA
     from medmeta.cli import adapt
     from medmeta.data.reading import MAX_PIXELS
 
     assert adapt.TEMPERATURE_PRIOR_SIGMA == TEMPERATURE_PRIOR_SIGMA and adapt.CONFORMAL_SOURCES == CONFORMAL_SOURCES
+    assert adapt.DEFAULT_SOURCE == DEFAULT_CALIBRATION_SOURCE
     assert adapt.MAX_PIXELS == MAX_PIXELS

@@ -158,16 +158,27 @@ def test_evaluate_writes_json(trained_run, tmp_path):
     episodes = read_csv(tmp_path / "episodes_3way_1shot_seed0.csv")
     assert len(episodes) == 10 * 3 * (1 + 10)  # episodes x way x (shot + query)
     assert {r["role"] for r in episodes} == {"support", "query"}
+    # the default calibration source is the support's; at 1-shot it falls back to val and says so
+    assert stats["conformal_source"] == "val" and stats["temperature_source"] == "val"
+    assert any("need two support scans per class" in note for note in stats["notes"])
+
+
+def test_evaluate_calibrates_on_the_support_by_default(trained_run, tmp_path):
+    result = invoke("evaluate", "--checkpoint", trained_run, "--episodes", 4, "--shot", 3, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "evaluation_3way_3shot_tsupport_support.json").read_text())
+    assert stats["conformal_source"] == "support" and stats["temperature_source"] == "support"
 
 
 def test_evaluate_with_support_calibrated_sets(trained_run, tmp_path):
-    args = ("evaluate", "--checkpoint", trained_run, "--episodes", 6, "--shot", 3, "--device", "cpu", "--out", tmp_path)
+    args = ("evaluate", "--checkpoint", trained_run, "--episodes", 6, "--shot", 3, "--device", "cpu", "--out", tmp_path,
+            "--temperature-source", "val")
     result = invoke(*args, "--conformal-source", "support")
     assert result.exit_code == 0, result.output
     assert "support-calibrated" in plain(result.output)
     support = json.loads((tmp_path / "evaluation_3way_3shot_support.json").read_text())
     assert support["conformal_source"] == "support" and 0 <= support["support_threshold_mean"] <= 1
-    assert invoke(*args).exit_code == 0
+    assert invoke(*args, "--conformal-source", "val").exit_code == 0
     val = json.loads((tmp_path / "evaluation_3way_3shot.json").read_text())
     assert val["conformal_source"] == "val" and val["accuracy"] == support["accuracy"]
     bad = invoke(*args, "--conformal-source", "test")
@@ -223,7 +234,8 @@ def test_calibrate_refits_on_val_classes_without_touching_the_weights(trained_ru
 
 
 def test_evaluate_with_support_updated_temperature(trained_run, tmp_path):
-    args = ("evaluate", "--checkpoint", trained_run, "--episodes", 6, "--shot", 3, "--device", "cpu", "--out", tmp_path)
+    args = ("evaluate", "--checkpoint", trained_run, "--episodes", 6, "--shot", 3, "--device", "cpu", "--out", tmp_path,
+            "--conformal-source", "val")
     result = invoke(*args, "--temperature-source", "support", "--temperature-sigma", 0.3)
     assert result.exit_code == 0, result.output
     assert "updated by each support" in " ".join(plain(result.output).split())
@@ -233,7 +245,7 @@ def test_evaluate_with_support_updated_temperature(trained_run, tmp_path):
     # sigma 0 is the checkpoint's temperature: the same figures as without the option
     assert invoke(*args, "--temperature-source", "support", "--temperature-sigma", 0).exit_code == 0
     zero = json.loads((tmp_path / "evaluation_3way_3shot_tsupport.json").read_text())
-    assert invoke(*args).exit_code == 0
+    assert invoke(*args, "--temperature-source", "val").exit_code == 0
     val = json.loads((tmp_path / "evaluation_3way_3shot.json").read_text())
     assert val["temperature_source"] == "val" and zero["ece_after"] == pytest.approx(val["ece_after"])
     assert zero["accuracy"] == val["accuracy"] == support["accuracy"]

@@ -419,7 +419,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def test_adapt_gives_sets_referral_and_stability(tmp_path):
     path = _checkpoint(tmp_path, CALIBRATED)
     assert load_checkpoint(path).conformal.threshold_ == 0.6
-    result = adapt(path, SAMPLE_CASES, device="cpu")
+    result = adapt(path, SAMPLE_CASES, device="cpu", conformal_source="val", temperature_source="val")
     assert result.metadata["stability"] == {"computed": True, "min_support_scans_per_condition": 5, "refits": 15}
     assert result.metadata["notes"] == []
     for case in result.cases:
@@ -456,7 +456,7 @@ def test_adapt_with_a_single_support_scan_skips_stability(tmp_path):
 
 def test_adapt_with_support_calibrated_sets(tmp_path):
     path = _checkpoint(tmp_path, CALIBRATED)
-    result = adapt(path, SAMPLE_CASES, device="cpu", stability=False, conformal_source="support")
+    result = adapt(path, SAMPLE_CASES, device="cpu", stability=False, conformal_source="support", temperature_source="val")
     conformal = result.metadata["conformal"]
     assert conformal["source"] == "support" and conformal["interpolate"] is True and conformal["n_calibration"] == 15
     assert any("leave-one-out predictions (15 scans" in note for note in result.metadata["notes"])

@@ -145,7 +145,7 @@ def test_adapt_with_support_updated_temperature(tmp_path):
     assert meta["support_temperature"] == pytest.approx(fitted.temperature_)
     np.testing.assert_allclose([case.probabilities for case in result.cases], fitted.predict_proba(logits), rtol=1e-6, atol=1e-9)
     # the validation temperature alone gives other probabilities (same predictions)
-    plain = adapt(path, SAMPLE_CASES, device="cpu")
+    plain = adapt(path, SAMPLE_CASES, device="cpu", temperature_source="val")
     assert plain.metadata["temperature_source"] == "val" and plain.metadata["support_temperature"] is None
     assert [c.predicted for c in plain.cases] == [c.predicted for c in result.cases]
     assert not np.allclose([c.probabilities for c in plain.cases], [c.probabilities for c in result.cases])

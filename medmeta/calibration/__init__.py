@@ -1,6 +1,6 @@
 """Calibration: temperature scaling, conformal prediction sets, referral and their metrics."""
 
-from medmeta.calibration.conformal import CONFORMAL_SOURCES, ConformalPredictor, check_conformal_source, conformal_quantile, episode_conformal
+from medmeta.calibration.conformal import CONFORMAL_SOURCES, DEFAULT_CALIBRATION_SOURCE, ConformalPredictor, check_conformal_source, conformal_quantile, episode_conformal
 from medmeta.calibration.metrics import (
     aurc,
     brier_score,
@@ -21,9 +21,11 @@ from medmeta.calibration.temperature import TEMPERATURE_PRIOR_SIGMA, TEMPERATURE
 
 __all__ = [
     "CALIBRATION_SCHEMA_VERSION",
+    "DEFAULT_CALIBRATION_SOURCE",
     "CalibrationRecord",
     "ReferralRecord",
     "CONFORMAL_SOURCES",
+    "DEFAULT_CALIBRATION_SOURCE",
     "ConformalPredictor",
     "DistanceThreshold",
     "SupportTemperature",
