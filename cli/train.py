@@ -56,7 +56,7 @@ def build_config(ctx: typer.Context, values: dict[str, Any]) -> tuple[TrainConfi
         check_resume_options(settings.get("out", TrainConfig().out), settings)
     config = TrainConfig(**settings)
     try:
-        config.validate()
+        config.validate(resume=resume)
     except ConfigError as exc:
         if exc.field in given:
             raise ConfigError(f"{option_name(exc.field)}: {exc}", exc.field) from None

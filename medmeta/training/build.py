@@ -1,5 +1,6 @@
-"""Building the learner a run trains: method and backbone from the config, optionally starting
-the backbone from another checkpoint (``init_from``)."""
+"""Building the learner a run trains: method and backbone from the config, and starting the
+backbone of a fresh run from another checkpoint (``init_from``) or from weights the user brings
+(``backbone_weights``: a file, or ``pretrained`` for a torchvision/timm backbone)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ if TYPE_CHECKING:
 
 
 def backbone_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """The method's backbone defaults, overridden by the user's ``backbone_kwargs``."""
+    """The method's backbone defaults, overridden by the user's ``backbone_kwargs``.
+
+    External backbones (``torchvision:``/``timm:``) take no method defaults: they keep the
+    normalisation layers their weights were trained with (e.g. MAML's ``norm_kind="group"`` is
+    not applied; MAML then runs with the model's BatchNorm, see ``docs/backbones.md``)."""
+    from medmeta.backbones.registry import is_external
     from medmeta.methods.registry import METHODS
 
-    defaults = dict(getattr(METHODS.get(config.method), "backbone_defaults", {}))
+    defaults = {} if is_external(config.backbone) else dict(getattr(METHODS.get(config.method), "backbone_defaults", {}))
     return {"in_channels": config.channels, **defaults, **config.backbone_kwargs}
 
 
@@ -30,11 +36,38 @@ def build_learner(config: TrainConfig) -> "MetaLearner":
     try:
         backbone = create_backbone(config.backbone, **backbone_kwargs(config))
         return create_method(config.method, backbone, **config.method_kwargs)
+    except MedmetaError:  # e.g. an external backbone's own one-line refusal
+        raise
     except (TypeError, ValueError) as exc:
         raise MedmetaError(f"cannot build {config.method} on {config.backbone}: {exc}") from None
 
 
-def init_backbone(learner: "MetaLearner", config: TrainConfig) -> None:
+def init_backbone(learner: "MetaLearner", config: TrainConfig, quiet: bool = False) -> None:
+    """Start the backbone of a fresh run: from the checkpoint ``config.init_from``, or from
+    ``config.backbone_weights``; nothing when neither is set. Not for a resumed run, whose
+    saved state holds the weights."""
+    if config.init_from:
+        copy_checkpoint_backbone(learner, config)
+    if config.backbone_weights is not None:
+        load_weights(learner, config, quiet=quiet)
+
+
+def load_weights(learner: "MetaLearner", config: TrainConfig, quiet: bool = False) -> None:
+    """Load ``config.backbone_weights`` into the learner's backbone (a file, or ``pretrained``:
+    the library's download); prints which classifier entries of the file were ignored."""
+    import os
+
+    from medmeta.backbones.weights import load_backbone_weights
+    from medmeta.progress import console
+
+    report = load_backbone_weights(learner.backbone, os.fspath(config.backbone_weights))
+    if not quiet:
+        console.print(f"Backbone {config.backbone} starts from {report.source} ({report.loaded} tensors)", highlight=False)
+        for note in report.notes():
+            console.print(note, highlight=False)
+
+
+def copy_checkpoint_backbone(learner: "MetaLearner", config: TrainConfig) -> None:
     """Copy the backbone weights of the checkpoint ``config.init_from`` into ``learner``."""
     from medmeta.checkpoint import load_checkpoint
 

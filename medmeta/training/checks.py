@@ -19,7 +19,7 @@ from typing import Any, Callable
 from medmeta.errors import CalibrationError
 from medmeta.training.config import ConfigError, TrainConfig
 
-PATH_FIELDS = ("protocol", "out", "init_from")
+PATH_FIELDS = ("protocol", "out", "init_from", "backbone_weights")
 
 
 class CalibrationSettingError(ConfigError, CalibrationError):
@@ -131,15 +131,20 @@ def check_values(config: TrainConfig) -> None:
 
 
 def check_names(config: TrainConfig) -> None:
-    """Method, backbone and augmentation against their registries (imported here: torch)."""
-    from medmeta.backbones import list_backbones
+    """Method, backbone and augmentation against their registries (imported here: torch). An
+    external backbone (``torchvision:MODEL``, ``timm:MODEL``) needs its library and the model."""
+    from medmeta.backbones.registry import BACKBONES
     from medmeta.data.augment import AUGMENTATIONS
     from medmeta.methods import list_methods
 
-    for name, known in (("method", list_methods()), ("backbone", list_backbones()), ("augment", AUGMENTATIONS)):
+    for name, known in (("method", list_methods()), ("augment", AUGMENTATIONS)):
         value = getattr(config, name)
         if value not in known:
             raise ConfigError(f"unknown {name} {value!r}; choose from {', '.join(known)}", name)
+    try:
+        BACKBONES.get(config.backbone)
+    except ValueError as exc:
+        raise ConfigError(str(exc), "backbone") from None
 
 
 def check_calibration_settings(config: Any) -> None:
@@ -156,9 +161,9 @@ def check_calibration_settings(config: Any) -> None:
         raise CalibrationSettingError(f"the share of cases to refer must be in [0, 1), got {config.refer_share}", "refer_share")
 
 
-def check_learner(config: TrainConfig) -> None:
+def check_learner(config: TrainConfig) -> Any:
     """Build the learner once (torch's random state is restored afterwards) to check the method
-    and backbone options, and that ``backbone_lr == 0`` leaves something to train."""
+    and backbone options, and that ``backbone_lr == 0`` leaves something to train; returns it."""
     import torch
 
     from medmeta.training.build import build_learner
@@ -172,12 +177,88 @@ def check_learner(config: TrainConfig) -> None:
                 f"method {config.method!r} has no parameters besides the backbone; --backbone-lr 0 would train nothing",
                 "backbone_lr",
             )
+    return learner
 
 
-def check_config(config: TrainConfig) -> None:
-    """All of the above, cheapest first."""
+def check_external_backbone(config: TrainConfig, learner: Any) -> None:
+    """An external backbone embeds a batch of the run's images (e.g. a ViT built for 224-pixel
+    inputs refuses 64-pixel ones), and the method trains on one small episode of them (e.g.
+    second-order MAML needs second derivatives, which some activations lack), before any data
+    is read. Built-in backbones are known to pass."""
+    import torch
+
+    from medmeta.backbones.external import ExternalBackbone, first_line
+
+    backbone = learner.backbone
+    if not isinstance(backbone, ExternalBackbone):
+        return
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(4, config.channels, config.image_size, config.image_size, generator=generator)
+    size = f"{config.image_size}x{config.image_size}"
+    try:
+        with torch.no_grad():
+            out = backbone.eval()(images[:2])
+    except Exception as exc:
+        hint = ""
+        if any(word in str(exc).lower() for word in ("height", "width", "size")):  # built for one size, e.g. a ViT
+            timm = backbone.library == "timm"
+            hint = " (timm ViTs take --backbone-option dynamic_img_size=true)" if timm else " (try --image-size 224)"
+        raise ConfigError(f"backbone {backbone.name} cannot embed {size} images: {first_line(exc)}{hint}", "image_size") from None
+    if tuple(out.shape) != (2, backbone.num_features):
+        shape = tuple(out.shape)[1:]
+        raise ConfigError(f"backbone {backbone.name} gives embeddings of shape {shape}, not ({backbone.num_features},)", "backbone")
+    labels = torch.tensor([0, 1])
+    try:
+        with torch.random.fork_rng(devices=[]):
+            loss, _ = learner.train().episode_loss(images[:2], labels, images[2:], labels)
+            loss.backward()
+    except Exception as exc:
+        hint = " (second-order MAML; --method fomaml or anil need no second derivatives)" if "derivative for" in str(exc) else ""
+        message = f"method {config.method} cannot train on {backbone.name} at {size}: {first_line(exc)}{hint}"
+        raise ConfigError(message, "method") from None
+    learner.zero_grad(set_to_none=True)
+
+
+def check_backbone_weights(config: TrainConfig, learner: Any, resume: bool = False) -> None:
+    """``backbone_weights``: not with ``init_from``; ``pretrained`` only for a library model that
+    has pretrained weights (nothing is downloaded here); a file is read and loaded into the
+    throwaway ``learner`` (so missing, unreadable and mismatching files are refused before any
+    work), except on ``resume``."""
+    import os
+
+    from medmeta.backbones.external import ExternalBackbone
+    from medmeta.backbones.weights import PRETRAINED, load_backbone_weights
+
+    if config.backbone_weights is None:
+        return
+    if config.init_from:
+        raise ConfigError("give --init-from or --backbone-weights, not both: both set the backbone's starting weights", "backbone_weights")
+    source = os.fspath(config.backbone_weights)
+    if source == PRETRAINED:
+        backbone = learner.backbone
+        if not isinstance(backbone, ExternalBackbone):
+            raise ConfigError(
+                f"'{PRETRAINED}' is the download of a torchvision:MODEL or timm:MODEL backbone; {config.backbone} has none "
+                "(give a weights file instead)",
+                "backbone_weights",
+            )
+        if not backbone.has_pretrained():
+            raise ConfigError(f"{backbone.name}: {backbone.library} publishes no pretrained weights for this model", "backbone_weights")
+        return
+    if resume:
+        return
+    try:
+        load_backbone_weights(learner.backbone, source)
+    except ValueError as exc:  # WeightsError, BackboneError
+        raise ConfigError(str(exc), "backbone_weights") from None
+
+
+def check_config(config: TrainConfig, resume: bool = False) -> None:
+    """All of the above, cheapest first (the weights file is read unless ``resume``)."""
     check_types(config)
     check_values(config)
     check_calibration_settings(config)
     check_names(config)
-    check_learner(config)
+    learner = check_learner(config)
+    check_external_backbone(config, learner)
+    check_backbone_weights(config, learner, resume=resume)

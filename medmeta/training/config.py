@@ -43,9 +43,12 @@ class TrainConfig:
     optionally ``class_conditional``) and the distance threshold above which ``refer_share`` of
     in-distribution cases would be referred (see ``docs/calibration.md``). ``init_from`` starts the
     backbone from another checkpoint's backbone (same architecture), e.g. one pre-trained
-    backbone shared by several methods. In episodic training the backbone learns at
-    ``backbone_lr`` (``None``: ``lr``; ``0``: frozen, with its normalisation statistics fixed, as
-    when the method's own modules are trained on a pre-trained backbone), and ``grad_clip`` caps
+    backbone shared by several methods; ``backbone_weights`` starts it from a weights file (or,
+    for a ``torchvision:``/``timm:`` backbone, ``"pretrained"``: the library's download), see
+    ``docs/backbones.md``. Both apply to a fresh run only: a resumed run has its weights. In
+    episodic training the backbone learns at ``backbone_lr`` (``None``: ``lr``; ``0``: frozen,
+    with its normalisation statistics fixed, as when the method's own modules are trained on a
+    pre-trained backbone), and ``grad_clip`` caps
     the gradient norm of each optimiser step (``None``: no clipping). ``train_shots`` draws the
     shot of every meta-training episode from these values (uniformly, seeded by the episode
     index), so one model meets the support sizes it will be used with; validation and
@@ -58,7 +61,11 @@ class TrainConfig:
     protocol: str = _setting("sample_data/protocol.yaml", "Protocol YAML (class splits, episode shape).")
     out: str = _setting("runs/medmeta", "Run folder: best.safetensors/best.json, last.* for --resume, config.yaml.")
     method: str = _setting("protonet", "Meta-learner: {methods}.")
-    backbone: str = _setting("conv4", "Backbone: {backbones}.")
+    backbone: str = _setting(
+        "conv4",
+        "Backbone: {backbones}; or a model of another library, torchvision:MODEL or timm:MODEL "
+        "(extras medmeta[torchvision] / medmeta[timm]; see docs/backbones.md).",
+    )
     way: int | None = _setting(None, "Classes per episode [default: protocol's].")
     shot: int | None = _setting(None, "Support scans per class [default: protocol's largest].")
     train_shots: list[int] | None = _setting(
@@ -93,6 +100,11 @@ class TrainConfig:
     device: str = _setting("auto", "auto, cpu or cuda.")
     max_minutes: float | None = _setting(None, "Stop episodic training after this many training minutes.")
     init_from: str | None = _setting(None, "Start the backbone from this checkpoint's backbone (same architecture).")
+    backbone_weights: str | None = _setting(
+        None,
+        "Start the backbone from these weights: a safetensors file or a PyTorch state dict (read with "
+        "torch.load(weights_only=True)); or 'pretrained': the library's own download, for torchvision:/timm: backbones.",
+    )
     method_kwargs: dict[str, Any] = _setting(
         help="Method hyperparameter KEY=VALUE (repeatable), e.g. inner_steps=5.", option="method-option", factory=dict
     )
@@ -109,13 +121,15 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def validate(self) -> "TrainConfig":
+    def validate(self, resume: bool = False) -> "TrainConfig":
         """Refuse every invalid setting with a :class:`ConfigError` naming the field (calibration
         settings with a :class:`~medmeta.errors.CalibrationError`); returns ``self``. Builds the
-        learner once (random state untouched) to check the method's options."""
+        learner once (random state untouched) to check the method's options, and loads
+        ``backbone_weights`` into it to check the file, except for a run to ``resume`` (whose
+        saved state holds the weights; the file may be gone)."""
         from medmeta.training.checks import check_config
 
-        check_config(self)
+        check_config(self, resume=resume)
         return self
 
     # ---- YAML files (``--config``) -----------------------------------------------------------

@@ -41,7 +41,7 @@ class Run:
         from medmeta.data.reading import Preprocessing, ScanReader
         from medmeta.data.store import ImageStore
         from medmeta.device import resolve_device
-        from medmeta.training.build import build_learner, episode_shape, init_backbone
+        from medmeta.training.build import build_learner, episode_shape
 
         self.config, self.quiet, self.out = config, quiet, Path(config.out)
         self.device = resolve_device(config.device)
@@ -55,8 +55,6 @@ class Run:
         self.preprocessing = Preprocessing(image_size=config.image_size, channels=config.channels)
         self.store = ImageStore(ScanReader(self.preprocessing))
         self.learner = build_learner(config)
-        if config.init_from:
-            init_backbone(self.learner, config)
         self.learner.to(self.device)
         self.augment = Augmenter(config.augment, seed=config.seed)
         self.history: list[dict[str, Any]] = []
@@ -135,7 +133,7 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False, overwr
 
     if resume:
         config = resumed_config(config)
-    config.validate()
+    config.validate(resume=resume)
     check_output_folder(config.out, overwrite=True)  # a file, or an unwritable parent: said before any work
     with output_lock(config.out):  # one command at a time in a run folder
         if not resume and not overwrite:
@@ -198,6 +196,7 @@ def _announce(run: Run) -> None:
 def _start(run: Run, resume: bool) -> None:
     """Restore the saved state, or start from scratch; pre-train when that phase is not done.
     Leaves the run at the start of (or within) episodic training."""
+    from medmeta.training.build import init_backbone
     from medmeta.training.pretrain import pretrain
     from medmeta.training.resume import load_state
     from medmeta.training.selection import validate
@@ -206,11 +205,13 @@ def _start(run: Run, resume: bool) -> None:
         load_state(run)
         if not run.quiet:
             console.print(f"Resumed from {run.out / 'last.json'} at {run.phase} epoch {run.epoch}, episode {run.episode}")
-    elif run.config.pretrain_epochs > 0:
-        run.start_phase("pretrain")
     else:
-        run.start_phase("episodic")
-        validate(run, label="at initialisation")
+        init_backbone(run.learner, run.config, quiet=run.quiet)  # --init-from / --backbone-weights: fresh runs only
+        if run.config.pretrain_epochs > 0:
+            run.start_phase("pretrain")
+        else:
+            run.start_phase("episodic")
+            validate(run, label="at initialisation")
     if run.phase == "pretrain":
         if run.epoch < run.config.pretrain_epochs:
             pretrain(run)
