@@ -17,6 +17,8 @@ DEFAULT_SOURCE = "support"
 MAX_PIXELS = 50_000_000
 #: ``--head`` choices, kept in step with medmeta.heads.list_heads() (a test checks it).
 HEAD_NAMES = ("method", "logistic", "prototype")
+#: ``--transductive`` choices, kept in step with medmeta.transductive.REFINERS (a test checks it).
+TRANSDUCTIVE_NAMES = ("soft_kmeans", "bd_cspn", "tim_gd", "alpha_tim")
 
 
 def adapt(
@@ -33,6 +35,7 @@ def adapt(
     max_pixels: Annotated[int, typer.Option(min=1, help="Reject, without decoding it, a scan whose header declares more pixels than this (rows x columns x frames x channels), or whose file (a deflated DICOM: once inflated) holds more than 8 bytes per pixel of it plus 64 MiB.")] = MAX_PIXELS,
     allow_unfinished: Annotated[bool, typer.Option(help="Use a checkpoint whose training stopped before calibration (uncalibrated probabilities).")] = False,
     head: Annotated[Optional[str], typer.Option(help="What is fitted on the support: method (the trained method's own adaptation), prototype (nearest class mean) or logistic (logistic regression) on normalised embeddings [default: the checkpoint's, chosen on val classes].")] = None,
+    transductive: Annotated[Optional[str], typer.Option(help="Refine an embedding head's predictions with the whole batch of cases: soft_kmeans (robust to an imbalanced batch), alpha_tim, or bd_cspn / tim_gd (these assume a balanced batch). Needs a calibration for it in the checkpoint (training stores prototype+soft_kmeans).")] = None,
 ) -> None:
     """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html, rejected.csv."""
     out_dir = out or cases / "medmeta-report"
@@ -41,6 +44,8 @@ def adapt(
         check_temperature_options(temperature_source, temperature_sigma)
         if head is not None:
             check_choice(head, HEAD_NAMES, "--head")
+        if transductive is not None:
+            check_choice(transductive, TRANSDUCTIVE_NAMES, "--transductive")
         from medmeta.errors import CasesError
         from medmeta.output_folder import OutputFolder
         from medmeta.reports import write_reports
@@ -50,7 +55,7 @@ def adapt(
         with OutputFolder(out_dir, overwrite) as folder:  # checked and locked before any work
             result = _run(checkpoint, cases, labels, device, folder, stability=stability, conformal_source=conformal_source,
                           temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels,
-                          allow_unfinished=allow_unfinished, head=head)
+                          allow_unfinished=allow_unfinished, head=head, transductive=transductive)
             write_reports(result, folder)
     _print_summary(result, out_dir)
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medmeta.cli.adapt import CONFORMAL_SOURCES, DEFAULT_SOURCE, HEAD_NAMES, TEMPERATURE_PRIOR_SIGMA
+from medmeta.cli.adapt import CONFORMAL_SOURCES, DEFAULT_SOURCE, HEAD_NAMES, TEMPERATURE_PRIOR_SIGMA, TRANSDUCTIVE_NAMES
 from medmeta.cli.common import check_choice, check_temperature_options, user_errors, warn
 
 
@@ -26,6 +26,7 @@ def evaluate(
     temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
     allow_unfinished: Annotated[bool, typer.Option(help="Measure a checkpoint whose training stopped before calibration.")] = False,
     head: Annotated[Optional[str], typer.Option(help="What is fitted on each support: method, prototype or logistic (see `medmeta adapt --help`) [default: the checkpoint's].")] = None,
+    transductive: Annotated[Optional[str], typer.Option(help="Refine an embedding head's predictions with each episode's whole query batch (see `medmeta adapt --help`).")] = None,
 ) -> None:
     """Accuracy (95% CI), macro AUC, ECE/MCE/NLL/Brier before and after temperature scaling, per-class
     recall, conformal coverage and set size, referral and risk-coverage (AURC) on test classes."""
@@ -34,11 +35,13 @@ def evaluate(
         check_temperature_options(temperature_source, temperature_sigma)
         if head is not None:
             check_choice(head, HEAD_NAMES, "--head")
+        if transductive is not None:
+            check_choice(transductive, TRANSDUCTIVE_NAMES, "--transductive")
         from medmeta.evaluation import EvaluationSettings, evaluate_checkpoint
         from medmeta.progress import is_quiet
 
         settings = EvaluationSettings(
-            protocol, way, shot, query, episodes, seed, conformal_source, temperature_source, temperature_sigma, head
+            protocol, way, shot, query, episodes, seed, conformal_source, temperature_source, temperature_sigma, head, transductive
         )
         result = evaluate_checkpoint(checkpoint, settings, device, out_dir=out, quiet=is_quiet(), allow_unfinished=allow_unfinished)
     _print_result(result)
@@ -49,7 +52,7 @@ def _print_result(result) -> None:
 
     s, m = result.settings, result.summary
     console.print(
-        f"{result.method} ({s.head} head) on {result.protocol} test classes, {m.episodes} {s.way}-way "
+        f"{result.method} ({s.head} head{', ' + s.transductive + ' transductive' if s.transductive else ''}) on {result.protocol} test classes, {m.episodes} {s.way}-way "
         f"{s.shot}-shot episodes: accuracy {100 * m.accuracy:.1f}% ± {100 * m.accuracy_ci95:.1f}, "
         f"macro AUC {m.macro_auc:.3f}, ECE {m.ece_before:.3f} -> {m.ece_after:.3f} "
         f"({_temperature(m)}), NLL {m.nll_before:.3f} -> {m.nll_after:.3f}",

@@ -97,12 +97,15 @@ def adapt(
     max_pixels: int | None = None,
     allow_unfinished: bool = False,
     head: str | None = None,
+    transductive: str | None = None,
 ) -> AdaptResult:
     """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``.
 
     ``head`` says what is fitted on the support (:mod:`medmeta.heads`): ``"method"`` (the
     trained method's own adaptation), ``"prototype"`` or ``"logistic"`` on the normalised
     embeddings; None: the checkpoint's default, chosen on val classes at training.
+    ``transductive`` names a refiner (:mod:`medmeta.transductive`, e.g. ``"soft_kmeans"``) that
+    uses the whole batch of cases to refine an embedding head's prediction.
 
     ``checkpoint`` is a run folder, ``NAME.json``/``NAME.safetensors``, or a
     :class:`~medmeta.run.LoadedRun` from :func:`medmeta.load_run` (loaded once, reused).
@@ -124,7 +127,7 @@ def adapt(
     (default :data:`medmeta.data.reading.MAX_PIXELS`; only when ``checkpoint`` is a path).
     ``allow_unfinished`` accepts a checkpoint whose training stopped before calibration.
     """
-    options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma, head)
+    options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma, head, transductive)
     label_map = read_labels(labels) if labels else None  # a bad labels file fails before any work
     run = as_run(checkpoint, device, max_pixels=max_pixels, allow_unfinished=allow_unfinished)
     batch = read_cases(cases_dir, run.reader)
@@ -166,6 +169,7 @@ class _Options:
     temperature_source: str = DEFAULT_CALIBRATION_SOURCE
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA
     head: str | None = None
+    transductive: str | None = None
 
     def __post_init__(self) -> None:
         check_conformal_source(self.conformal_source)
@@ -175,7 +179,7 @@ class _Options:
 def _diagnose(run, batch: CaseBatch, options: _Options, cases_dir: str | None) -> AdaptResult:
     pipeline = AdaptationPipeline.from_run(
         run, options.temperature_source, options.conformal_source, options.prior_sigma, options.stability, options.batch_size,
-        head=options.head,
+        head=options.head, transductive=options.transductive,
     )
     diagnosis = pipeline(batch.task)
     task, conditions = batch.task, batch.task.conditions
@@ -207,6 +211,7 @@ def _metadata(run, pipeline, batch: CaseBatch, diagnosis: Diagnosis, options: _O
         "method": run.method,
         "backbone": run.backbone,
         "head": pipeline.head_name,
+        "transductive": pipeline.transductive,
         "embedding_normalisation": _normalisation(run, pipeline.head_name),
         "temperature": calibration.temperature,
         "temperature_source": probs.source,

@@ -321,6 +321,7 @@ class EvaluationSettings:
     temperature_source: str = DEFAULT_CALIBRATION_SOURCE
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA
     head: str | None = None
+    transductive: str | None = None
 
     def resolved(self, protocol) -> "EvaluationSettings":
         """A copy with every ``None`` filled in from ``protocol``'s episode settings."""
@@ -328,14 +329,17 @@ class EvaluationSettings:
         return EvaluationSettings(
             self.protocol, self.way or ep.way, self.shot or min(ep.shot), self.query or ep.query,
             self.episodes or ep.test_episodes, self.seed, self.conformal_source, self.temperature_source, self.prior_sigma,
-            self.head,
+            self.head, self.transductive,
         )
 
     @property
     def tag(self) -> str:
-        """``<way>way_<shot>shot``, then ``_<head>`` for a head other than the method's own."""
+        """``<way>way_<shot>shot``, then ``_<head>`` for a head other than the method's own
+        (``_<head>+<refiner>`` when refined transductively)."""
         tag = f"{self.way}way_{self.shot}shot"
-        return tag if self.head in (None, "method") else f"{tag}_{self.head}"
+        if self.head in (None, "method") and not self.transductive:
+            return tag
+        return f"{tag}_{self.head or 'default'}" + (f"+{self.transductive}" if self.transductive else "")
 
 
 @dataclass
@@ -379,6 +383,7 @@ class EvaluationResult:
             "checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256, "method": self.method,
             "backbone": self.backbone, "protocol": self.protocol, "test_classes": self.test_classes,
             "way": s.way, "shot": s.shot, "query": s.query, "seed": s.seed, "head": s.head or "method",
+            "transductive": s.transductive,
             **self.summary.to_dict(),
             "conformal": self.conformal, "distance_threshold": self.distance_threshold,
             "risk_coverage": self.risk_coverage, "notes": self.notes, "warnings": self.warnings,
@@ -422,7 +427,8 @@ def _evaluate(checkpoint, settings, device, out_dir, quiet, allow_unfinished) ->
     settings = settings.resolved(run.protocol)
     sampler = run.sampler("test", settings.way, settings.shot, settings.query, settings.seed)
     pipeline = AdaptationPipeline.from_run(
-        run, settings.temperature_source, settings.conformal_source, settings.prior_sigma, batch_size=None, head=settings.head
+        run, settings.temperature_source, settings.conformal_source, settings.prior_sigma, batch_size=None, head=settings.head,
+        transductive=settings.transductive,
     )
     settings.head = pipeline.head_name
     outputs = _run_with_progress(run, pipeline.head.learner, sampler, settings, pipeline.needs_held_out, quiet)

@@ -44,23 +44,39 @@ class LoadedRun:
         """The head used when none is asked for (:attr:`Checkpoint.default_head`)."""
         return self.checkpoint.default_head
 
-    def calibration_for(self, head: str | None = None) -> "CalibrationRecord":
-        """The calibration record of ``head`` (None: the default head)."""
-        return self.checkpoint.calibration_for(head or self.default_head)
+    def calibration_for(self, head: str | None = None, transductive: str | None = None) -> "CalibrationRecord":
+        """The calibration record of ``head`` (None: the default head), with ``transductive``
+        refinement when named."""
+        from medmeta.heads import head_key
 
-    def head_learner(self, head: str | None = None):
+        return self.checkpoint.calibration_for(head_key(head or self.default_head, transductive))
+
+    def head_learner(self, head: str | None = None, transductive: str | None = None):
         """The learner with ``head`` (None: the default head) as its adaptation: the learner
         itself for ``method``, else a :class:`~medmeta.heads.HeadLearner` on its backbone with
-        the stored normaliser and the head's stored options."""
+        the stored normaliser, the head's stored options and, when named, the ``transductive``
+        refiner (:mod:`medmeta.transductive`)."""
         from medmeta.errors import MedmetaError
         from medmeta.heads import METHOD_HEAD, HeadLearner, create_head, list_heads
 
         head = head or self.default_head
-        if head == METHOD_HEAD:
-            return self.learner
         if head not in list_heads():
             raise MedmetaError(f"unknown head {head!r}; choose from {', '.join(list_heads())}")
-        return HeadLearner(self.learner, create_head(head, **self.checkpoint.head_options(head)), self.checkpoint.normaliser)
+        if head == METHOD_HEAD:
+            if transductive:
+                raise MedmetaError("--transductive refines embedding heads: choose --head prototype or logistic")
+            return self.learner
+        refiner = None
+        if transductive:
+            from medmeta.transductive import create_refiner
+
+            try:
+                refiner = create_refiner(transductive)
+            except ValueError as exc:
+                raise MedmetaError(str(exc)) from None
+        return HeadLearner(
+            self.learner, create_head(head, **self.checkpoint.head_options(head)), self.checkpoint.normaliser, refiner
+        )
 
     @property
     def method(self) -> str:

@@ -152,13 +152,14 @@ def test_training_stores_a_normaliser_and_calibrated_heads_with_a_default(traine
     normaliser = EmbeddingNormaliser.from_dict(meta["embedding_normaliser"])
     assert normaliser.kind == "center_l2" and normaliser.mean_.shape[0] > 0
     heads = meta["heads"]
-    assert set(heads["calibration"]) == {"prototype", "logistic"}
+    assert set(heads["calibration"]) == {"prototype", "logistic", "prototype+soft_kmeans"}
     accuracy = {"method": meta["calibration"]["accuracy_fit_episodes"]}
     for name, data in heads["calibration"].items():
         record = CalibrationRecord.from_dict(data)
         assert record.fitted and record.conformal is not None and record.referral is not None
         assert 0 <= record.accuracy_fit_episodes <= 1
-        accuracy[name] = record.accuracy_fit_episodes
+        if "+" not in name:  # transductive variants are never the default
+            accuracy[name] = record.accuracy_fit_episodes
     assert heads["default"] == max(accuracy, key=lambda n: (accuracy[n], n == "method"))
 
 
@@ -200,3 +201,59 @@ def test_unknown_head_and_uncalibrated_head_are_one_line_errors(trained_run, tmp
     result = invoke("adapt", "--checkpoint", old, "--cases", SAMPLE_CASES, "--out", tmp_path / "r3", "--no-stability")
     assert result.exit_code == 0, result.output  # its default is the method's own head
     assert json.loads((tmp_path / "r3" / "report.json").read_text())["metadata"]["head"] == "method"
+
+
+# -- transductive refinement through the pipeline ------------------------------------------------
+def test_cli_transductive_choices_are_in_step_with_the_refiners():
+    from medmeta.cli.adapt import TRANSDUCTIVE_NAMES
+    from medmeta.transductive import REFINERS
+
+    assert sorted(TRANSDUCTIVE_NAMES) == sorted(name for name in REFINERS if name != "inductive")
+
+
+def test_a_refiner_sees_the_whole_batch_and_distances_stay_the_heads():
+    from conftest import toy_episode
+
+    from medmeta.backbones import create_backbone
+    from medmeta.methods import create_method
+    from medmeta.transductive import create_refiner
+
+    torch.manual_seed(0)
+    learner = create_method("protonet", create_backbone("conv4", in_channels=1, hidden=8)).eval()
+    support, labels, query, _ = toy_episode(3, shot=2, query=3)
+    normaliser = EmbeddingNormaliser().fit(torch.randn(10, learner.backbone.num_features, dtype=torch.float64))
+    plain = HeadLearner(learner, create_head("prototype"), normaliser)
+    refined = HeadLearner(learner, create_head("prototype"), normaliser, create_refiner("soft_kmeans"))
+    with torch.no_grad():
+        logits, distance = refined.fit_support(support, labels).predict_with_distance(query)
+        _, plain_distance = plain.fit_support(support, labels).predict_with_distance(query)
+        embedded = normaliser(learner.backbone(support)), normaliser(learner.backbone(query))
+        expected = create_refiner("soft_kmeans").refine(embedded[0], labels, embedded[1], 3)
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(distance, plain_distance)
+
+
+def test_training_calibrates_a_transductive_variant_never_chosen_as_default(trained_run):
+    meta = json.loads((trained_run / "best.json").read_text())
+    assert "prototype+soft_kmeans" in meta["heads"]["calibration"]
+    assert "+" not in meta["heads"]["default"]
+
+
+def test_adapt_transductive_states_it_and_needs_an_embedding_head(trained_run, tmp_path):
+    out = tmp_path / "report"
+    result = invoke("adapt", "--checkpoint", trained_run, "--cases", SAMPLE_CASES, "--out", out, "--head", "prototype",
+                    "--transductive", "soft_kmeans", "--labels", SAMPLE_CASES / "labels.csv", "--no-stability")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["metadata"]["transductive"] == "soft_kmeans" and report["metrics"]["accuracy"] > 0.5
+    assert "refined transductively over this batch (soft_kmeans)" in (out / "report.html").read_text()
+    plain_out = tmp_path / "plain"
+    assert invoke("adapt", "--checkpoint", trained_run, "--cases", SAMPLE_CASES, "--out", plain_out, "--head", "prototype",
+                  "--no-stability").exit_code == 0
+    assert "each case on its own (not transductive)" in (plain_out / "report.html").read_text()
+    bad = invoke("adapt", "--checkpoint", trained_run, "--cases", SAMPLE_CASES, "--out", tmp_path / "r", "--head", "method",
+                 "--transductive", "soft_kmeans")
+    assert bad.exit_code == 2 and "--transductive refines embedding heads" in bad.output
+    uncalibrated = invoke("adapt", "--checkpoint", trained_run, "--cases", SAMPLE_CASES, "--out", tmp_path / "r2",
+                          "--head", "logistic", "--transductive", "alpha_tim")
+    assert uncalibrated.exit_code == 2 and "no calibration for head 'logistic+alpha_tim'" in uncalibrated.output

@@ -11,9 +11,9 @@ from medmeta.heads import logistic, prototype  # noqa: F401 - registers the head
 from medmeta.heads.base import EmbeddingHead
 from medmeta.heads.learner import HeadLearner
 from medmeta.heads.normalise import NORMALISATIONS, EmbeddingNormaliser
-from medmeta.heads.registry import HEADS, METHOD_HEAD, create_head, list_heads
+from medmeta.heads.registry import HEADS, METHOD_HEAD, create_head, head_key, list_heads
 
 __all__ = [
     "HEADS", "METHOD_HEAD", "NORMALISATIONS", "EmbeddingHead", "EmbeddingNormaliser", "HeadLearner", "create_head",
-    "list_heads",
+    "head_key", "list_heads",
 ]

@@ -17,13 +17,20 @@ class HeadLearner(nn.Module):
     (``fit_support``, ``predict_query``, ``predict_with_distance``, ``support_distance``,
     ``correct_held_out_logits``), so episodes, leave-one-out refits and the adaptation pipeline
     use it unchanged. The learner's weights are never changed.
+
+    With a ``refiner`` (``--transductive``) the logits of the cases scored together come from
+    transductive refinement over that whole batch (:mod:`medmeta.transductive`); callers then
+    score all cases of a task at once.
     """
 
-    def __init__(self, learner: nn.Module, head: EmbeddingHead, normaliser: EmbeddingNormaliser | None = None):
+    def __init__(self, learner: nn.Module, head: EmbeddingHead, normaliser: EmbeddingNormaliser | None = None, refiner=None):
         super().__init__()
         self.learner = learner
         self.head = head
         self.normaliser = normaliser or EmbeddingNormaliser("none")
+        #: a :class:`~medmeta.transductive.TransductiveRefiner`: when set, the logits of a batch of
+        #: cases come from it (it sees the whole batch); distances stay the head's
+        self.refiner = refiner
 
     @property
     def backbone(self) -> nn.Module:
@@ -36,13 +43,19 @@ class HeadLearner(nn.Module):
     def fit_support(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "HeadLearner":
         """Fit the head to ``support_images`` ``(n_support, C, H, W)`` with ``support_labels``
         ``(n_support,)``."""
-        self.head.fit(self.embed(support_images), support_labels)
+        self.support_, self.support_labels_ = self.embed(support_images), support_labels
+        self.head.fit(self.support_, support_labels)
         return self
 
     def predict_with_distance(self, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(n_query, n_way)`` and distances to the support ``(n_query,)``, one backbone pass."""
         query = self.embed(query_images)
-        return self.head.logits(query), self.head.distance(query)
+        if self.refiner is not None:
+            n_way = int(self.support_labels_.max().item()) + 1
+            logits = self.refiner.refine(self.support_, self.support_labels_, query, n_way)
+        else:
+            logits = self.head.logits(query)
+        return logits, self.head.distance(query)
 
     def predict_query(self, query_images: torch.Tensor) -> torch.Tensor:
         return self.predict_with_distance(query_images)[0]

@@ -20,3 +20,9 @@ def create_head(name: str, **kwargs):
 def list_heads() -> list[str]:
     """Every head name ``--head`` accepts: ``method`` and the registered embedding heads."""
     return [METHOD_HEAD, *HEADS.names()]
+
+
+def head_key(head: str, transductive: str | None = None) -> str:
+    """The name a head's calibration is stored under: ``prototype``, or ``prototype+soft_kmeans``
+    with transductive refinement."""
+    return head if not transductive else f"{head}+{transductive}"

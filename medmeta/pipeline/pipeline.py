@@ -56,6 +56,8 @@ class AdaptationPipeline:
         #: which head (``--head``) adapts, and the :class:`~medmeta.calibration.CalibrationRecord` of it
         self.head_name = head_name
         self.calibration = calibration
+        #: the transductive refiner's name (``--transductive``), or None
+        self.transductive: str | None = None
 
     @classmethod
     def from_run(
@@ -67,13 +69,16 @@ class AdaptationPipeline:
         stability: bool = False,
         batch_size: int | None = 64,
         head: str | None = None,
+        transductive: str | None = None,
     ) -> "AdaptationPipeline":
         """The pipeline of a :class:`~medmeta.run.LoadedRun` with ``head`` (None: the
-        checkpoint's default head) and the calibration its checkpoint stores for that head."""
+        checkpoint's default head), optionally refined transductively over each task's whole
+        batch of cases, and the calibration its checkpoint stores for that combination."""
         head = head or run.default_head
-        calibration = run.calibration_for(head)
-        return cls(
-            LearnerHead(run.head_learner(head), run.device, batch_size),
+        learner = run.head_learner(head, transductive)
+        calibration = run.calibration_for(head, transductive)
+        pipeline = cls(
+            LearnerHead(learner, run.device, None if transductive else batch_size),
             TemperatureStep(calibration.temperature, temperature_source, prior_sigma),
             PredictionSetStep(calibration.conformal, conformal_source),
             ReferralStep(calibration.distance_threshold),
@@ -81,6 +86,8 @@ class AdaptationPipeline:
             head_name=head,
             calibration=calibration,
         )
+        pipeline.transductive = transductive
+        return pipeline
 
     @property
     def needs_held_out(self) -> bool:

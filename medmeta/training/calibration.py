@@ -121,8 +121,10 @@ def sidecar_entry(record: "CalibrationRecord") -> dict[str, Any]:
     return json_safe(record.to_dict())
 
 
-#: The embedding heads calibrated at the end of training, beside the method's own.
-TRAINED_HEADS = ("prototype", "logistic")
+#: The embedding heads calibrated at the end of training, beside the method's own: ``(head,
+#: transductive refiner or None)``. Transductive ones are calibrated but never chosen as the
+#: default: val episodes have balanced batches, which flatters them (docs/transductive.md).
+TRAINED_HEADS = (("prototype", None), ("logistic", None), ("prototype", "soft_kmeans"))
 #: At most this many meta-train scans (evenly spaced) give the embedding normaliser its mean.
 NORMALISER_SCANS = 2000
 
@@ -177,23 +179,26 @@ def fit_normaliser(learner, store, records, device, limit: int = NORMALISER_SCAN
 
 
 def calibrate_heads(learner, normaliser, method_record, store, calibration_sampler, val_sampler, cfg, device, quiet,
-                    names: tuple[str, ...] = TRAINED_HEADS, previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Calibrate each head of ``names`` on ``learner``'s backbone (as :func:`fit_calibration`
-    does for the method's own) and choose the default: the head with the highest accuracy on the
-    calibration episodes, val classes drawn apart from those that selected the checkpoint (ties
-    go to the method's own head). Returns the sidecar's ``heads`` entry; ``previous`` (an
+                    names: tuple[tuple[str, str | None], ...] = TRAINED_HEADS, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Calibrate each ``(head, transductive refiner)`` of ``names`` on ``learner``'s backbone
+    (as :func:`fit_calibration` does for the method's own) and choose the default among the
+    inductive heads: the one with the highest accuracy on the calibration episodes, val classes
+    drawn apart from those that selected the checkpoint (ties go to the method's own head). Returns the sidecar's ``heads`` entry; ``previous`` (an
     existing entry) keeps its other heads."""
-    from medmeta.heads import HeadLearner, create_head
+    from medmeta.heads import HeadLearner, create_head, head_key
+    from medmeta.transductive import create_refiner
 
     entry = {"options": {}, "calibration": {}, **(previous or {})}
     entry = {**entry, "options": dict(entry["options"]), "calibration": dict(entry["calibration"])}
-    for name in names:
+    for name, transductive in names:
         head = create_head(name)
-        record = fit_calibration(HeadLearner(learner, head, normaliser), store, calibration_sampler, val_sampler, cfg, device, quiet)
+        refiner = create_refiner(transductive) if transductive else None
+        learner_with_head = HeadLearner(learner, head, normaliser, refiner)
+        record = fit_calibration(learner_with_head, store, calibration_sampler, val_sampler, cfg, device, quiet)
         entry["options"][name] = head.hparams()
-        entry["calibration"][name] = sidecar_entry(record)
+        entry["calibration"][head_key(name, transductive)] = sidecar_entry(record)
     accuracy = {"method": method_record.accuracy_fit_episodes}
-    accuracy.update({name: data.get("accuracy_fit_episodes") for name, data in entry["calibration"].items()})
+    accuracy.update({key: data.get("accuracy_fit_episodes") for key, data in entry["calibration"].items() if "+" not in key})
     entry["default"] = choose_head(accuracy)
     entry["chosen_by"] = "accuracy on the calibration episodes (val classes, apart from model selection)"
     return entry
