@@ -150,7 +150,7 @@ def worst_recall(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return min(float((pred[labels == c] == c).float().mean()) for c in labels.unique())
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=300, help="episodes per cell [300]")
     parser.add_argument("--way", type=int, default=3)
@@ -168,20 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads [1]")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    compositions = args.compositions or (
-        DEFAULT_COMPOSITIONS if args.way == 3 else ["balanced", "absent", "shifted", "tiny"]
-    )
-    real = RealEpisodes(args.embeddings) if args.embeddings else None
-    if real is not None and "shifted" in compositions:
-        compositions = [c for c in compositions if c != "shifted"]
-    refiners = [(spec, parse_refiner(spec)) for spec in args.refiners]
-    source = f"embeddings {args.embeddings}" if real else (
-        f"SYNTHETIC Gaussian embeddings (d={args.dim}, class means ~ N(0, I), noise std {args.noise})"
-    )
-    print(f"{source}; {args.way}-way, {args.query} query cases, {args.episodes} episodes per cell, seed {args.seed}")
-    print("cells: accuracy % +- 95% CI | mean recall of the worst class present %\n")
+    return parser.parse_args(argv)
+
+
+def measure(args, refiners, compositions, real) -> tuple[dict, dict]:
+    """``{(refiner, composition, shot): (accuracy %, 95% CI, worst-class recall %)}`` and the
+    time spent per refiner ``{spec: [seconds, episodes]}``, on the same episodes for every refiner."""
     rows = {}
     timing = {spec: [0.0, 0] for spec, _ in refiners}
     for shot in args.shots:
@@ -204,8 +196,12 @@ def main(argv: list[str] | None = None) -> None:
                 a = np.array(accs[spec]) * 100
                 w = np.array(worst[spec]) * 100
                 rows[(spec, composition, shot)] = (a.mean(), 1.96 * a.std(ddof=1) / np.sqrt(len(a)), w.mean())
+    return rows, timing
+
+
+def print_table(rows: dict, timing: dict, shots, refiners, compositions) -> None:
     width = max(len(s) for s, _ in refiners)
-    for shot in args.shots:
+    for shot in shots:
         print(f"{shot}-shot".ljust(width) + " | " + " | ".join(c.center(21) for c in compositions))
         print("-" * width + "-|-" + "-|-".join("-" * 21 for _ in compositions))
         for spec, _ in refiners:
@@ -216,6 +212,25 @@ def main(argv: list[str] | None = None) -> None:
             print(spec.ljust(width) + " | " + " | ".join(cells))
         print()
     print("time per episode (ms): " + ", ".join(f"{s} {1000 * t / max(n, 1):.2f}" for s, (t, n) in timing.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    compositions = args.compositions or (
+        DEFAULT_COMPOSITIONS if args.way == 3 else ["balanced", "absent", "shifted", "tiny"]
+    )
+    real = RealEpisodes(args.embeddings) if args.embeddings else None
+    if real is not None and "shifted" in compositions:
+        compositions = [c for c in compositions if c != "shifted"]
+    refiners = [(spec, parse_refiner(spec)) for spec in args.refiners]
+    source = f"embeddings {args.embeddings}" if real else (
+        f"SYNTHETIC Gaussian embeddings (d={args.dim}, class means ~ N(0, I), noise std {args.noise})"
+    )
+    print(f"{source}; {args.way}-way, {args.query} query cases, {args.episodes} episodes per cell, seed {args.seed}")
+    print("cells: accuracy % +- 95% CI | mean recall of the worst class present %\n")
+    rows, timing = measure(args, refiners, compositions, real)
+    print_table(rows, timing, args.shots, refiners, compositions)
 
 
 if __name__ == "__main__":

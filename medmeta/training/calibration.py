@@ -188,8 +188,8 @@ def calibrate_heads(learner, normaliser, method_record, store, calibration_sampl
     from medmeta.heads import HeadLearner, create_head, head_key
     from medmeta.transductive import create_refiner
 
-    entry = {"options": {}, "calibration": {}, **(previous or {})}
-    entry = {**entry, "options": dict(entry["options"]), "calibration": dict(entry["calibration"])}
+    previous = previous or {}
+    entry = {**previous, "options": dict(previous.get("options", {})), "calibration": dict(previous.get("calibration", {}))}
     for name, transductive in names:
         head = create_head(name)
         refiner = create_refiner(transductive) if transductive else None
