@@ -31,9 +31,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--method", default="protonet")
     parser.add_argument("--backbone", default="conv4")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=20000)
     parser.add_argument("--max-minutes", type=float, default=28.0)
     parser.add_argument("--pretrain-epochs", type=int, default=20)
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="of the pre-training cross-entropy")
+    parser.add_argument("--tuning-episodes", type=int, default=50, help="val episodes choosing the finetune head's steps and rate")
     parser.add_argument("--shot", type=int, default=None, help="training shot [default: protocol's largest]")
     parser.add_argument("--train-shot", type=int, action="append", default=None, help="draw each training episode's shot from these (repeatable)")
     parser.add_argument("--val-interval", type=int, default=250)
@@ -41,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calibration-episodes", type=int, default=200)
     parser.add_argument("--lr-step", type=int, default=1000)
     parser.add_argument("--augment", default="light")
+    parser.add_argument("--grayscale", type=float, default=0.0, help="probability of a grayscale training image")
     parser.add_argument("--meta-batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--backbone-lr", type=float, default=None, help="0 freezes the backbone")
@@ -51,6 +55,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--eval-episodes", type=int, default=None)
     parser.add_argument("--skip-train", action="store_true", help="evaluate the checkpoint already in --out")
+    parser.add_argument("--head", action="append", default=None, help="adaptation head(s) to evaluate (repeatable) [default: the checkpoint's]")
+    parser.add_argument("--calibration-source", default=None, help="support or val [default: the shipped default]")
+    parser.add_argument("--test-shot", type=int, action="append", default=None, help="test shots [default: the protocol's]")
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--skip-test", action="store_true", help="train (and calibrate) only: choices are made on val")
     return parser.parse_args()
 
 
@@ -58,9 +67,10 @@ def train_run(args: argparse.Namespace, out: Path) -> dict:
     """Train as the arguments say; the training part of the report."""
     config = TrainConfig(
         protocol=args.protocol, out=str(out), method=args.method, backbone=args.backbone,
-        image_size=args.image_size, episodes=args.episodes, max_minutes=args.max_minutes,
-        pretrain_epochs=args.pretrain_epochs, shot=args.shot, train_shots=args.train_shot, val_interval=args.val_interval,
-        lr_step=args.lr_step, augment=args.augment, meta_batch=args.meta_batch, lr=args.lr,
+        image_size=args.image_size, channels=args.channels, episodes=args.episodes, max_minutes=args.max_minutes,
+        pretrain_epochs=args.pretrain_epochs, pretrain_label_smoothing=args.label_smoothing,
+        tuning_episodes=args.tuning_episodes, seed=args.seed, shot=args.shot, train_shots=args.train_shot, val_interval=args.val_interval,
+        lr_step=args.lr_step, augment=args.augment, augment_grayscale=args.grayscale, meta_batch=args.meta_batch, lr=args.lr,
         backbone_lr=args.backbone_lr, grad_clip=args.grad_clip,
         val_episodes=args.val_episodes, calibration_episodes=args.calibration_episodes,
         init_from=args.init_from,
@@ -86,19 +96,21 @@ def main() -> None:
     if not args.skip_train:
         report["training"] = train_run(args, out)
     report["test"] = {}
-    for shot in protocol.episodes.shot:
-        settings = EvaluationSettings(protocol=args.protocol, shot=shot, episodes=args.eval_episodes, seed=args.eval_seed)
-        report["test"][f"{shot}-shot"] = evaluate_checkpoint(out, settings).to_dict()
+    sources = {"conformal_source": args.calibration_source, "temperature_source": args.calibration_source} if args.calibration_source else {}
+    for head in [] if args.skip_test else args.head or [None]:
+        for shot in args.test_shot or protocol.episodes.shot:
+            settings = EvaluationSettings(protocol=args.protocol, shot=shot, episodes=args.eval_episodes, seed=args.eval_seed, head=head, **sources)
+            report["test"][f"{shot}-shot" + (f" {head}" if head else "")] = evaluate_checkpoint(out, settings).to_dict()
     atomic_write_json(out / "benchmark.json", report)
 
     print(f"\n{protocol.name}: {args.method}/{args.backbone} at {args.image_size}px")
     if "training" in report:
         t = report["training"]
         print(f"training: {t['wall_seconds'] / 60:.1f} min wall, {t['episodes_done']} episodes, {t['episodes_per_second']:.2f} episodes/s")
-    print(f"{'shot':>6} {'accuracy':>16} {'macro AUC':>10} {'ECE before':>11} {'ECE after':>10} {'T':>7}")
+    print(f"{'shot':>16} {'accuracy':>16} {'macro AUC':>10} {'ECE before':>11} {'ECE after':>10} {'T':>7}")
     for name, s in report["test"].items():
         print(
-            f"{name:>6} {100 * s['accuracy']:7.1f}% ± {100 * s['accuracy_ci95']:4.1f} {s['macro_auc']:10.3f} "
+            f"{name:>16} {100 * s['accuracy']:7.1f}% ± {100 * s['accuracy_ci95']:4.1f} {s['macro_auc']:10.3f} "
             f"{s['ece_before']:11.3f} {s['ece_after']:10.3f} {s['temperature']:7.3f}"
         )
     print(json.dumps({k: round(v["accuracy"], 4) for k, v in report["test"].items()}))

@@ -16,7 +16,7 @@ CONFORMAL_SOURCES = ("val", "support")
 DEFAULT_SOURCE = "support"
 MAX_PIXELS = 50_000_000
 #: ``--head`` choices, kept in step with medmeta.heads.list_heads() (a test checks it).
-HEAD_NAMES = ("method", "logistic", "prototype")
+HEAD_NAMES = ("method", "finetune", "logistic", "prototype")
 #: ``--transductive`` choices, kept in step with medmeta.transductive.REFINERS (a test checks it).
 TRANSDUCTIVE_NAMES = ("soft_kmeans", "bd_cspn", "tim_gd", "alpha_tim")
 
@@ -34,7 +34,7 @@ def adapt(
     temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
     max_pixels: Annotated[int, typer.Option(min=1, help="Reject, without decoding it, a scan whose header declares more pixels than this (rows x columns x frames x channels), or whose file (a deflated DICOM: once inflated) holds more than 8 bytes per pixel of it plus 64 MiB.")] = MAX_PIXELS,
     allow_unfinished: Annotated[bool, typer.Option(help="Use a checkpoint whose training stopped before calibration (uncalibrated probabilities).")] = False,
-    head: Annotated[Optional[str], typer.Option(help="What is fitted on the support: method (the trained method's own adaptation), prototype (nearest class mean) or logistic (logistic regression) on normalised embeddings [default: the checkpoint's, chosen on val classes].")] = None,
+    head: Annotated[Optional[str], typer.Option(help="What is fitted on the support: method (the trained method's own adaptation), prototype (nearest class mean) or logistic (logistic regression) on normalised embeddings, or finetune (the backbone's last block and a classifier fine-tuned on the support) [default: the checkpoint's, chosen on val classes].")] = None,
     transductive: Annotated[Optional[str], typer.Option(help="Refine an embedding head's predictions with the whole batch of cases: soft_kmeans (robust to an imbalanced batch), alpha_tim, or bd_cspn / tim_gd (these assume a balanced batch). Needs a calibration for it in the checkpoint (training stores prototype+soft_kmeans).")] = None,
 ) -> None:
     """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html, rejected.csv."""

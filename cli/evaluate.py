@@ -25,7 +25,7 @@ def evaluate(
     temperature_source: Annotated[str, typer.Option(help="Temperature of the probabilities: val (the checkpoint's, fitted on validation conditions) or support (the checkpoint's updated by the support's leave-one-out predictions; 2+ scans per condition, else val with a note).")] = DEFAULT_SOURCE,
     temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
     allow_unfinished: Annotated[bool, typer.Option(help="Measure a checkpoint whose training stopped before calibration.")] = False,
-    head: Annotated[Optional[str], typer.Option(help="What is fitted on each support: method, prototype or logistic (see `medmeta adapt --help`) [default: the checkpoint's].")] = None,
+    head: Annotated[Optional[str], typer.Option(help="What is fitted on each support: method, prototype, logistic or finetune (see `medmeta adapt --help`) [default: the checkpoint's].")] = None,
     transductive: Annotated[Optional[str], typer.Option(help="Refine an embedding head's predictions with each episode's whole query batch (see `medmeta adapt --help`).")] = None,
 ) -> None:
     """Accuracy (95% CI), macro AUC, ECE/MCE/NLL/Brier before and after temperature scaling, per-class

@@ -57,7 +57,7 @@ class LoadedRun:
         the stored normaliser, the head's stored options and, when named, the ``transductive``
         refiner (:mod:`medmeta.transductive`)."""
         from medmeta.errors import MedmetaError
-        from medmeta.heads import METHOD_HEAD, HeadLearner, create_head, list_heads
+        from medmeta.heads import METHOD_HEAD, adapting_learner, create_head, list_heads
 
         head = head or self.default_head
         if head not in list_heads():
@@ -74,7 +74,7 @@ class LoadedRun:
                 refiner = create_refiner(transductive)
             except ValueError as exc:
                 raise MedmetaError(str(exc)) from None
-        return HeadLearner(
+        return adapting_learner(
             self.learner, create_head(head, **self.checkpoint.head_options(head)), self.checkpoint.normaliser, refiner
         )
 

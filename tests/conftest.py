@@ -59,7 +59,7 @@ def trained_run(tmp_path_factory, sample_protocol) -> Path:
     out = tmp_path_factory.mktemp("run")
     config = TrainConfig(
         protocol=str(sample_protocol), out=str(out), episodes=60, pretrain_epochs=6, val_interval=30,
-        val_episodes=30, calibration_episodes=40, image_size=48, device="cpu", seed=0,
+        val_episodes=30, calibration_episodes=40, tuning_episodes=4, image_size=48, device="cpu", seed=0,
     )
     train(config, quiet=True)
     return out

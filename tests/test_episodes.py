@@ -438,3 +438,27 @@ def test_unknown_augmentation_level():
     assert AUGMENTATIONS == ("none", "light", "strong")
     with pytest.raises(ValueError, match=r"augmentation must be one of \('none', 'light', 'strong'\), got 'heavy'"):
         Augmenter("heavy")
+
+
+def test_grayscale_augmentation_is_the_luminance_and_seeded():
+    from medmeta.data.augment import RandGrayscale
+
+    image = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(0))
+    always = RandGrayscale(prob=1.0)
+    gray = torch.as_tensor(always(image))
+    expected = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+    for channel in range(3):
+        torch.testing.assert_close(gray[channel], expected)
+    assert torch.equal(RandGrayscale(prob=0.0)(image), image)
+    one_channel = image[:1]
+    assert torch.equal(torch.as_tensor(always(one_channel)), one_channel)
+    batch = torch.rand(40, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    first = Augmenter("none", seed=2, grayscale=0.5)(batch, step=7)
+    again = Augmenter("none", seed=2, grayscale=0.5)(batch, step=7)
+    assert torch.equal(first, again)
+    turned = [bool(torch.equal(img[0], img[1])) for img in first]
+    assert 5 <= sum(turned) <= 35  # about half, and only those: the others are untouched
+    for img, original, is_gray in zip(first, batch, turned):
+        assert is_gray or torch.equal(img, original)
+    with pytest.raises(ValueError, match="grayscale probability"):
+        Augmenter("light", grayscale=2.0)

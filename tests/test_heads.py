@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from medmeta.errors import MedmetaError
-from medmeta.heads import HEADS, EmbeddingNormaliser, HeadLearner, create_head, list_heads
+from medmeta.heads import EmbeddingNormaliser, HeadLearner, create_head, embedding_heads, list_heads
 from medmeta.methods.protonet import held_out_correction
 
 SAMPLE_CASES = Path(__file__).resolve().parents[1] / "sample_data" / "cases"
@@ -48,7 +48,7 @@ def test_logistic_head_is_deterministic_and_separates_the_classes():
     assert first.argmax(1).tolist() == [0, 1, 1]
 
 
-@pytest.mark.parametrize("name", HEADS.names())
+@pytest.mark.parametrize("name", embedding_heads())
 @pytest.mark.parametrize("n_way, shot, n_query, dim", [(2, 1, 1, 3), (3, 2, 7, 16), (5, 5, 20, 64)])
 def test_every_head_contract(name, n_way, shot, n_query, dim):
     generator = torch.Generator().manual_seed(n_way * 100 + shot)
@@ -152,7 +152,7 @@ def test_training_stores_a_normaliser_and_calibrated_heads_with_a_default(traine
     normaliser = EmbeddingNormaliser.from_dict(meta["embedding_normaliser"])
     assert normaliser.kind == "center_l2" and normaliser.mean_.shape[0] > 0
     heads = meta["heads"]
-    assert set(heads["calibration"]) == {"prototype", "logistic", "prototype+soft_kmeans"}
+    assert set(heads["calibration"]) == {"prototype", "logistic", "finetune", "prototype+soft_kmeans"}
     accuracy = {"method": meta["calibration"]["accuracy_fit_episodes"]}
     for name, data in heads["calibration"].items():
         record = CalibrationRecord.from_dict(data)

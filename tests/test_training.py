@@ -163,6 +163,25 @@ def test_grad_clip_caps_the_gradient_norm_of_every_step(tmp_path, sample_protoco
     assert min(norms) > 1e-3  # without clipping the same steps are far larger
 
 
+def test_pretraining_smooths_its_labels_as_configured(tmp_path, sample_protocol, monkeypatch):
+    from torch.nn import functional as F
+
+    seen = []
+    original = F.cross_entropy
+
+    def recording(*args, **kwargs):
+        if "label_smoothing" in kwargs:  # the pre-training loss (calibration's has none)
+            seen.append(kwargs["label_smoothing"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", recording)
+    train(_config(sample_protocol, tmp_path / "s", episodes=0, pretrain_epochs=1, pretrain_label_smoothing=0.2), quiet=True)
+    assert seen and set(seen) == {0.2}
+    seen.clear()
+    train(_config(sample_protocol, tmp_path / "p", episodes=0, pretrain_epochs=1), quiet=True)
+    assert seen and set(seen) == {0.0}
+
+
 def test_train_shots_draws_each_episode_shot_from_the_list_reproducibly(tmp_path, sample_protocol):
     from medmeta.training.loop import Run as _Run
 

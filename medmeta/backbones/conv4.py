@@ -43,5 +43,10 @@ class Conv4(nn.Module):
         """``(batch, hidden, *spatial / 2**n_blocks)`` feature map."""
         return self.features(x)
 
+    def stages(self) -> list[nn.Module]:
+        """The blocks in order (views sharing this model's modules): ``forward_features`` is
+        their composition. Lets an adaptation fine-tune only the last ones."""
+        return [self.features[i : i + 4] for i in range(0, len(self.features), 4)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_features(x)).flatten(1)

@@ -57,5 +57,9 @@ class ResNet12(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
 
+    def stages(self) -> list[nn.Module]:
+        """The residual blocks in order: ``forward_features`` is their composition."""
+        return list(self.blocks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_features(x)).flatten(1)

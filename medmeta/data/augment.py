@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.transforms import RandomizableTransform
 
 AUGMENTATIONS = ("none", "light", "strong")
 
@@ -18,14 +19,16 @@ class Augmenter:
     as an uninterrupted one.
     """
 
-    def __init__(self, level: str = "light", seed: int = 0):
+    def __init__(self, level: str = "light", seed: int = 0, grayscale: float = 0.0):
         if level not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {level!r}")
-        self.level, self.seed = level, seed
-        self._transform = None if level == "none" else self._build(level)
+        if not 0.0 <= grayscale <= 1.0:
+            raise ValueError(f"grayscale probability must be in [0, 1], got {grayscale!r}")
+        self.level, self.seed, self.grayscale = level, seed, float(grayscale)
+        self._transform = None if level == "none" and grayscale == 0 else self._build(level, grayscale)
 
     @staticmethod
-    def _build(level: str):
+    def _build(level: str, grayscale: float = 0.0):
         from monai.transforms import (
             Compose,
             RandAdjustContrast,
@@ -36,7 +39,7 @@ class Augmenter:
         )
 
         strong = level == "strong"
-        transforms = [
+        transforms = [] if level == "none" else [
             RandFlip(prob=0.5, spatial_axis=0),
             RandFlip(prob=0.5, spatial_axis=1),
             RandRotate90(prob=0.5, max_k=3),
@@ -50,6 +53,8 @@ class Augmenter:
         ]
         if strong:
             transforms += [RandAdjustContrast(prob=0.3, gamma=(0.7, 1.4)), RandGaussianNoise(prob=0.2, std=0.03)]
+        if grayscale > 0:
+            transforms.append(RandGrayscale(prob=grayscale))
         return Compose(transforms)
 
     def __call__(self, images: torch.Tensor, step: int) -> torch.Tensor:
@@ -58,3 +63,22 @@ class Augmenter:
         self._transform.set_random_state(seed=int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
         out = torch.stack([torch.as_tensor(self._transform(img)) for img in images])
         return out.clamp_(0.0, 1.0).as_subclass(torch.Tensor)
+
+
+class RandGrayscale(RandomizableTransform):
+    """With probability ``prob``, replace every channel of a ``(C, *spatial)`` image by its
+    luminance (ITU-R BT.601 weights for RGB, the channel mean otherwise), so that features do not
+    rest on colour alone (for a modality met only in grayscale at test time). Seeded with the
+    other transforms by ``Compose.set_random_state``."""
+
+    def __call__(self, img):
+        self.randomize(None)
+        if not self._do_transform:
+            return img
+        img = torch.as_tensor(img)
+        if img.shape[0] == 3:
+            weights = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype, device=img.device)
+            gray = (img * weights.view(3, *([1] * (img.ndim - 1)))).sum(0, keepdim=True)
+        else:
+            gray = img.mean(0, keepdim=True)
+        return gray.expand_as(img).clone()

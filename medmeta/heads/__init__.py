@@ -4,16 +4,19 @@
 embeddings, normalised by the run's :class:`EmbeddingNormaliser`, whatever the method:
 
 - ``prototype``: nearest class mean (SimpleShot);
-- ``logistic``: multinomial logistic regression (Tian et al. 2020).
+- ``logistic``: multinomial logistic regression (Tian et al. 2020);
+- ``finetune``: the backbone's last block and a prototype-initialised classifier fine-tuned on
+  the support with augmentation (P>M>F, Hu et al. 2022).
 """
 
-from medmeta.heads import logistic, prototype  # noqa: F401 - registers the heads
-from medmeta.heads.base import EmbeddingHead
-from medmeta.heads.learner import HeadLearner
+from medmeta.heads import finetune, logistic, prototype  # noqa: F401 - registers the heads
+from medmeta.heads.base import BackboneHead, EmbeddingHead
+from medmeta.heads.learner import HeadLearner, adapting_learner
 from medmeta.heads.normalise import NORMALISATIONS, EmbeddingNormaliser
-from medmeta.heads.registry import HEADS, METHOD_HEAD, create_head, head_key, list_heads
+from medmeta.heads.registry import HEADS, METHOD_HEAD, create_head, embedding_heads, head_key, list_heads
 
 __all__ = [
-    "HEADS", "METHOD_HEAD", "NORMALISATIONS", "EmbeddingHead", "EmbeddingNormaliser", "HeadLearner", "create_head",
+    "HEADS", "METHOD_HEAD", "NORMALISATIONS", "BackboneHead", "EmbeddingHead", "EmbeddingNormaliser", "HeadLearner",
+    "adapting_learner", "create_head", "embedding_heads",
     "head_key", "list_heads",
 ]

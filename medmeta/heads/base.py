@@ -52,3 +52,20 @@ class EmbeddingHead(ABC):
 
     def _fit_class_means(self, support: torch.Tensor, labels: torch.Tensor) -> None:
         self.class_means_ = compute_prototypes(support, labels)
+
+
+class BackboneHead(ABC):
+    """A head that adapts the backbone too (e.g. fine-tuning its last block on the support), so
+    it cannot work on fixed embeddings: :meth:`learner` wraps a trained learner into one with
+    the adaptation interface of :class:`~medmeta.heads.HeadLearner`. ``__init__`` stores
+    hyperparameters only."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def learner(self, learner, normaliser=None):
+        """The adapting learner on ``learner``'s backbone, with the run's embedding ``normaliser``."""
+
+    def hparams(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable), as stored in the checkpoint."""
+        return {}

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medmeta.heads.base import EmbeddingHead
+from medmeta.errors import MedmetaError
+from medmeta.heads.base import BackboneHead, EmbeddingHead
 from medmeta.heads.normalise import EmbeddingNormaliser
 
 
@@ -43,13 +44,21 @@ class HeadLearner(nn.Module):
     def fit_support(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "HeadLearner":
         """Fit the head to ``support_images`` ``(n_support, C, H, W)`` with ``support_labels``
         ``(n_support,)``."""
-        self.support_, self.support_labels_ = self.embed(support_images), support_labels
-        self.head.fit(self.support_, support_labels)
+        return self.fit_embedded(self.embed(support_images), support_labels)
+
+    def fit_embedded(self, support: torch.Tensor, support_labels: torch.Tensor) -> "HeadLearner":
+        """Fit the head to embeddings ``support`` ``(n_support, d)`` from :meth:`embed` (how
+        leave-one-out refits run without the backbone)."""
+        self.support_, self.support_labels_ = support, support_labels
+        self.head.fit(support, support_labels)
         return self
 
     def predict_with_distance(self, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(n_query, n_way)`` and distances to the support ``(n_query,)``, one backbone pass."""
-        query = self.embed(query_images)
+        return self.predict_embedded(self.embed(query_images))
+
+    def predict_embedded(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and distances of embeddings ``query`` ``(n_query, d)`` from :meth:`embed`."""
         if self.refiner is not None:
             n_way = int(self.support_labels_.max().item()) + 1
             logits = self.refiner.refine(self.support_, self.support_labels_, query, n_way)
@@ -65,3 +74,15 @@ class HeadLearner(nn.Module):
 
     def correct_held_out_logits(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return self.head.correct_held_out_logits(logits, labels)
+
+
+def adapting_learner(learner: nn.Module, head, normaliser: EmbeddingNormaliser | None = None, refiner=None) -> nn.Module:
+    """``learner`` with ``head`` as its adaptation: a :class:`HeadLearner` for an
+    :class:`~medmeta.heads.base.EmbeddingHead`, the head's own learner for a
+    :class:`~medmeta.heads.base.BackboneHead` (which takes no transductive ``refiner``)."""
+    if isinstance(head, BackboneHead):
+        if refiner is not None:
+            raise MedmetaError(f"--transductive refines embedding heads; the {head.name} head adapts the backbone: "
+                               "choose --head prototype or logistic")
+        return head.learner(learner, normaliser)
+    return HeadLearner(learner, head, normaliser, refiner)

@@ -26,3 +26,11 @@ def head_key(head: str, transductive: str | None = None) -> str:
     """The name a head's calibration is stored under: ``prototype``, or ``prototype+soft_kmeans``
     with transductive refinement."""
     return head if not transductive else f"{head}+{transductive}"
+
+
+def embedding_heads() -> list[str]:
+    """The registered heads fitted on fixed embeddings (:class:`~medmeta.heads.base.EmbeddingHead`;
+    the others adapt the backbone too)."""
+    from medmeta.heads.base import EmbeddingHead
+
+    return [name for name in HEADS.names() if issubclass(HEADS.get(name), EmbeddingHead)]

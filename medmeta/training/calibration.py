@@ -124,7 +124,7 @@ def sidecar_entry(record: "CalibrationRecord") -> dict[str, Any]:
 #: The embedding heads calibrated at the end of training, beside the method's own: ``(head,
 #: transductive refiner or None)``. Transductive ones are calibrated but never chosen as the
 #: default: val episodes have balanced batches, which flatters them (docs/transductive.md).
-TRAINED_HEADS = (("prototype", None), ("logistic", None), ("prototype", "soft_kmeans"))
+TRAINED_HEADS = (("prototype", None), ("logistic", None), ("finetune", None), ("prototype", "soft_kmeans"))
 #: At most this many meta-train scans (evenly spaced) give the embedding normaliser its mean.
 NORMALISER_SCANS = 2000
 
@@ -183,17 +183,28 @@ def calibrate_heads(learner, normaliser, method_record, store, calibration_sampl
     """Calibrate each ``(head, transductive refiner)`` of ``names`` on ``learner``'s backbone
     (as :func:`fit_calibration` does for the method's own) and choose the default among the
     inductive heads: the one with the highest accuracy on the calibration episodes, val classes
-    drawn apart from those that selected the checkpoint (ties go to the method's own head). Returns the sidecar's ``heads`` entry; ``previous`` (an
-    existing entry) keeps its other heads."""
-    from medmeta.heads import HeadLearner, create_head, head_key
+    drawn apart from those that selected the checkpoint (ties go to the method's own head). The
+    ``finetune`` head's steps and rate are first chosen on val episodes of their own
+    (:func:`~medmeta.training.head_tuning.tune_finetune`; the grid's scores are kept under
+    ``tuning``). Returns the sidecar's ``heads`` entry; ``previous`` (an existing entry) keeps
+    its other heads."""
+    from medmeta.heads import adapting_learner, create_head, head_key
     from medmeta.transductive import create_refiner
 
     previous = previous or {}
-    entry = {**previous, "options": dict(previous.get("options", {})), "calibration": dict(previous.get("calibration", {}))}
+    entry = {**previous, "options": dict(previous.get("options", {})), "calibration": dict(previous.get("calibration", {})),
+             "tuning": dict(previous.get("tuning", {}))}
     for name, transductive in names:
-        head = create_head(name)
+        if name == "finetune" and cfg.tuning_episodes > 0:
+            from medmeta.training.head_tuning import tune_finetune, tuning_sampler
+
+            head, entry["tuning"][name] = tune_finetune(
+                learner, normaliser, store, tuning_sampler(calibration_sampler), cfg.tuning_episodes, device, quiet
+            )
+        else:
+            head = create_head(name)
         refiner = create_refiner(transductive) if transductive else None
-        learner_with_head = HeadLearner(learner, head, normaliser, refiner)
+        learner_with_head = adapting_learner(learner, head, normaliser, refiner)
         record = fit_calibration(learner_with_head, store, calibration_sampler, val_sampler, cfg, device, quiet)
         entry["options"][name] = head.hparams()
         entry["calibration"][head_key(name, transductive)] = sidecar_entry(record)

@@ -88,10 +88,15 @@ class TrainConfig:
     pretrain_epochs: int = _setting(10, "Epochs of backbone pre-training on all meta-train classes (0 = none).")
     pretrain_lr: float = _setting(0.05, "SGD learning rate of pre-training (cosine-annealed).")
     pretrain_batch_size: int = _setting(64, "Images per pre-training batch.")
+    pretrain_label_smoothing: float = _setting(0.0, "Label smoothing of the pre-training cross-entropy (0 = none; e.g. 0.1).")
     augment: str = _setting("light", "Augmentation: {augments}.")
+    augment_grayscale: float = _setting(
+        0.0, "Probability that a training image's colour is replaced by its luminance (colour-invariant features, e.g. for a grayscale modality)."
+    )
     val_interval: int = _setting(50, "Validate on val classes every N episodes.")
     val_episodes: int = _setting(100, "Episodes per validation (also the held-out episodes of the calibration report).")
     calibration_episodes: int = _setting(100, "Val-class episodes to fit the temperature, conformal and referral thresholds on.")
+    tuning_episodes: int = _setting(50, "Val-class episodes on which the finetune head's steps and learning rate are chosen (0: its defaults).")
     conformal_score: str = _setting("lac", "Conformal score of the prediction sets: lac (1 - p_true) or aps (cumulative sorted mass).")
     coverage: float = _setting(0.9, "Target coverage of the prediction sets, e.g. 0.9.")
     class_conditional: bool = _setting(False, "Mondrian conformal over the val classes; apply the largest per-class threshold.")

@@ -56,7 +56,7 @@ class Run:
         self.store = ImageStore(ScanReader(self.preprocessing))
         self.learner = build_learner(config)
         self.learner.to(self.device)
-        self.augment = Augmenter(config.augment, seed=config.seed)
+        self.augment = Augmenter(config.augment, seed=config.seed, grayscale=config.augment_grayscale)
         self.history: list[dict[str, Any]] = []
         self.best_val: dict[str, Any] = {"accuracy": -1.0}
         self.best_outputs: Any = None  # val episodes of the best model, when validated in this session

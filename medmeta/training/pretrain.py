@@ -1,6 +1,6 @@
 """Phase 1: the backbone pre-trained as an ordinary classifier over all meta-train classes
-(a linear head on the pooled features, cross-entropy, SGD with Nesterov momentum, cosine
-schedule); the head is discarded afterwards."""
+(a linear head on the pooled features, cross-entropy with optional label smoothing, SGD with
+Nesterov momentum, cosine schedule); the head is discarded afterwards."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _epoch(run: "Run", records: list, labels: torch.Tensor, n_batches: int, repo
         images = run.augment(run.store.stack([records[i] for i in idx]), step=(run.epoch + 1) * 1_000_000 + b)
         target = labels[idx].to(run.device)
         logits = run.head(run.learner.backbone(images.to(run.device)))
-        loss = F.cross_entropy(logits, target)
+        loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()

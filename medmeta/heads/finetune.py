@@ -1,0 +1,205 @@
+"""Fine-tuning the backbone's last block(s) and a prototype-initialised classifier on the support."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from medmeta.heads.base import BackboneHead
+from medmeta.heads.normalise import EmbeddingNormaliser
+from medmeta.heads.registry import register_head
+from medmeta.methods.protonet import compute_prototypes, squared_distances
+
+#: The step counts and learning rates tried when the head is tuned on val episodes
+#: (:func:`medmeta.training.head_tuning.tune_finetune`); ``0`` steps is the untuned classifier.
+STEPS_GRID = (0, 10, 25, 50)
+LR_GRID = (1e-4, 5e-4, 2e-3)
+
+
+def split_backbone(backbone: nn.Module, blocks: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+    """``(trunk, tail)`` with ``backbone(x) == tail(trunk(x))``: ``tail`` holds the last
+    ``blocks`` stages and the pooling, so only its weights are fine-tuned. A backbone without
+    :meth:`stages` (a ``torchvision:``/``timm:`` model) is fine-tuned whole: the trunk is the
+    identity."""
+    if not hasattr(backbone, "stages"):
+        return (lambda x: x), backbone
+    stages = backbone.stages()
+    blocks = max(1, min(int(blocks), len(stages)))
+    frozen, tuned = stages[: len(stages) - blocks], stages[len(stages) - blocks :]
+
+    def trunk(x: torch.Tensor) -> torch.Tensor:
+        for stage in frozen:
+            x = stage(x)
+        return x
+
+    return trunk, _Tail(nn.Sequential(*tuned), backbone.pool)
+
+
+class _Tail(nn.Module):
+    def __init__(self, stages: nn.Module, pool: nn.Module):
+        super().__init__()
+        self.stages, self.pool = stages, pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(x)).flatten(1)
+
+
+@register_head("finetune")
+class FinetuneHead(BackboneHead):
+    """Hu, Li, Stühmer, Kim & Hospedales, "Pushing the Limits of Simple Pipelines for Few-Shot
+    Learning: External Data and Fine-Tuning Make a Difference" (P>M>F), CVPR 2022: the "F",
+    fine-tuning on the support at adaptation time.
+
+    The backbone's last ``blocks`` stages and a cosine classifier (its class weights initialised
+    to the prototypes of the normalised support embeddings, so ``steps=0`` is the ``prototype``
+    head on cosine logits) are trained for ``steps`` full-batch Adam steps at ``lr`` on
+    ``views`` views of every support scan (the scan itself and ``views - 1`` augmented copies),
+    with cross-entropy. The frozen part runs once per view; normalisation statistics stay as
+    trained (batch statistics of a few scans would be noise). The trained weights are never
+    changed: each fit works on a copy. ``steps`` and ``lr`` are chosen on val episodes at
+    training time and stored in the checkpoint.
+
+    Args:
+        steps: Adam steps.
+        lr: learning rate of the tuned blocks and the classifier.
+        blocks: backbone stages fine-tuned (from the last).
+        views: views per support scan (1: no augmentation).
+        scale: the cosine classifier's fixed logit scale.
+        augment: augmentation level of the views (``light`` or ``strong``).
+        seed: seed of the augmentation (the same for every fit, so refits are comparable).
+    """
+
+    name = "finetune"
+
+    def __init__(self, steps: int = 25, lr: float = 5e-4, blocks: int = 1, views: int = 4, scale: float = 10.0,
+                 augment: str = "light", seed: int = 0):
+        if int(steps) < 0 or int(steps) != steps:
+            raise ValueError(f"steps must be a whole number >= 0, got {steps!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if int(blocks) < 1 or int(views) < 1:
+            raise ValueError(f"blocks and views must be at least 1, got {blocks!r} and {views!r}")
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale!r}")
+        self.steps, self.lr, self.blocks, self.views = int(steps), float(lr), int(blocks), int(views)
+        self.scale, self.augment, self.seed = float(scale), str(augment), int(seed)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"steps": self.steps, "lr": self.lr, "blocks": self.blocks, "views": self.views, "scale": self.scale,
+                "augment": self.augment, "seed": self.seed}
+
+    def learner(self, learner: nn.Module, normaliser: EmbeddingNormaliser | None = None) -> "FinetuneLearner":
+        return FinetuneLearner(learner, self, normaliser)
+
+
+class FinetuneLearner(nn.Module):
+    """A trained learner whose adaptation is :class:`FinetuneHead`: the adaptation interface of
+    :class:`~medmeta.heads.HeadLearner` (``fit_support``, ``predict_query``,
+    ``predict_with_distance``, ``support_distance``, ``correct_held_out_logits``)."""
+
+    def __init__(self, learner: nn.Module, head: FinetuneHead, normaliser: EmbeddingNormaliser | None = None):
+        super().__init__()
+        self.learner = learner
+        self.head = head
+        self.normaliser = normaliser or EmbeddingNormaliser("none")
+        self.refiner = None
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.learner.backbone
+
+    def fit_support(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "FinetuneLearner":
+        """Fine-tune on ``support_images`` ``(n_support, C, H, W)`` with ``support_labels``
+        ``(n_support,)`` (see :class:`FinetuneHead`)."""
+        self._fit(support_images, support_labels, self.head.steps, self.head.lr)
+        return self
+
+    def trajectory(self, support_images: torch.Tensor, support_labels: torch.Tensor, query_images: torch.Tensor,
+                   checkpoints: tuple[int, ...], lr: float) -> dict[int, torch.Tensor]:
+        """The query logits ``(n_query, n_way)`` after each number of steps in ``checkpoints``
+        of one fine-tuning run at ``lr`` (how the steps are tuned: one run gives every count)."""
+        out: dict[int, torch.Tensor] = {}
+
+        def record(step: int) -> None:
+            if step in checkpoints:
+                out[step] = self.predict_query(query_images)
+
+        self._fit(support_images, support_labels, max(checkpoints), lr, on_step=record)
+        return out
+
+    def _fit(self, images: torch.Tensor, labels: torch.Tensor, steps: int, lr: float, on_step=None) -> None:
+        trunk, tail = split_backbone(self.learner.backbone, self.head.blocks)
+        self.trunk_ = trunk
+        self.tail_ = copy.deepcopy(tail).eval()  # eval: normalisation statistics as trained
+        with torch.no_grad():
+            views = self._views(images)
+            frozen = torch.cat([trunk(v) for v in views])
+            view_labels = labels.repeat(len(views))
+            prototypes = compute_prototypes(self._embed_frozen(frozen[: len(images)]), labels)
+        self.weight_ = nn.Parameter(F.normalize(prototypes, dim=1).clone())
+        self.support_labels_ = labels
+        self.class_means_ = prototypes
+        if on_step is not None:
+            on_step(0)
+        if steps > 0:
+            params = [p for p in self.tail_.parameters()] + [self.weight_]
+            for p in params:
+                p.requires_grad_(True)
+            optimiser = torch.optim.Adam(params, lr=lr)
+            with torch.enable_grad():
+                for step in range(1, steps + 1):
+                    loss = F.cross_entropy(self._logits(self._embed_frozen(frozen)), view_labels)
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimiser.step()
+                    if on_step is not None:
+                        with torch.no_grad():
+                            self.class_means_ = compute_prototypes(self._embed_frozen(frozen[: len(images)]), labels)
+                            on_step(step)
+        with torch.no_grad():
+            self.class_means_ = compute_prototypes(self._embed_frozen(frozen[: len(images)]), labels).detach()
+
+    def _views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The support itself, then ``views - 1`` augmented copies (seeded by ``head.seed``)."""
+        from medmeta.data.augment import Augmenter
+
+        views = [images]
+        if self.head.views > 1:
+            augmenter = Augmenter(self.head.augment, seed=self.head.seed)
+            for v in range(1, self.head.views):
+                views.append(augmenter(images.detach().cpu(), step=v).to(images.device, images.dtype))
+        return views
+
+    def _embed_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+        return self.normaliser(self.tail_(frozen))
+
+    def _logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.head.scale * F.normalize(embeddings, dim=1) @ F.normalize(self.weight_, dim=1).T
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(n, C, H, W)`` -> ``(n, d)`` normalised embeddings through the fine-tuned blocks."""
+        return self._embed_frozen(self.trunk_(images))
+
+    def predict_with_distance(self, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(n_query, n_way)`` and the distance to the nearest support class mean
+        ``(n_query,)`` in the fine-tuned embedding, one pass."""
+        if getattr(self, "tail_", None) is None:
+            raise RuntimeError("call fit_support before predicting")
+        with torch.no_grad():
+            embeddings = self.embed(query_images)
+            distance = squared_distances(embeddings, self.class_means_).min(dim=1).values.clamp_min(0).sqrt()
+            return self._logits(embeddings).detach(), distance
+
+    def predict_query(self, query_images: torch.Tensor) -> torch.Tensor:
+        return self.predict_with_distance(query_images)[0]
+
+    def support_distance(self, query_images: torch.Tensor) -> torch.Tensor:
+        return self.predict_with_distance(query_images)[1]
+
+    def correct_held_out_logits(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return np.asarray(logits, dtype=np.float64)
