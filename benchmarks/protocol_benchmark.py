@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=28.0)
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="of the pre-training cross-entropy")
-    parser.add_argument("--tuning-episodes", type=int, default=50, help="val episodes choosing the finetune head's steps and rate")
+    parser.add_argument("--tuning-episodes", type=int, default=None, help="val episodes choosing the finetune head's steps and rate")
     parser.add_argument("--shot", type=int, default=None, help="training shot [default: protocol's largest]")
     parser.add_argument("--train-shot", type=int, action="append", default=None, help="draw each training episode's shot from these (repeatable)")
     parser.add_argument("--val-interval", type=int, default=250)

@@ -238,3 +238,12 @@ def test_adapt_with_the_finetune_head(trained_run, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["metadata"]["head"] == "finetune"
     assert report["metrics"]["accuracy"] > 0.5  # 3 conditions: chance is 1/3
+
+
+@pytest.mark.parametrize("kwargs, expected", [({}, 50), ({"val_episodes": 4}, 4), ({"tuning_episodes": 0}, 0),
+                                              ({"tuning_episodes": 80, "val_episodes": 4}, 80)])
+def test_tuning_episodes_default_to_fifty_at_most_the_validation_episodes(kwargs, expected):
+    from medmeta.training import TrainConfig
+    from medmeta.training.calibration import tuning_episodes
+
+    assert tuning_episodes(TrainConfig(**kwargs)) == expected

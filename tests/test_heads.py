@@ -136,6 +136,17 @@ def test_choose_head_takes_the_most_accurate_and_ties_go_to_the_method():
     assert choose_head({"method": 0.85, "prototype": 0.85}) == "method"
     assert choose_head({"method": None, "logistic": 0.5}) == "logistic"
     assert choose_head({"method": float("nan")}) == "method"
+    assert choose_head({"finetune": 0.86, "method": 0.85}) == "finetune"  # order of cost, not of the dict
+
+
+def test_choose_head_takes_the_cheapest_within_one_standard_error():
+    from medmeta.training.calibration import choose_head
+
+    # 1,000 cases at p = 0.9: standard error 0.0095
+    accuracy = {"method": 0.885, "prototype": 0.895, "logistic": 0.896, "finetune": 0.90}
+    assert choose_head(accuracy, n_cases=1000) == "prototype"  # 0.885 is below 0.9 - 0.0095
+    assert choose_head(accuracy, n_cases=100_000) == "finetune"  # with that many cases 0.004 is beyond the noise
+    assert choose_head({"finetune": 0.95, "logistic": 0.90}, n_cases=1000) == "finetune"
 
 
 def test_cli_head_choices_are_in_step_with_the_registry():
@@ -160,7 +171,14 @@ def test_training_stores_a_normaliser_and_calibrated_heads_with_a_default(traine
         assert 0 <= record.accuracy_fit_episodes <= 1
         if "+" not in name:  # transductive variants are never the default
             accuracy[name] = record.accuracy_fit_episodes
-    assert heads["default"] == max(accuracy, key=lambda n: (accuracy[n], n == "method"))
+    from medmeta.training.calibration import choose_head
+
+    shape, config = meta["training"]["episode_shape"], meta["training"]["config"]
+    n_cases = config["calibration_episodes"] * min(shape["way"], len(meta["protocol"]["classes"]["val"])) * shape["query"]
+    assert heads["default"] == choose_head(accuracy, n_cases)
+    best = max(accuracy.values())
+    assert accuracy[heads["default"]] >= best - math.sqrt(best * (1 - best) / n_cases) - 1e-9
+    assert f"{n_cases} cases" in heads["chosen_by"]
 
 
 @pytest.mark.parametrize("head", ["prototype", "logistic", "method"])

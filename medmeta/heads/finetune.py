@@ -19,6 +19,16 @@ from medmeta.methods.protonet import compute_prototypes, squared_distances
 #: (:func:`medmeta.training.head_tuning.tune_finetune`); ``0`` steps is the untuned classifier.
 STEPS_GRID = (0, 10, 25, 50)
 LR_GRID = (1e-4, 5e-4, 2e-3)
+#: The frozen-part outputs a fine-tuning learner keeps (scan views), at most.
+MAX_CACHED_VIEWS = 4096
+
+
+def _content_key(image: torch.Tensor) -> int:
+    """A 63-bit key of a scan's pixels (seeds its views and names its cached outputs)."""
+    import hashlib
+
+    digest = hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def split_backbone(backbone: nn.Module, blocks: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
@@ -108,6 +118,9 @@ class FinetuneLearner(nn.Module):
         self.head = head
         self.normaliser = normaliser or EmbeddingNormaliser("none")
         self.refiner = None
+        #: frozen-part outputs by (scan content, view); valid while the learner's weights are fixed
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._augmenters: dict[int, object] = {}
 
     @property
     def backbone(self) -> nn.Module:
@@ -137,9 +150,8 @@ class FinetuneLearner(nn.Module):
         self.trunk_ = trunk
         self.tail_ = copy.deepcopy(tail).eval()  # eval: normalisation statistics as trained
         with torch.no_grad():
-            views = self._views(images)
-            frozen = torch.cat([trunk(v) for v in views])
-            view_labels = labels.repeat(len(views))
+            frozen = self._frozen_views(images, trunk)
+            view_labels = labels.repeat(self.head.views)
             prototypes = compute_prototypes(self._embed_frozen(frozen[: len(images)]), labels)
         self.weight_ = nn.Parameter(F.normalize(prototypes, dim=1).clone())
         self.support_labels_ = labels
@@ -164,16 +176,31 @@ class FinetuneLearner(nn.Module):
         with torch.no_grad():
             self.class_means_ = compute_prototypes(self._embed_frozen(frozen[: len(images)]), labels).detach()
 
-    def _views(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The support itself, then ``views - 1`` augmented copies (seeded by ``head.seed``)."""
-        from medmeta.data.augment import Augmenter
+    def _frozen_views(self, images: torch.Tensor, trunk) -> torch.Tensor:
+        """The frozen part's output on every view, ``(views * n, ...)``, view-major: the scans
+        themselves, then each augmented round. A scan's views depend on its pixels and
+        ``head.seed`` only (not on the other scans), and their frozen outputs are cached, so the
+        leave-one-out refits of a support pay only for the fine-tuning steps."""
+        keys = [_content_key(image) for image in images]
+        missing = [(i, v) for v in range(self.head.views) for i, key in enumerate(keys) if (key, v) not in self._cache]
+        if missing:
+            batch = torch.stack([self._view(images[i], keys[i], v) for i, v in missing])
+            for (i, v), out in zip(missing, trunk(batch)):
+                self._cache[(keys[i], v)] = out
+        frozen = torch.stack([self._cache[(key, v)] for v in range(self.head.views) for key in keys])
+        if len(self._cache) > MAX_CACHED_VIEWS:
+            self._cache.clear()
+        return frozen
 
-        views = [images]
-        if self.head.views > 1:
-            augmenter = Augmenter(self.head.augment, seed=self.head.seed)
-            for v in range(1, self.head.views):
-                views.append(augmenter(images.detach().cpu(), step=v).to(images.device, images.dtype))
-        return views
+    def _view(self, image: torch.Tensor, key: int, v: int) -> torch.Tensor:
+        """View ``v`` of ``image``: itself for 0, else an augmented copy seeded by its pixels."""
+        if v == 0:
+            return image
+        if v not in self._augmenters:
+            from medmeta.data.augment import Augmenter
+
+            self._augmenters[v] = Augmenter(self.head.augment, seed=self.head.seed * 1009 + v)
+        return self._augmenters[v](image[None].detach().cpu(), step=key)[0].to(image.device, image.dtype)
 
     def _embed_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
         return self.normaliser(self.tail_(frozen))

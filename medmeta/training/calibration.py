@@ -183,7 +183,8 @@ def calibrate_heads(learner, normaliser, method_record, store, calibration_sampl
     """Calibrate each ``(head, transductive refiner)`` of ``names`` on ``learner``'s backbone
     (as :func:`fit_calibration` does for the method's own) and choose the default among the
     inductive heads: the one with the highest accuracy on the calibration episodes, val classes
-    drawn apart from those that selected the checkpoint (ties go to the method's own head). The
+    drawn apart from those that selected the checkpoint; within one standard error of the best,
+    the cheapest (:func:`choose_head`). The
     ``finetune`` head's steps and rate are first chosen on val episodes of their own
     (:func:`~medmeta.training.head_tuning.tune_finetune`; the grid's scores are kept under
     ``tuning``). Returns the sidecar's ``heads`` entry; ``previous`` (an existing entry) keeps
@@ -195,11 +196,11 @@ def calibrate_heads(learner, normaliser, method_record, store, calibration_sampl
     entry = {**previous, "options": dict(previous.get("options", {})), "calibration": dict(previous.get("calibration", {})),
              "tuning": dict(previous.get("tuning", {}))}
     for name, transductive in names:
-        if name == "finetune" and cfg.tuning_episodes > 0:
+        if name == "finetune" and tuning_episodes(cfg) > 0:
             from medmeta.training.head_tuning import tune_finetune, tuning_sampler
 
             head, entry["tuning"][name] = tune_finetune(
-                learner, normaliser, store, tuning_sampler(calibration_sampler), cfg.tuning_episodes, device, quiet
+                learner, normaliser, store, tuning_sampler(calibration_sampler), tuning_episodes(cfg), device, quiet
             )
         else:
             head = create_head(name)
@@ -210,19 +211,48 @@ def calibrate_heads(learner, normaliser, method_record, store, calibration_sampl
         entry["calibration"][head_key(name, transductive)] = sidecar_entry(record)
     accuracy = {"method": method_record.accuracy_fit_episodes}
     accuracy.update({key: data.get("accuracy_fit_episodes") for key, data in entry["calibration"].items() if "+" not in key})
-    entry["default"] = choose_head(accuracy)
-    entry["chosen_by"] = "accuracy on the calibration episodes (val classes, apart from model selection)"
+    n_cases = cfg.calibration_episodes * calibration_sampler.way * calibration_sampler.query
+    entry["default"] = choose_head(accuracy, n_cases)
+    entry["chosen_by"] = (f"accuracy on the calibration episodes (val classes, apart from model selection, {n_cases} cases): "
+                          "the cheapest head within one standard error of the best")
     return entry
 
 
-def choose_head(accuracy: dict[str, float | None]) -> str:
-    """The head of highest accuracy (None counts as unknown, never chosen); ties go to the
-    earlier head in ``accuracy``'s order (the method's own first)."""
-    best, best_accuracy = "method", -1.0
-    for name, value in accuracy.items():
-        if value is not None and math.isfinite(value) and value > best_accuracy + 1e-12:
-            best, best_accuracy = name, value
-    return best
+#: The finetune head's tuning episodes when ``tuning_episodes`` is not set (at most ``val_episodes``).
+DEFAULT_TUNING_EPISODES = 50
+
+
+def tuning_episodes(cfg: TrainConfig) -> int:
+    """The val episodes that tune the finetune head: ``cfg.tuning_episodes``, or by default
+    :data:`DEFAULT_TUNING_EPISODES` capped by ``cfg.val_episodes`` (a short run tunes briefly)."""
+    if cfg.tuning_episodes is not None:
+        return int(cfg.tuning_episodes)
+    return min(DEFAULT_TUNING_EPISODES, int(cfg.val_episodes))
+
+
+#: Heads from the cheapest adaptation to the costliest: among heads equally good within noise,
+#: the cheaper one is the default.
+HEAD_COST_ORDER = ("method", "prototype", "logistic", "finetune")
+
+
+def choose_head(accuracy: dict[str, float | None], n_cases: int | None = None) -> str:
+    """The default head from its ``accuracy`` on the calibration episodes (None or NaN counts as
+    unknown, never chosen).
+
+    With ``n_cases`` (the query cases scored), the one-standard-error rule (Breiman et al.
+    1984): the cheapest head (:data:`HEAD_COST_ORDER`) whose accuracy is within one binomial
+    standard error, ``sqrt(p (1 - p) / n_cases)`` at the best accuracy ``p``, of the best. A
+    difference smaller than the noise of the calibration episodes does not buy a costlier head
+    (the fine-tuning head costs a training run per fit). Without ``n_cases``: the most accurate,
+    ties to the cheaper."""
+    rank = {name: i for i, name in enumerate(HEAD_COST_ORDER)}
+    known = [(name, v) for name, v in accuracy.items() if v is not None and math.isfinite(v)]
+    if not known:
+        return "method"
+    known.sort(key=lambda item: rank.get(item[0], len(rank)))
+    best = max(v for _, v in known)
+    margin = 1e-12 if not n_cases else math.sqrt(max(best * (1 - best), 0.0) / n_cases) + 1e-12
+    return next(name for name, v in known if v >= best - margin)
 
 
 def print_heads(heads: dict[str, Any], method_record: "CalibrationRecord") -> None:

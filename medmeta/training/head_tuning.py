@@ -41,8 +41,10 @@ def tune_finetune(learner, normaliser, store, sampler, n_episodes: int, device, 
                 task = episode_task(store, sampler, index)
                 support, labels = task.support_images.to(device), task.support_labels.to(device)
                 query, truth = task.query_images.to(device), task.query_labels
+                shared: dict = {}  # the frozen part's outputs, computed once for every rate
                 for lr in lr_grid:
                     adapted = FinetuneHead(**{**base.hparams(), "lr": lr}).learner(learner, normaliser)
+                    adapted._cache = shared
                     for steps, logits in adapted.trajectory(support, labels, query, tuple(steps_grid), lr).items():
                         correct[(steps, lr)] += int((logits.argmax(1).cpu() == truth).sum())
                 total += len(truth)
