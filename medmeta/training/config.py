@@ -97,7 +97,7 @@ class TrainConfig:
     val_episodes: int = _setting(100, "Episodes per validation (also the held-out episodes of the calibration report).")
     calibration_episodes: int = _setting(100, "Val-class episodes to fit the temperature, conformal and referral thresholds on.")
     tuning_episodes: int | None = _setting(
-        None, "Val-class episodes on which the finetune head's steps and learning rate are chosen (0: its defaults) [default: 50, at most --val-episodes]."
+        None, "Val-class episodes on which the finetune head's steps and learning rate are chosen (0: its defaults) [default: 50, or the validation episodes if fewer]."
     )
     conformal_score: str = _setting("lac", "Conformal score of the prediction sets: lac (1 - p_true) or aps (cumulative sorted mass).")
     coverage: float = _setting(0.9, "Target coverage of the prediction sets, e.g. 0.9.")
