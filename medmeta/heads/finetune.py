@@ -140,6 +140,7 @@ class FinetuneLearner(nn.Module):
 
         def record(step: int) -> None:
             if step in checkpoints:
+                self._update_class_means()
                 out[step] = self.predict_query(query_images)
 
         self._fit(support_images, support_labels, max(checkpoints), lr, on_step=record)
@@ -155,6 +156,7 @@ class FinetuneLearner(nn.Module):
             prototypes = compute_prototypes(self._embed_frozen(frozen[: len(images)]), labels)
         self.weight_ = nn.Parameter(F.normalize(prototypes, dim=1).clone())
         self.support_labels_ = labels
+        self._support_frozen = frozen[: len(images)]
         self.class_means_ = prototypes
         if on_step is not None:
             on_step(0)
@@ -171,10 +173,13 @@ class FinetuneLearner(nn.Module):
                     optimiser.step()
                     if on_step is not None:
                         with torch.no_grad():
-                            self.class_means_ = compute_prototypes(self._embed_frozen(frozen[: len(images)]), labels)
                             on_step(step)
+        self._update_class_means()
+
+    def _update_class_means(self) -> None:
+        """The support class means in the (fine-tuned) embedding, for distances."""
         with torch.no_grad():
-            self.class_means_ = compute_prototypes(self._embed_frozen(frozen[: len(images)]), labels).detach()
+            self.class_means_ = compute_prototypes(self._embed_frozen(self._support_frozen), self.support_labels_).detach()
 
     def _frozen_views(self, images: torch.Tensor, trunk) -> torch.Tensor:
         """The frozen part's output on every view, ``(views * n, ...)``, view-major: the scans
