@@ -103,8 +103,11 @@ class FinetuneHead(BackboneHead):
         return {"steps": self.steps, "lr": self.lr, "blocks": self.blocks, "views": self.views, "scale": self.scale,
                 "augment": self.augment, "seed": self.seed}
 
-    def learner(self, learner: nn.Module, normaliser: EmbeddingNormaliser | None = None) -> "FinetuneLearner":
-        return FinetuneLearner(learner, self, normaliser)
+    def learner(self, learner: nn.Module, normaliser: EmbeddingNormaliser | None = None,
+                cache: dict | None = None) -> "FinetuneLearner":
+        """The adapting learner; ``cache`` shares the frozen part's outputs between learners
+        over the same trained weights (e.g. one per learning rate while tuning)."""
+        return FinetuneLearner(learner, self, normaliser, cache)
 
 
 class FinetuneLearner(nn.Module):
@@ -112,14 +115,15 @@ class FinetuneLearner(nn.Module):
     :class:`~medmeta.heads.HeadLearner` (``fit_support``, ``predict_query``,
     ``predict_with_distance``, ``support_distance``, ``correct_held_out_logits``)."""
 
-    def __init__(self, learner: nn.Module, head: FinetuneHead, normaliser: EmbeddingNormaliser | None = None):
+    def __init__(self, learner: nn.Module, head: FinetuneHead, normaliser: EmbeddingNormaliser | None = None,
+                 cache: dict | None = None):
         super().__init__()
         self.learner = learner
         self.head = head
         self.normaliser = normaliser or EmbeddingNormaliser("none")
         self.refiner = None
         #: frozen-part outputs by (scan content, view); valid while the learner's weights are fixed
-        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._cache: dict[tuple[int, int], torch.Tensor] = {} if cache is None else cache
         self._augmenters: dict[int, object] = {}
 
     @property

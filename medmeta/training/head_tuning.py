@@ -43,8 +43,7 @@ def tune_finetune(learner, normaliser, store, sampler, n_episodes: int, device, 
                 query, truth = task.query_images.to(device), task.query_labels
                 shared: dict = {}  # the frozen part's outputs, computed once for every rate
                 for lr in lr_grid:
-                    adapted = FinetuneHead(**{**base.hparams(), "lr": lr}).learner(learner, normaliser)
-                    adapted._cache = shared
+                    adapted = FinetuneHead(**{**base.hparams(), "lr": lr}).learner(learner, normaliser, cache=shared)
                     for steps, logits in adapted.trajectory(support, labels, query, tuple(steps_grid), lr).items():
                         correct[(steps, lr)] += int((logits.argmax(1).cpu() == truth).sum())
                 total += len(truth)
