@@ -36,6 +36,7 @@ REFUSED = [
     ({"pretrain_lr": 0}, "pretrain_lr", "pretrain_lr must be positive"),
     ({"pretrain_label_smoothing": 1.0}, "pretrain_label_smoothing", "must be at least 0 and below 1"),
     ({"pretrain_label_smoothing": -0.1}, "pretrain_label_smoothing", "must be at least 0 and below 1"),
+    ({"pretrain_contrastive": -0.5}, "pretrain_contrastive", "must be between 0 and 100"),
     ({"augment_grayscale": 1.5}, "augment_grayscale", "must be a probability in [0, 1]"),
     ({"tuning_episodes": -1}, "tuning_episodes", "tuning_episodes must be at least 0"),
     ({"backbone_lr": -0.1}, "backbone_lr", "backbone_lr must be 0 (frozen) or positive"),

@@ -108,6 +108,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pretrain_batch_size": _at_least(1),
     "augment_grayscale": ((lambda v: 0 <= v <= 1), "must be a probability in [0, 1]"),
     "pretrain_label_smoothing": ((lambda v: 0 <= v < 1), "must be at least 0 and below 1"),
+    "pretrain_contrastive": ((lambda v: 0 <= v <= 100), "must be between 0 and 100"),
     "val_interval": _at_least(1),
     "val_episodes": _at_least(1),
     "calibration_episodes": _at_least(1),

@@ -89,6 +89,9 @@ class TrainConfig:
     pretrain_lr: float = _setting(0.05, "SGD learning rate of pre-training (cosine-annealed).")
     pretrain_batch_size: int = _setting(64, "Images per pre-training batch.")
     pretrain_label_smoothing: float = _setting(0.0, "Label smoothing of the pre-training cross-entropy (0 = none; e.g. 0.1).")
+    pretrain_contrastive: float = _setting(
+        0.0, "Weight of the self-supervised contrastive loss (two augmented views per image, NT-Xent) added in pre-training (0 = none; e.g. 0.5)."
+    )
     augment: str = _setting("light", "Augmentation: {augments}.")
     augment_grayscale: float = _setting(
         0.0, "Probability that a training image's colour is replaced by its luminance (colour-invariant features, e.g. for a grayscale modality)."

@@ -64,6 +64,7 @@ class Run:
         self.phase, self.epoch, self.episode = "pretrain", 0, 0
         self.train_seconds, self.episodes_per_second = 0.0, 0.0
         self.head: torch.nn.Linear | None = None
+        self.projection: torch.nn.Module | None = None  # the contrastive loss's, in pre-training
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.progress: Any = None  # the live progress bar, while one runs

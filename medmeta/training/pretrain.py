@@ -1,6 +1,8 @@
 """Phase 1: the backbone pre-trained as an ordinary classifier over all meta-train classes
 (a linear head on the pooled features, cross-entropy with optional label smoothing, SGD with
-Nesterov momentum, cosine schedule); the head is discarded afterwards."""
+Nesterov momentum, cosine schedule), optionally with a self-supervised contrastive loss on a
+second augmented view of each image (:mod:`medmeta.training.contrastive`); the heads are
+discarded afterwards."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from medmeta.progress import make_progress
+from medmeta.training.contrastive import ProjectionHead, nt_xent
+
+#: The second view's augmentation seeds are the first's plus this (below the next epoch's).
+CONTRASTIVE_VIEW_OFFSET = 500_000
 
 if TYPE_CHECKING:
     from medmeta.training.loop import Run
@@ -25,6 +31,9 @@ def start_pretraining(run: "Run") -> None:
     torch.manual_seed(cfg.seed)
     run.head = nn.Linear(run.learner.backbone.num_features, n_classes).to(run.device)
     params = list(run.learner.backbone.parameters()) + list(run.head.parameters())
+    if cfg.pretrain_contrastive > 0:
+        run.projection = ProjectionHead(run.learner.backbone.num_features).to(run.device)
+        params += list(run.projection.parameters())
     run.optimizer = torch.optim.SGD(params, lr=cfg.pretrain_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     run.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=max(1, cfg.pretrain_epochs))
 
@@ -61,10 +70,19 @@ def _epoch(run: "Run", records: list, labels: torch.Tensor, n_batches: int, repo
     correct = seen = 0
     for b in range(n_batches):
         idx = order[b * batch : (b + 1) * batch]
-        images = run.augment(run.store.stack([records[i] for i in idx]), step=(run.epoch + 1) * 1_000_000 + b)
+        raw = run.store.stack([records[i] for i in idx])
+        images = run.augment(raw, step=(run.epoch + 1) * 1_000_000 + b)
         target = labels[idx].to(run.device)
-        logits = run.head(run.learner.backbone(images.to(run.device)))
-        loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)
+        if run.projection is None:
+            logits = run.head(run.learner.backbone(images.to(run.device)))
+            loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)
+        else:  # a second view of the same images, seeded apart from the first
+            second = run.augment(raw, step=(run.epoch + 1) * 1_000_000 + CONTRASTIVE_VIEW_OFFSET + b)
+            features = run.learner.backbone(torch.cat([images, second]).to(run.device))
+            logits = run.head(features[: len(idx)])
+            z = run.projection(features)
+            loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)
+            loss = loss + run.config.pretrain_contrastive * nt_xent(z[: len(idx)], z[len(idx) :])
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()

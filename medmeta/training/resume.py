@@ -35,6 +35,8 @@ def save_state(run: "Run") -> None:
     tensors = {f"model.{k}": v for k, v in run.learner.state_dict().items()}
     if run.head is not None:
         tensors.update({f"head.{k}": v for k, v in run.head.state_dict().items()})
+    if run.projection is not None:
+        tensors.update({f"projection.{k}": v for k, v in run.projection.state_dict().items()})
     optim_tensors, optim_rest = optimizer_to_tensors(run.optimizer.state_dict(), "optim")
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -86,6 +88,8 @@ def load_state(run: "Run") -> None:
     run.start_phase(state["phase"])
     if run.head is not None:
         run.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    if run.projection is not None:
+        run.projection.load_state_dict({k[11:]: v for k, v in tensors.items() if k.startswith("projection.")})
     assert run.optimizer is not None
     run.optimizer.load_state_dict(optimizer_from_tensors(tensors, state["optimizer"], "optim"))
     run.scheduler.load_state_dict(state["scheduler"])
