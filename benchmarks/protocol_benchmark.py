@@ -37,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="of the pre-training cross-entropy")
     parser.add_argument("--contrastive", type=float, default=0.0, help="weight of the contrastive pre-training loss")
+    parser.add_argument("--generations", type=int, default=1, help="pre-training generations (born-again self-distillation)")
     parser.add_argument("--tuning-episodes", type=int, default=None, help="val episodes choosing the finetune head's steps and rate")
     parser.add_argument("--shot", type=int, default=None, help="training shot [default: protocol's largest]")
     parser.add_argument("--train-shot", type=int, action="append", default=None, help="draw each training episode's shot from these (repeatable)")
@@ -70,6 +71,7 @@ def train_run(args: argparse.Namespace, out: Path) -> dict:
         protocol=args.protocol, out=str(out), method=args.method, backbone=args.backbone,
         image_size=args.image_size, channels=args.channels, episodes=args.episodes, max_minutes=args.max_minutes,
         pretrain_epochs=args.pretrain_epochs, pretrain_label_smoothing=args.label_smoothing, pretrain_contrastive=args.contrastive,
+        pretrain_generations=args.generations,
         tuning_episodes=args.tuning_episodes, seed=args.seed, shot=args.shot, train_shots=args.train_shot, val_interval=args.val_interval,
         lr_step=args.lr_step, augment=args.augment, augment_grayscale=args.grayscale, meta_batch=args.meta_batch, lr=args.lr,
         backbone_lr=args.backbone_lr, grad_clip=args.grad_clip,

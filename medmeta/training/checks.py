@@ -109,6 +109,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "augment_grayscale": ((lambda v: 0 <= v <= 1), "must be a probability in [0, 1]"),
     "pretrain_label_smoothing": ((lambda v: 0 <= v < 1), "must be at least 0 and below 1"),
     "pretrain_contrastive": ((lambda v: 0 <= v <= 100), "must be between 0 and 100"),
+    "pretrain_generations": ((lambda v: 1 <= v <= 10), "must be between 1 and 10"),
     "val_interval": _at_least(1),
     "val_episodes": _at_least(1),
     "calibration_episodes": _at_least(1),
@@ -127,6 +128,12 @@ def check_values(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and not test(value):
             raise ConfigError(f"{name} {requirement}, got {value!r}", name)
+    if config.pretrain_generations > 1 and (config.init_from or config.backbone_weights is not None):
+        raise ConfigError(
+            "--pretrain-generations restarts the backbone from fresh weights each generation; it cannot be combined "
+            "with --init-from or --backbone-weights",
+            "pretrain_generations",
+        )
     if config.train_shots and min(config.train_shots) < 1:
         raise ConfigError(f"train_shots must be positive, got {config.train_shots}", "train_shots")
     device = config.device

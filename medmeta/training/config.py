@@ -92,6 +92,9 @@ class TrainConfig:
     pretrain_contrastive: float = _setting(
         0.0, "Weight of the self-supervised contrastive loss (two augmented views per image, NT-Xent) added in pre-training (0 = none; e.g. 0.5)."
     )
+    pretrain_generations: int = _setting(
+        1, "Born-again self-distillation: each pre-training generation after the first starts afresh and learns from the labels and the previous one's softened predictions (1 = none)."
+    )
     augment: str = _setting("light", "Augmentation: {augments}.")
     augment_grayscale: float = _setting(
         0.0, "Probability that a training image's colour is replaced by its luminance (colour-invariant features, e.g. for a grayscale modality)."

@@ -21,6 +21,7 @@ def start_episodic(run: "Run") -> None:
     cfg = run.config
     run.head = None
     run.projection = None
+    run.teacher = None
     run.optimizer = torch.optim.Adam(episodic_param_groups(run), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run.scheduler = torch.optim.lr_scheduler.StepLR(run.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
 

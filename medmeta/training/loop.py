@@ -65,6 +65,8 @@ class Run:
         self.train_seconds, self.episodes_per_second = 0.0, 0.0
         self.head: torch.nn.Linear | None = None
         self.projection: torch.nn.Module | None = None  # the contrastive loss's, in pre-training
+        self.generation = 0  # of self-distillation in pre-training
+        self.teacher: torch.nn.Module | None = None  # the previous generation, frozen
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.progress: Any = None  # the live progress bar, while one runs
@@ -214,6 +216,6 @@ def _start(run: Run, resume: bool) -> None:
             run.start_phase("episodic")
             validate(run, label="at initialisation")
     if run.phase == "pretrain":
-        if run.epoch < run.config.pretrain_epochs:
+        if run.epoch < run.config.pretrain_epochs * run.config.pretrain_generations:
             pretrain(run)
         run.start_phase("episodic")

@@ -16,6 +16,14 @@ from torch.nn import functional as F
 
 from medmeta.progress import make_progress
 from medmeta.training.contrastive import ProjectionHead, nt_xent
+from medmeta.training.distill import (
+    DISTILL_WEIGHT,
+    begin_generation,
+    distillation_loss,
+    frozen_teacher,
+    generation_seed,
+    teacher_logits,
+)
 
 #: The second view's augmentation seeds are the first's plus this (below the next epoch's).
 CONTRASTIVE_VIEW_OFFSET = 500_000
@@ -25,26 +33,32 @@ if TYPE_CHECKING:
 
 
 def start_pretraining(run: "Run") -> None:
-    """A fresh head (seeded), its SGD optimiser over backbone + head, and the cosine schedule."""
+    """A fresh head (seeded; a self-distillation generation by its own seed), its SGD optimiser
+    over backbone + head, and the cosine schedule; in a later generation, the place of the
+    frozen teacher (filled by :func:`~medmeta.training.distill.begin_generation` or by resume)."""
     cfg = run.config
     n_classes = len(run.protocol.classes["train"])
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(generation_seed(cfg.seed, run.generation) if run.generation else cfg.seed)
     run.head = nn.Linear(run.learner.backbone.num_features, n_classes).to(run.device)
     params = list(run.learner.backbone.parameters()) + list(run.head.parameters())
     if cfg.pretrain_contrastive > 0:
         run.projection = ProjectionHead(run.learner.backbone.num_features).to(run.device)
         params += list(run.projection.parameters())
+    if run.generation and run.teacher is None:  # resumed in a later generation: loaded next
+        run.teacher = frozen_teacher(run)
     run.optimizer = torch.optim.SGD(params, lr=cfg.pretrain_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     run.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=max(1, cfg.pretrain_epochs))
 
 
 def pretrain(run: "Run") -> None:
-    """Pre-train from ``run.epoch`` to ``pretrain_epochs`` (saving the resume state after every
-    epoch), then validate the result as a model-selection candidate."""
+    """Pre-train from ``run.epoch`` to ``pretrain_epochs`` times ``pretrain_generations``
+    (saving the resume state after every epoch), validating the end of every generation as a
+    model-selection candidate."""
     from medmeta.training.resume import save_state
     from medmeta.training.selection import validate
 
     cfg = run.config
+    total_epochs = cfg.pretrain_epochs * cfg.pretrain_generations
     names = run.protocol.classes["train"]
     records = [r for i, n in enumerate(names) for r in run.protocol.records[n]]
     labels = torch.tensor([i for i, n in enumerate(names) for _ in run.protocol.records[n]])
@@ -52,15 +66,20 @@ def pretrain(run: "Run") -> None:
     run.learner.train()
     assert run.head is not None and run.optimizer is not None
     with make_progress(disable=run.quiet) as progress:
-        task = progress.add_task("Pre-training", total=cfg.pretrain_epochs * n_batches, completed=run.epoch * n_batches, status="")
-        while run.epoch < cfg.pretrain_epochs:
+        task = progress.add_task("Pre-training", total=total_epochs * n_batches, completed=run.epoch * n_batches, status="")
+        while run.epoch < total_epochs:
+            generation = run.epoch // cfg.pretrain_epochs
+            if generation > run.generation:  # the previous generation is a candidate, then the teacher
+                validate(run, label=f"after pre-training generation {run.generation + 1}")
+                begin_generation(run, generation)
+                run.learner.train()
             started = time.perf_counter()
             _epoch(run, records, labels, n_batches, lambda status: progress.update(task, advance=1, status=status))
             run.scheduler.step()
             run.train_seconds += time.perf_counter() - started
             run.epoch += 1
             save_state(run)
-    validate(run, label="after pre-training")
+    validate(run, label="after pre-training" + (f" generation {run.generation + 1}" if cfg.pretrain_generations > 1 else ""))
 
 
 def _epoch(run: "Run", records: list, labels: torch.Tensor, n_batches: int, report) -> None:
@@ -73,15 +92,17 @@ def _epoch(run: "Run", records: list, labels: torch.Tensor, n_batches: int, repo
         raw = run.store.stack([records[i] for i in idx])
         images = run.augment(raw, step=(run.epoch + 1) * 1_000_000 + b)
         target = labels[idx].to(run.device)
-        if run.projection is None:
-            logits = run.head(run.learner.backbone(images.to(run.device)))
-            loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)
-        else:  # a second view of the same images, seeded apart from the first
+        second = None
+        if run.projection is not None:  # a second view of the same images, seeded apart from the first
             second = run.augment(raw, step=(run.epoch + 1) * 1_000_000 + CONTRASTIVE_VIEW_OFFSET + b)
-            features = run.learner.backbone(torch.cat([images, second]).to(run.device))
-            logits = run.head(features[: len(idx)])
+        features = run.learner.backbone((images if second is None else torch.cat([images, second])).to(run.device))
+        logits = run.head(features[: len(idx)])
+        loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)
+        if run.teacher is not None:
+            soft = distillation_loss(logits, teacher_logits(run.teacher, images.to(run.device)))
+            loss = (1 - DISTILL_WEIGHT) * loss + DISTILL_WEIGHT * soft
+        if run.projection is not None:
             z = run.projection(features)
-            loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)
             loss = loss + run.config.pretrain_contrastive * nt_xent(z[: len(idx)], z[len(idx) :])
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()

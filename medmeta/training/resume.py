@@ -37,6 +37,8 @@ def save_state(run: "Run") -> None:
         tensors.update({f"head.{k}": v for k, v in run.head.state_dict().items()})
     if run.projection is not None:
         tensors.update({f"projection.{k}": v for k, v in run.projection.state_dict().items()})
+    if run.teacher is not None:
+        tensors.update({f"teacher.{k}": v for k, v in run.teacher.state_dict().items()})
     optim_tensors, optim_rest = optimizer_to_tensors(run.optimizer.state_dict(), "optim")
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -46,6 +48,7 @@ def save_state(run: "Run") -> None:
         "phase": run.phase,
         "epoch": run.epoch,
         "episode": run.episode,
+        "generation": run.generation,
         "train_seconds": run.train_seconds,
         "optimizer": optim_rest,
         "scheduler": run.scheduler.state_dict(),
@@ -85,11 +88,14 @@ def load_state(run: "Run") -> None:
     run.epoch, run.episode = int(state["epoch"]), int(state["episode"])
     run.train_seconds = float(state.get("train_seconds", 0.0))
     run.best_val, run.history = state["best_val"], state["history"]
+    run.generation = int(state.get("generation", 0))
     run.start_phase(state["phase"])
     if run.head is not None:
         run.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
     if run.projection is not None:
         run.projection.load_state_dict({k[11:]: v for k, v in tensors.items() if k.startswith("projection.")})
+    if run.teacher is not None:
+        run.teacher.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("teacher.")})
     assert run.optimizer is not None
     run.optimizer.load_state_dict(optimizer_from_tensors(tensors, state["optimizer"], "optim"))
     run.scheduler.load_state_dict(state["scheduler"])
