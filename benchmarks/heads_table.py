@@ -91,7 +91,7 @@ def table(results: dict, runs: list[str], configs: list[str], shots: list[int], 
                 continue
             heads = sorted({r["head"] for r in rows})
             name = "/".join(heads) if config != "default" else f"default ({'/'.join(heads)})"
-            norm = "none (raw)" if heads == ["method"] else "centre + L2"
+            norm = "none (raw)" if heads == ["method"] else "centre + L2" if "method" not in heads else "per run (method: none)"
             col = {f: [r[f] for r in rows] for f in FIELDS}
             ci = rows[0]["accuracy_ci95"] if len(rows) == 1 else None
             lines.append(
@@ -105,7 +105,7 @@ def table(results: dict, runs: list[str], configs: list[str], shots: list[int], 
         if tests:
             ci = tests[0]["accuracy_ci95"] if len(tests) == 1 else None
             lines.append(
-                f"| easyfsl PrototypicalNetworks | - | none (raw) | {shot} | {_cell([t['accuracy'] for t in tests], 100, 1, ci)} | "
+                f"| easyfsl PrototypicalNetworks{' (one run, ± 95% CI)' if len(tests) == 1 else ''} | - | none (raw) | {shot} | {_cell([t['accuracy'] for t in tests], 100, 1, ci)} | "
                 f"{_cell([t['macro_auc'] for t in tests])} | {_cell([t['ece'] for t in tests])} (no temperature) | - | - | - | - |"
             )
     return "\n".join(lines)
