@@ -144,7 +144,10 @@ def test_missing_cases_folder_is_a_clear_error(trained_run, tmp_path):
 
 
 def test_evaluate_writes_json(trained_run, tmp_path):
-    result = invoke("evaluate", "--checkpoint", trained_run, "--episodes", 10, "--shot", 1, "--device", "cpu", "--out", tmp_path)
+    # the method's own head, named: the stored default depends on calibration accuracies within noise
+    result = invoke(
+        "evaluate", "--checkpoint", trained_run, "--episodes", 10, "--shot", 1, "--device", "cpu", "--head", "method", "--out", tmp_path
+    )
     assert result.exit_code == 0, result.output
     stats = json.loads((tmp_path / "evaluation_3way_1shot.json").read_text())
     assert stats["episodes"] == 10 and stats["shot"] == 1 and 0 <= stats["accuracy"] <= 1
@@ -164,7 +167,7 @@ def test_evaluate_writes_json(trained_run, tmp_path):
 
 
 def test_evaluate_calibrates_on_the_support_by_default(trained_run, tmp_path):
-    result = invoke("evaluate", "--checkpoint", trained_run, "--episodes", 4, "--shot", 3, "--out", tmp_path)
+    result = invoke("evaluate", "--checkpoint", trained_run, "--episodes", 4, "--shot", 3, "--head", "method", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     stats = json.loads((tmp_path / "evaluation_3way_3shot_tsupport_support.json").read_text())
     assert stats["conformal_source"] == "support" and stats["temperature_source"] == "support"
@@ -172,7 +175,7 @@ def test_evaluate_calibrates_on_the_support_by_default(trained_run, tmp_path):
 
 def test_evaluate_with_support_calibrated_sets(trained_run, tmp_path):
     args = ("evaluate", "--checkpoint", trained_run, "--episodes", 6, "--shot", 3, "--device", "cpu", "--out", tmp_path,
-            "--temperature-source", "val")
+            "--temperature-source", "val", "--head", "method")
     result = invoke(*args, "--conformal-source", "support")
     assert result.exit_code == 0, result.output
     assert "support-calibrated" in plain(result.output)
@@ -235,7 +238,7 @@ def test_calibrate_refits_on_val_classes_without_touching_the_weights(trained_ru
 
 def test_evaluate_with_support_updated_temperature(trained_run, tmp_path):
     args = ("evaluate", "--checkpoint", trained_run, "--episodes", 6, "--shot", 3, "--device", "cpu", "--out", tmp_path,
-            "--conformal-source", "val")
+            "--conformal-source", "val", "--head", "method")
     result = invoke(*args, "--temperature-source", "support", "--temperature-sigma", 0.3)
     assert result.exit_code == 0, result.output
     assert "updated by each support" in " ".join(plain(result.output).split())
