@@ -21,7 +21,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Episode seed (same seed, same episodes for every model).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Folder for the results JSON, reliability and risk-coverage PNGs and the episodes' file lists (CSV).")] = None,
-    conformal_source: Annotated[str, typer.Option(help="Threshold of the prediction sets: val (the checkpoint's, fitted on validation conditions) or support (fitted per episode on the support's leave-one-out predictions; 2+ shots, else val with a note).")] = DEFAULT_SOURCE,
+    conformal_source: Annotated[str, typer.Option(help="Threshold of the prediction sets: val (the checkpoint's, fitted on validation conditions), support (fitted per episode on the support's leave-one-out predictions; 2+ shots, else mass with a note) or mass (the most probable classes up to the target coverage of the calibrated probability).")] = DEFAULT_SOURCE,
     temperature_source: Annotated[str, typer.Option(help="Temperature of the probabilities: val (the checkpoint's, fitted on validation conditions) or support (the checkpoint's updated by the support's leave-one-out predictions; 2+ scans per condition, else val with a note).")] = DEFAULT_SOURCE,
     temperature_sigma: Annotated[float, typer.Option(help="Prior spread (standard deviation of log T) of the support-updated temperature; 0 keeps the checkpoint's.")] = TEMPERATURE_PRIOR_SIGMA,
     allow_unfinished: Annotated[bool, typer.Option(help="Measure a checkpoint whose training stopped before calibration.")] = False,

@@ -30,8 +30,10 @@ _FLAGS = {"class_conditional": "--class-conditional/--marginal"}
 def train(ctx: typer.Context, **values: Any) -> None:
     """Meta-train: pre-train the backbone, train on episodes, keep the best model on val classes, calibrate.
 
-    With no options it trains on the synthetic demo set in sample_data/. The run folder gets
-    config.yaml: the settings of the run, to give back to --config.
+    With no options it trains on the synthetic demo set in sample_data/ with the full default
+    recipe (about half an hour on 2 CPU cores); --config sample_data/demo-budget.yaml is a
+    two-minute budget for it. The run folder gets config.yaml: the settings of the run, to give
+    back to --config.
     """
     with user_errors():
         config, resume = build_config(ctx, values)

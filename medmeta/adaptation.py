@@ -115,8 +115,10 @@ def adapt(
     ``conformal_source`` says where the prediction sets' threshold comes from: ``"val"``, the
     one fitted on validation conditions and stored in the checkpoint; ``"support"``, one fitted
     on this support's own leave-one-out predictions (same score and coverage; needs two support
-    scans per condition, else the checkpoint's is used and a note says so; see
-    :func:`medmeta.calibration.episode_conformal`).
+    scans per condition, else the sets are ``"mass"`` sets and a note says so; see
+    :func:`medmeta.calibration.episode_conformal`); ``"mass"``, no threshold: the most probable
+    conditions up to the target coverage of the calibrated probability
+    (:class:`medmeta.calibration.ProbabilityMassSets`).
 
     ``temperature_source`` likewise: ``"val"``, the checkpoint's temperature; ``"support"``, the
     checkpoint's temperature updated by this support's leave-one-out predictions (prior spread
@@ -268,8 +270,10 @@ def _notes(batch: CaseBatch, diagnosis: Diagnosis, options: _Options, temperatur
         )
     if sets.fell_back:
         notes.append(
-            f"Prediction sets use the validation-calibrated threshold: support calibration needs two support scans "
-            f"per condition and {single} have one."
+            f"Prediction sets hold the most probable conditions up to {100 * sets.predictor.coverage:.0f}% of the "
+            f"calibrated probability, not a calibrated threshold: support calibration needs two support scans per "
+            f"condition and {single} have one, and thresholds fitted on the validation conditions do not carry to new "
+            "ones. They cover as well as the probabilities are calibrated."
         )
     if not options.stability:
         notes.append("Leave-one-out stability was not computed (switched off).")

@@ -220,7 +220,8 @@ def summarize(
     pooled_sets = None
     if sets.conformal is not None:
         pooled_sets = np.concatenate([d.sets.sets for d in diagnoses])
-        summary.conformal_source = "support" if all(d.sets.source == "support" for d in diagnoses) else "val"
+        # one source for the whole evaluation, or e.g. "mass+support" when episodes differed
+        summary.conformal_source = "+".join(sorted({d.sets.source for d in diagnoses}))
         if summary.conformal_source == "support":
             summary.support_threshold_mean = float(np.mean([d.sets.predictor.threshold_ for d in diagnoses]))
         _set_stats(summary, pooled_sets, labels, outputs.pooled_class_names(), sets.conformal.coverage)
@@ -369,12 +370,13 @@ class EvaluationResult:
 
     @property
     def tag(self) -> str:
-        """File-name tag: ``<way>way_<shot>shot``, then ``_tsupport``/``_support`` for support calibration."""
+        """File-name tag: ``<way>way_<shot>shot``, then ``_tsupport``/``_support`` for support
+        calibration, ``_mass`` for probability-mass sets."""
         tag = self.settings.tag
         if self.summary.temperature_source == "support":
             tag += "_tsupport"
-        if self.summary.conformal_source == "support":
-            tag += "_support"
+        if self.summary.conformal_source in ("support", "mass"):
+            tag += "_" + self.summary.conformal_source
         return tag
 
     def to_dict(self) -> dict[str, Any]:
@@ -476,7 +478,10 @@ def _run_with_progress(run, learner, sampler, settings: EvaluationSettings, held
 def _fallback_notes(pipeline, summary: EpisodeSummary, shot: int) -> list[str]:
     notes = []
     if pipeline.sets.needs_held_out and summary.conformal_source != "support":
-        notes.append(f"Support-calibrated sets need two support scans per class ({shot}-shot given): the validation threshold was used.")
+        notes.append(
+            f"Support-calibrated sets need two support scans per class ({shot}-shot given): the sets hold the most "
+            "probable classes up to the target share of the calibrated probability (not calibrated by any threshold)."
+        )
     if pipeline.temperature.needs_held_out and summary.temperature_source != "support":
         notes.append(f"Support-updated temperatures need two support scans per class ({shot}-shot given): the validation temperature was used.")
     return notes
@@ -496,9 +501,15 @@ def evaluation_warnings(calibration, summary: EpisodeSummary, shot: int) -> list
         target = summary.coverage_target
         band = 2.58 * (target * (1 - target) / summary.n_cases) ** 0.5
         if summary.coverage < target - band:
+            why = (
+                "the probabilities are overconfident on these conditions (the sets hold the most probable classes up "
+                "to the target mass, and that mass overstates their chance)"
+                if summary.conformal_source == "mass"
+                else "these conditions are not exchangeable with those the sets were calibrated on; consider "
+                "--conformal-source support"
+            )
             warnings.append(
                 f"prediction sets cover {100 * summary.coverage:.1f}% of cases, below the {100 * target:.0f}% target "
-                f"(more than sampling noise): these conditions are not exchangeable with those the sets were "
-                f"calibrated on; consider --conformal-source support"
+                f"(more than sampling noise): {why}"
             )
     return warnings

@@ -149,7 +149,7 @@ def test_evaluate_writes_json(trained_run, tmp_path):
         "evaluate", "--checkpoint", trained_run, "--episodes", 10, "--shot", 1, "--device", "cpu", "--head", "method", "--out", tmp_path
     )
     assert result.exit_code == 0, result.output
-    stats = json.loads((tmp_path / "evaluation_3way_1shot.json").read_text())
+    stats = json.loads((tmp_path / "evaluation_3way_1shot_mass.json").read_text())
     assert stats["episodes"] == 10 and stats["shot"] == 1 and 0 <= stats["accuracy"] <= 1
     for key in ("coverage", "mean_set_size", "referral_rate", "accuracy_not_referred", "mce_before", "mce_after", "aurc"):
         assert isinstance(stats[key], float), key
@@ -161,8 +161,9 @@ def test_evaluate_writes_json(trained_run, tmp_path):
     episodes = read_csv(tmp_path / "episodes_3way_1shot_seed0.csv")
     assert len(episodes) == 10 * 3 * (1 + 10)  # episodes x way x (shot + query)
     assert {r["role"] for r in episodes} == {"support", "query"}
-    # the default calibration source is the support's; at 1-shot it falls back to val and says so
-    assert stats["conformal_source"] == "val" and stats["temperature_source"] == "val"
+    # the default calibration source is the support's; at 1-shot the temperature falls back to
+    # val and the sets to the probability mass, and the notes say so
+    assert stats["conformal_source"] == "mass" and stats["temperature_source"] == "val"
     assert any("need two support scans per class" in note for note in stats["notes"])
 
 

@@ -19,6 +19,7 @@ from medmeta.backbones import create_backbone
 from medmeta.calibration import (
     ConformalPredictor,
     DistanceThreshold,
+    ProbabilityMassSets,
     aurc,
     conformal_quantile,
     expected_calibration_error,
@@ -322,8 +323,12 @@ def test_summarize_with_support_calibrated_sets_fits_one_threshold_per_episode()
     assert stats.empty_set_rate == pytest.approx(5 / 6) and stats.referral_rate == pytest.approx(5 / 6)
     # without leave-one-out support predictions the checkpoint's threshold is used
     plain = EpisodeOutputs(logits=outputs.logits, labels=outputs.labels, distances=outputs.distances, classes=outputs.classes)
+    # without leave-one-out support predictions: the most probable classes up to half the mass;
+    # only the tie (0.5, 0.5) takes both classes
     fallback = summarize(plain, sets=PredictionSetStep(template, "support"))
-    assert fallback.conformal_source == "val" and fallback.mean_set_size == pytest.approx(2.0)
+    assert fallback.conformal_source == "mass" and fallback.mean_set_size == pytest.approx(7 / 6)
+    val = summarize(plain, sets=PredictionSetStep(template, "val"))
+    assert val.conformal_source == "val" and val.mean_set_size == pytest.approx(2.0)
 
 
 def test_interpolated_quantile_by_hand_and_its_coverage_on_exchangeable_scores():
@@ -387,6 +392,47 @@ def test_leave_one_out_support_logits_by_hand():
     expected = -np.array([[4.0 * 0.75, 25.0], [4.0 * 0.75, 9.0], [9.0, 4.0 * 0.75], [25.0, 4.0 * 0.75]])
     np.testing.assert_allclose(loo.support_logits, expected)
     assert loo.max_change is None
+
+
+class _CountingBackbone(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.images_seen = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images_seen += len(x)
+        return self.inner(x)
+
+
+class _ImagesOnly:
+    """A learner's image interface alone, so leave-one-out refits it on the images."""
+
+    def __init__(self, learner):
+        self.learner = learner
+
+    def __getattr__(self, name):
+        if name in ("embed", "fit_embedded", "predict_embedded"):
+            raise AttributeError(name)
+        return getattr(self.learner, name)
+
+
+def test_protonet_leave_one_out_embeds_every_scan_once():
+    """ProtoNet refits on cached embeddings: each support and query scan passes the backbone
+    once (not once per refit), with the logits and stability of refits on the images."""
+    from medmeta.leave_one_out import leave_one_out
+
+    torch.manual_seed(3)
+    backbone = _CountingBackbone(create_backbone("conv4", in_channels=1, hidden=8))
+    learner = ProtoNet(backbone).eval()
+    support, query = torch.randn(6, 1, 16, 16), torch.randn(4, 1, 16, 16)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    fast = leave_one_out(learner, support, labels, query, temperature=2.0)
+    assert backbone.images_seen == 6 + 4
+    backbone.images_seen = 0
+    slow = leave_one_out(_ImagesOnly(learner), support, labels, query, temperature=2.0)
+    assert backbone.images_seen == (6 + 4) + 6 * (5 + 1 + 4)  # the full fit, then six refits
+    np.testing.assert_allclose(fast.support_logits, slow.support_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast.max_change, slow.max_change, rtol=1e-5, atol=1e-6)
 
 
 # ---- adapt and the reports ---------------------------------------------------------------------
@@ -498,11 +544,18 @@ def sample_support_and_queries(image_size: int = 16) -> tuple[torch.Tensor, torc
     return images, labels, torch.stack([reader(f) for f in queries])
 
 
-def test_adapt_support_sets_fall_back_to_val_with_one_scan(tmp_path):
+def test_adapt_support_sets_fall_back_to_the_probability_mass_with_one_scan(tmp_path):
     cases = cases_with_one_triangle_mass_scan(tmp_path)
     result = adapt(_checkpoint(tmp_path, CALIBRATED), cases, device="cpu", conformal_source="support")
-    assert result.metadata["conformal"]["source"] == "val" and result.metadata["conformal"]["threshold"] == 0.6
-    assert any("validation-calibrated threshold" in note and "triangle_mass" in note for note in result.metadata["notes"])
+    mass = ProbabilityMassSets(result.metadata["conformal"]["coverage"])
+    for case in result.cases:
+        expected = mass.predict_sets(np.array([case.probabilities]))[0]
+        assert case.prediction_set == [c for c, keep in zip(result.conditions, expected) if keep]
+    assert any("most probable conditions up to 90%" in note and "triangle_mass" in note for note in result.metadata["notes"])
+    assert result.metadata["conformal"]["source"] == "mass" and result.metadata["conformal"]["score"] == "mass"
+    assert all(case.prediction_set for case in result.cases)  # mass sets are never empty
+    html = render_html(result)
+    assert "calibrated probabilities add up to 90%" in html and "split conformal" not in html
     with pytest.raises(ValueError, match="conformal_source"):
         adapt(_checkpoint(tmp_path, CALIBRATED), cases, device="cpu", conformal_source="test")
 

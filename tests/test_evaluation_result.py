@@ -43,7 +43,7 @@ def test_evaluate_json_holds_the_summary_and_warnings(trained_run, tmp_path):
     # the method's own head, named (the stored default is chosen by calibration accuracies within noise)
     result = evaluate(trained_run, EvaluationSettings(shot=1, episodes=6, head="method"), device="cpu", out_dir=tmp_path, quiet=True)
     assert any("calibrated on 5-shot" in w for w in result.warnings)
-    data = json.loads((tmp_path / "evaluation_3way_1shot.json").read_text())
+    data = json.loads((tmp_path / "evaluation_3way_1shot_mass.json").read_text())
     assert data["accuracy"] == result.summary.accuracy and data["episodes"] == 6 and data["shot"] == 1
     assert data["warnings"] == result.warnings and data["figures"]["reliability"] == "reliability_3way_1shot.png"
     assert (tmp_path / "reliability_3way_1shot.png").stat().st_size > 0

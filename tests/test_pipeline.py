@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medmeta.backbones import create_backbone
-from medmeta.calibration import ConformalPredictor, SupportTemperature, episode_conformal, softmax
+from medmeta.calibration import ConformalPredictor, ProbabilityMassSets, SupportTemperature, episode_conformal, softmax
 from medmeta.methods import create_method
 from medmeta.pipeline import (
     AdaptationPipeline,
@@ -71,7 +71,11 @@ def test_sets_use_the_checkpoint_threshold_or_one_fitted_on_the_support():
     np.testing.assert_array_equal(support.sets, expected.predict_sets(softmax(QUERY)))
     no_held_out = TemperatureStep(1.0)(Logits(QUERY, np.zeros(5)), SUPPORT_LABELS)
     fallback = PredictionSetStep(LAC, "support")(no_held_out, SUPPORT_LABELS)
-    assert (fallback.source, fallback.fell_back) == ("val", True)
+    assert (fallback.source, fallback.fell_back, fallback.predictor.coverage) == ("mass", True, LAC.coverage)
+    np.testing.assert_array_equal(fallback.sets, ProbabilityMassSets(LAC.coverage).predict_sets(softmax(QUERY)))
+    mass = PredictionSetStep(LAC, "mass")(probs, SUPPORT_LABELS)
+    assert (mass.source, mass.fell_back) == ("mass", False)
+    np.testing.assert_array_equal(mass.sets, fallback.sets)
     none = PredictionSetStep(None, "support")
     assert not none.needs_held_out and none(probs, SUPPORT_LABELS).sets is None
 

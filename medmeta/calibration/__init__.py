@@ -15,6 +15,7 @@ from medmeta.calibration.metrics import (
     risk_coverage_curve,
     softmax,
 )
+from medmeta.calibration.mass_sets import ProbabilityMassSets
 from medmeta.calibration.referral import DistanceThreshold, distance_flags, referral
 from medmeta.calibration.record import CALIBRATION_SCHEMA_VERSION, CalibrationRecord, ReferralRecord
 from medmeta.calibration.temperature import TEMPERATURE_PRIOR_SIGMA, TEMPERATURE_SOURCES, SupportTemperature, TemperatureScaler, check_temperature_source
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_CALIBRATION_SOURCE",
     "ConformalPredictor",
     "DistanceThreshold",
+    "ProbabilityMassSets",
     "SupportTemperature",
     "TEMPERATURE_PRIOR_SIGMA",
     "TEMPERATURE_SOURCES",

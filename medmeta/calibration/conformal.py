@@ -200,13 +200,17 @@ def _number(value: Any) -> float:
     return float(value)
 
 
-# Where the conformal threshold of a prediction set comes from.
-CONFORMAL_SOURCES = ("val", "support")
+# Where the threshold of a prediction set comes from: the validation conditions (the checkpoint's),
+# the task's own support (leave-one-out), or no calibration at all (the probability mass,
+# :class:`~medmeta.calibration.ProbabilityMassSets`: what "support" falls back to).
+CONFORMAL_SOURCES = ("val", "support", "mass")
 #: The calibration source ``adapt`` and ``evaluate`` use by default, for the sets and the
 #: temperature alike: the support's own leave-one-out predictions, which held their coverage
 #: (0.917, 0.912) and 5-shot ECE (0.016, 0.019) on derm-rare and mri-new-modality where the
 #: validation-calibrated ones did not (docs/benchmarks.md); with one scan of some condition the
-#: validation calibration is used and the report says so.
+#: temperature is the validation one and the sets hold the most probable conditions up to the
+#: target mass (the validation threshold left 1-shot sets on a new modality empty), and the
+#: report says so.
 DEFAULT_CALIBRATION_SOURCE = "support"
 
 

@@ -45,16 +45,33 @@ class ProtoNet(MetaLearner):
         self.prototypes_: torch.Tensor | None = None
 
     def fit_support(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "ProtoNet":
-        embeddings = self.backbone(support_images)  # (n_support, d)
-        self.prototypes_ = compute_prototypes(embeddings, support_labels)  # (n_way, d)
+        return self.fit_embedded(self.embed(support_images), support_labels)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(n, C, H, W)`` -> ``(n, d)`` embeddings (the backbone's)."""
+        return self.backbone(images)
+
+    def fit_embedded(self, support: torch.Tensor, support_labels: torch.Tensor) -> "ProtoNet":
+        """Prototypes from embeddings ``support`` ``(n_support, d)`` of :meth:`embed` with
+        ``support_labels`` ``(n_support,)``: how leave-one-out refits run without the backbone."""
+        self.prototypes_ = compute_prototypes(support, support_labels)  # (n_way, d)
         return self
+
+    def predict_embedded(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(n_query, n_way)`` and distances to the nearest prototype ``(n_query,)`` of
+        embeddings ``query`` ``(n_query, d)`` from :meth:`embed`."""
+        if self.prototypes_ is None:
+            raise RuntimeError("call fit_support before predict_embedded")
+        squared = squared_distances(query, self.prototypes_)
+        return self._logits(squared), squared.min(dim=1).values.sqrt()
 
     def predict_query(self, query_images: torch.Tensor) -> torch.Tensor:
         return self._logits(self._squared_distances(query_images, "predict_query"))
 
     def predict_with_distance(self, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        squared = self._squared_distances(query_images, "predict_with_distance")  # one backbone pass
-        return self._logits(squared), squared.min(dim=1).values.sqrt()
+        if self.prototypes_ is None:
+            raise RuntimeError("call fit_support before predict_with_distance")
+        return self.predict_embedded(self.embed(query_images))  # one backbone pass
 
     def _squared_distances(self, query_images: torch.Tensor, caller: str) -> torch.Tensor:
         """``(n_query, n_way)`` squared distances of the query embeddings to the prototypes."""

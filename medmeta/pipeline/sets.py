@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medmeta.calibration import ConformalPredictor, check_conformal_source, episode_conformal
+from medmeta.calibration import ConformalPredictor, ProbabilityMassSets, check_conformal_source, episode_conformal
 from medmeta.pipeline.temperature import Probabilities
 
 
@@ -14,10 +14,10 @@ from medmeta.pipeline.temperature import Probabilities
 class PredictionSets:
     """Output of the set step: ``sets`` ``(n_query, n_way)`` bool (None without a conformal
     calibration), the ``predictor`` that made them, the ``source`` actually used and whether
-    ``"support"`` was asked for but not possible (``fell_back``)."""
+    ``"support"`` was asked for but not possible (``fell_back``: the sets are then ``"mass"``)."""
 
     sets: np.ndarray | None
-    predictor: ConformalPredictor | None
+    predictor: ConformalPredictor | ProbabilityMassSets | None
     source: str | None
     fell_back: bool = False
 
@@ -27,8 +27,11 @@ class PredictionSetStep:
 
     ``source="val"``: its threshold, fitted on validation conditions. ``source="support"``: a
     threshold fitted on this task's leave-one-out support probabilities (same score and
-    coverage; :func:`~medmeta.calibration.episode_conformal`), falling back to ``"val"`` when
-    there are none. With no predictor (an old checkpoint) there are no sets.
+    coverage; :func:`~medmeta.calibration.episode_conformal`), falling back to ``"mass"`` when
+    there are none (a condition with one support scan). ``source="mass"``: the most probable
+    conditions up to the predictor's coverage of the calibrated probability
+    (:class:`~medmeta.calibration.ProbabilityMassSets`). With no predictor (an old checkpoint)
+    there are no sets.
     """
 
     def __init__(self, conformal: ConformalPredictor | None, source: str = "val"):
@@ -45,4 +48,7 @@ class PredictionSetStep:
         if self.source == "support" and probs.support is not None:
             predictor = episode_conformal(self.conformal, probs.support, support_labels)
             return PredictionSets(predictor.predict_sets(probs.query), predictor, "support")
-        return PredictionSets(self.conformal.predict_sets(probs.query), self.conformal, "val", self.source == "support")
+        if self.source == "val":
+            return PredictionSets(self.conformal.predict_sets(probs.query), self.conformal, "val")
+        mass = ProbabilityMassSets(self.conformal.coverage)
+        return PredictionSets(mass.predict_sets(probs.query), mass, "mass", self.source == "support")

@@ -75,7 +75,7 @@ class TrainConfig:
         option="train-shot",
     )
     query: int | None = _setting(None, "Query scans per class [default: protocol's].")
-    episodes: int = _setting(50, "Episodic training episodes (total, also on --resume).")
+    episodes: int = _setting(3200, "Episodic training episodes (total, also on --resume).")
     image_size: int = _setting(64, "Square input size in pixels (at least 16).")
     channels: int = _setting(3, "Input channels: 3 (RGB) or 1 (grayscale).")
     meta_batch: int = _setting(1, "Episodes (tasks) averaged per optimiser step.")
@@ -85,7 +85,7 @@ class TrainConfig:
     weight_decay: float = _setting(0.0, "Adam weight decay of episodic training.")
     lr_step: int = _setting(2000, "Multiply the episodic learning rate by --lr-gamma every N episodes.")
     lr_gamma: float = _setting(0.5, "Factor of the episodic learning-rate step.")
-    pretrain_epochs: int = _setting(10, "Epochs of backbone pre-training on all meta-train classes (0 = none).")
+    pretrain_epochs: int = _setting(20, "Epochs of backbone pre-training on all meta-train classes (0 = none).")
     pretrain_lr: float = _setting(0.05, "SGD learning rate of pre-training (cosine-annealed).")
     pretrain_batch_size: int = _setting(64, "Images per pre-training batch.")
     pretrain_label_smoothing: float = _setting(0.0, "Label smoothing of the pre-training cross-entropy (0 = none; e.g. 0.1).")
@@ -99,8 +99,8 @@ class TrainConfig:
     augment_grayscale: float = _setting(
         0.0, "Probability that a training image's colour is replaced by its luminance (colour-invariant features, e.g. for a grayscale modality)."
     )
-    val_interval: int = _setting(50, "Validate on val classes every N episodes.")
-    val_episodes: int = _setting(100, "Episodes per validation (also the held-out episodes of the calibration report).")
+    val_interval: int = _setting(200, "Validate on val classes every N episodes.")
+    val_episodes: int = _setting(300, "Episodes per validation (also the held-out episodes of the calibration report).")
     calibration_episodes: int = _setting(100, "Val-class episodes to fit the temperature, conformal and referral thresholds on.")
     tuning_episodes: int | None = _setting(
         None, "Val-class episodes on which the finetune head's steps and learning rate are chosen (0: its defaults) [default: 50, or the validation episodes if fewer]."
