@@ -215,7 +215,8 @@ def _metadata(run, pipeline, batch: CaseBatch, diagnosis: Diagnosis, options: _O
         "head": pipeline.head_name,
         "transductive": pipeline.transductive,
         "embedding_normalisation": _normalisation(run, pipeline.head_name),
-        "temperature": calibration.temperature,
+        # the validation temperature for this support's shot (see CalibrationRecord.temperature_for)
+        "temperature": probs.val_temperature if probs.val_temperature is not None else calibration.temperature,
         "temperature_source": probs.source,
         "support_temperature": probs.temperature if probs.source == "support" else None,
         "temperature_prior_sigma": options.prior_sigma if probs.source == "support" else None,
@@ -232,7 +233,8 @@ def _metadata(run, pipeline, batch: CaseBatch, diagnosis: Diagnosis, options: _O
             "min_support_scans_per_condition": min(len(scans) for scans in batch.support.values()),
             "refits": refits,
         },
-        "notes": calibration.notes(run.method) + _notes(batch, diagnosis, options, calibration.temperature),
+        "notes": calibration.notes(run.method)
+        + _notes(batch, diagnosis, options, probs.val_temperature if probs.val_temperature is not None else calibration.temperature),
         "preprocessing": run.preprocessing.to_dict(),
         "cases_dir": cases_dir,
         "device": str(run.device),
@@ -265,7 +267,7 @@ def _notes(batch: CaseBatch, diagnosis: Diagnosis, options: _Options, temperatur
         )
     if probs.fell_back:
         notes.append(
-            f"Probabilities use the validation temperature: updating it by the support needs two support scans "
+            f"Probabilities use the validation temperature {temperature:.3g}: updating it by the support needs two support scans "
             f"per condition and {single} have one."
         )
     if sets.fell_back:

@@ -41,9 +41,10 @@ from medmeta.pipeline import Diagnosis, LearnerHead, Logits, PredictionSetStep, 
 class EpisodeOutputs:
     """Per episode: query logits ``(n_query, n_way)``, labels ``(n_query,)``, support distances
     ``(n_query,)`` and the episode's class names (``n_way``; label ``i`` is ``classes[i]``).
-    With held-out support predictions (``run_episodes(..., support_loo=True)``): each support
-    scan's logits from the fit without it ``(n_support, n_way)`` and the support labels
-    ``(n_support,)`` (both None for an episode with a single scan of some class)."""
+    The support labels ``(n_support,)`` (their counts are the episode's shot); with held-out
+    support predictions (``run_episodes(..., support_loo=True)``), each support scan's logits
+    from the fit without it ``(n_support, n_way)`` (None for an episode with a single scan of
+    some class)."""
 
     logits: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
@@ -59,12 +60,12 @@ class EpisodeOutputs:
         self.distances.append(logits.distances)
         self.classes.append(list(task.conditions))
         self.support_logits.append(logits.support_held_out)
-        self.support_labels.append(task.support_labels.numpy() if logits.support_held_out is not None else None)
+        self.support_labels.append(task.support_labels.numpy())
 
     def episode(self, i: int) -> tuple[Logits, np.ndarray | None]:
-        """Episode ``i``'s head output and its support labels (None without held-out logits)."""
+        """Episode ``i``'s head output and its support labels (None when not kept)."""
         held_out = self.support_logits[i] if i < len(self.support_logits) else None
-        labels = self.support_labels[i] if held_out is not None else None
+        labels = self.support_labels[i] if i < len(self.support_labels) else None
         return Logits(self.logits[i], self.distances[i] if self.distances else np.full(len(self.logits[i]), np.nan), held_out), labels
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
@@ -203,8 +204,8 @@ def summarize(
     ``sets``: a :class:`PredictionSetStep` (a fitted predictor means its validation threshold;
     None: no sets); ``referral``: a :class:`ReferralStep` (a float means that distance
     threshold; None: no distance referral). Steps that need held-out support logits fall back
-    to the validation calibration when ``outputs`` has none (the summary's sources say what was
-    used). ``diagnoses``: the result of :func:`diagnose` with the same steps, when the caller
+    when ``outputs`` has none (the temperature to the validation one, the sets to probability-mass
+    sets; the summary's sources say what was used). ``diagnoses``: the result of :func:`diagnose` with the same steps, when the caller
     has it already.
     """
     temperature, sets, referral = _steps(temperature, sets, referral)
@@ -492,7 +493,8 @@ def evaluation_warnings(calibration, summary: EpisodeSummary, shot: int) -> list
     shot than the one measured, and coverage below its target by more than sampling noise
     (2.58 binomial standard errors over the pooled cases, a 99% band)."""
     warnings = []
-    if calibration.fitted and calibration.shot is not None and calibration.shot != shot and summary.temperature_source == "val":
+    if (calibration.fitted and calibration.shot is not None and shot not in calibration.temperatures_by_shot()
+            and summary.temperature_source == "val"):
         warnings.append(
             f"the checkpoint was calibrated on {calibration.shot}-shot episodes but is measured at {shot}-shot; "
             f"recalibrate with `medmeta calibrate --shot {shot}` for calibrated figures"

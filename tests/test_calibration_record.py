@@ -64,6 +64,11 @@ def test_a_null_distance_threshold_means_infinite_with_share_zero_and_nan_otherw
         ({"referral": {"share": 2.0}}, "referral share"),
         ({"referral": {"share": 0.05, "distance_threshold": "far"}}, "must be a number"),
         ({"method_options": ["x"]}, "method_options must be a mapping"),
+        ({"shot_temperatures": [1.5]}, "shot_temperatures must be a mapping"),
+        ({"shot_temperatures": {"one": 1.5}}, "shot 'one' is not a positive integer"),
+        ({"shot_temperatures": {"0": 1.5}}, "shot '0' is not a positive integer"),
+        ({"shot_temperatures": {"1": 0}}, "temperature 0 for shot 1"),
+        ({"shot_temperatures": {"1": "2"}}, "temperature '2' for shot 1"),
     ],
 )
 def test_malformed_or_out_of_bounds_records_are_refused(change, message):
@@ -88,3 +93,21 @@ def test_the_record_is_what_conformal_predictors_serialise():
     predictor = ConformalPredictor.from_dict(OLD["conformal"])
     record = CalibrationRecord(method="temperature", temperature=2.0, conformal=predictor)
     assert record.to_dict()["conformal"] == predictor.to_dict()
+
+
+@pytest.mark.parametrize("shot, expected", [(5, 0.52), (1, 1.7), (3, 0.52), (2, 1.7), (4, 0.52), (10, 0.8), (None, 0.52)])
+def test_the_temperature_of_the_nearest_calibrated_shot(shot, expected):
+    """5-shot is the record's own temperature, 1 and 8 come from ``shot_temperatures``; a shot
+    between two takes the nearer one, the larger of two equally near (3 -> 5)."""
+    record = CalibrationRecord.from_dict({**OLD, "shot_temperatures": {"1": 1.7, "8": 0.8}})
+    assert record.temperatures_by_shot() == {1: 1.7, 5: 0.52, 8: 0.8}
+    assert record.temperature_for(shot) == expected
+
+
+def test_shot_temperatures_round_trip_and_stay_out_when_empty():
+    record = CalibrationRecord.from_dict({**OLD, "shot_temperatures": {"1": 1.7}})
+    assert record.shot_temperatures == {1: 1.7}
+    data = json.loads(json.dumps(record.to_dict()))
+    assert data["shot_temperatures"] == {"1": 1.7} and CalibrationRecord.from_dict(data).to_dict() == data
+    assert "shot_temperatures" not in CalibrationRecord.from_dict(OLD).to_dict()
+    assert CalibrationRecord(temperature=2.0).temperature_for(1) == 2.0  # nothing per shot: the temperature

@@ -24,6 +24,10 @@ def test_a_shot_other_than_the_calibrated_one_is_warned_about():
     (warning,) = evaluation_warnings(record, _summary(), shot=1)
     assert "calibrated on 5-shot episodes but is measured at 1-shot" in warning and "--shot 1" in warning
     assert evaluation_warnings(CalibrationRecord(), _summary(), shot=1) == []  # nothing calibrated, nothing to say
+    # a temperature fitted at that shot as well: nothing to warn about
+    both = CalibrationRecord(method="temperature", temperature=1.2, shot=5, shot_temperatures={1: 2.0})
+    assert evaluation_warnings(both, _summary(), shot=1) == []
+    assert len(evaluation_warnings(both, _summary(), shot=3)) == 1
 
 
 def test_coverage_below_target_beyond_sampling_noise_is_warned_about():
@@ -41,9 +45,9 @@ def test_evaluate_json_holds_the_summary_and_warnings(trained_run, tmp_path):
     from medmeta import EvaluationSettings, evaluate
 
     # the method's own head, named (the stored default is chosen by calibration accuracies within noise)
-    result = evaluate(trained_run, EvaluationSettings(shot=1, episodes=6, head="method"), device="cpu", out_dir=tmp_path, quiet=True)
-    assert any("calibrated on 5-shot" in w for w in result.warnings)
-    data = json.loads((tmp_path / "evaluation_3way_1shot_mass.json").read_text())
-    assert data["accuracy"] == result.summary.accuracy and data["episodes"] == 6 and data["shot"] == 1
-    assert data["warnings"] == result.warnings and data["figures"]["reliability"] == "reliability_3way_1shot.png"
-    assert (tmp_path / "reliability_3way_1shot.png").stat().st_size > 0
+    result = evaluate(trained_run, EvaluationSettings(shot=3, episodes=6, head="method", temperature_source="val"), device="cpu", out_dir=tmp_path, quiet=True)
+    assert any("calibrated on 5-shot" in w for w in result.warnings)  # training fitted 5- and 1-shot temperatures, not 3
+    data = json.loads((tmp_path / "evaluation_3way_3shot_support.json").read_text())
+    assert data["accuracy"] == result.summary.accuracy and data["episodes"] == 6 and data["shot"] == 3
+    assert data["warnings"] == result.warnings and data["figures"]["reliability"] == "reliability_3way_3shot_support.png"
+    assert (tmp_path / "reliability_3way_3shot_support.png").stat().st_size > 0

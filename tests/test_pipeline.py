@@ -59,6 +59,21 @@ def test_support_temperature_is_the_posterior_of_the_support_and_falls_back_with
         TemperatureStep(1.0, "test")
 
 
+def test_the_validation_temperature_follows_the_task_shot():
+    """Temperatures fitted at 1 and 5 shots: a task's smallest number of scans per condition
+    picks the nearer, for the validation probabilities and as the support update's prior."""
+    step = TemperatureStep(2.0, "val", by_shot={1: 4.0, 5: 2.0})
+    one_shot = np.array([0, 1, 1, 2, 2])  # condition 0 has one scan
+    probs = step(Logits(QUERY, np.zeros(5)), one_shot)
+    np.testing.assert_allclose(probs.query, softmax(QUERY / 4.0))
+    assert probs.temperature == probs.val_temperature == 4.0
+    assert step(Logits(QUERY, np.zeros(5)), np.repeat([0, 1, 2], 4)).temperature == 2.0  # 4 scans: nearer 5
+    updated = TemperatureStep(2.0, "support", prior_sigma=0.5, by_shot={1: 4.0, 5: 2.0})(Logits(QUERY, np.zeros(5), HELD_OUT), SUPPORT_LABELS)
+    expected = SupportTemperature(4.0, 0.5)  # two scans per condition: nearer the 1-shot temperature
+    assert updated.temperature == pytest.approx(expected.fit(HELD_OUT, SUPPORT_LABELS).temperature_)
+    assert TemperatureStep(3.0)(Logits(QUERY, np.zeros(5)), one_shot).temperature == 3.0  # none per shot
+
+
 # ---- prediction sets ------------------------------------------------------------------------
 def test_sets_use_the_checkpoint_threshold_or_one_fitted_on_the_support():
     probs = TemperatureStep(1.0)(Logits(QUERY, np.zeros(5), HELD_OUT), SUPPORT_LABELS)

@@ -89,6 +89,9 @@ class CalibrationRecord:
         ece_*: ECE before/after scaling on the fitting episodes and on held-out val episodes.
         accuracy_*: accuracy on the fitting episodes and on the held-out val episodes (what the
             default head is chosen by).
+        shot_temperatures: ``{shot: temperature}`` fitted on val-class episodes of the
+            protocol's other shots (a 1-shot support spreads its probabilities differently
+            from a 5-shot one); :meth:`temperature_for` picks one for a task.
         conformal: the fitted :class:`ConformalPredictor`, or None (checkpoint without sets).
         conformal_evidence: ``fitted_on``, ``coverage_val`` and ``mean_set_size_val`` of the sets.
         referral: the distance threshold, or None (checkpoint without referral calibration).
@@ -106,6 +109,7 @@ class CalibrationRecord:
     ece_after_val: float | None = None
     accuracy_fit_episodes: float | None = None
     accuracy_val: float | None = None
+    shot_temperatures: dict[int, float] = field(default_factory=dict)
     conformal: ConformalPredictor | None = None
     conformal_evidence: dict[str, Any] = field(default_factory=dict)
     referral: ReferralRecord | None = None
@@ -115,6 +119,19 @@ class CalibrationRecord:
     @property
     def fitted(self) -> bool:
         return self.method != "none"
+
+    def temperatures_by_shot(self) -> dict[int, float]:
+        """Every temperature with the shot it was fitted at: ``shot_temperatures`` and, when
+        ``shot`` is recorded, ``{shot: temperature}``."""
+        by_shot = dict(self.shot_temperatures)
+        if self.shot is not None:
+            by_shot[self.shot] = self.temperature
+        return by_shot
+
+    def temperature_for(self, shot: int | None) -> float:
+        """The temperature for tasks with ``shot`` support scans per condition (see
+        :func:`nearest_shot_temperature`); ``temperature`` when ``shot`` is None."""
+        return nearest_shot_temperature(self.temperatures_by_shot(), shot, self.temperature)
 
     @property
     def distance_threshold(self) -> float | None:
@@ -146,6 +163,8 @@ class CalibrationRecord:
                 out[name] = value if not isinstance(value, float) or math.isfinite(value) else None
         if self.fitted:
             out["n_bins"] = self.n_bins
+        if self.shot_temperatures:
+            out["shot_temperatures"] = {str(s): float(t) for s, t in sorted(self.shot_temperatures.items())}
         if self.conformal is not None:
             out["conformal"] = {**self.conformal.to_dict(), **self.conformal_evidence}
         if self.referral is not None:
@@ -190,6 +209,7 @@ class CalibrationRecord:
             temperature=temperature,
             fitted_on=str(fitted_on) if fitted_on is not None else None,
             shot=_shot(data),
+            shot_temperatures=_shot_temperatures(data.get("shot_temperatures")),
             n_bins=n_bins,
             conformal=conformal,
             conformal_evidence=evidence,
@@ -212,6 +232,32 @@ def _conformal(record: Any) -> tuple[ConformalPredictor | None, dict[str, Any]]:
         raise CalibrationError(str(exc)) from None
     predictor_keys = set(conformal.to_dict())
     return conformal, {k: v for k, v in record.items() if k not in predictor_keys}
+
+
+def nearest_shot_temperature(by_shot: dict[int, float], shot: int | None, default: float) -> float:
+    """The temperature of ``by_shot`` (``{shot: temperature}``) fitted at the shot nearest to
+    ``shot`` (the larger of two equally near); ``default`` when ``shot`` is None or there is
+    none."""
+    if shot is None or not by_shot:
+        return float(default)
+    nearest = min(by_shot, key=lambda s: (abs(s - shot), -s))
+    return float(by_shot[nearest])
+
+
+def _shot_temperatures(data: Any) -> dict[int, float]:
+    """``{"1": 1.7}`` from a sidecar -> ``{1: 1.7}``; anything else is refused, naming the field."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CalibrationError("calibration shot_temperatures must be a mapping of shot to temperature")
+    out = {}
+    for key, value in data.items():
+        if not str(key).isdigit() or int(key) < 1:
+            raise CalibrationError(f"calibration shot_temperatures: shot {key!r} is not a positive integer")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise CalibrationError(f"calibration shot_temperatures: temperature {value!r} for shot {key} is not a positive number")
+        out[int(key)] = float(value)
+    return out
 
 
 def _shot(data: dict[str, Any]) -> int | None:

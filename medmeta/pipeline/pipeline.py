@@ -79,7 +79,7 @@ class AdaptationPipeline:
         calibration = run.calibration_for(head, transductive)
         pipeline = cls(
             LearnerHead(learner, run.device, None if transductive else batch_size),
-            TemperatureStep(calibration.temperature, temperature_source, prior_sigma),
+            TemperatureStep(calibration.temperature, temperature_source, prior_sigma, by_shot=calibration.temperatures_by_shot()),
             PredictionSetStep(calibration.conformal, conformal_source),
             ReferralStep(calibration.distance_threshold),
             stability=stability,
