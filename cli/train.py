@@ -31,8 +31,8 @@ def train(ctx: typer.Context, **values: Any) -> None:
     """Meta-train: pre-train the backbone, train on episodes, keep the best model on val classes, calibrate.
 
     With no options it trains on the synthetic demo set in sample_data/ with the full default
-    recipe (about half an hour on 2 CPU cores); --config sample_data/demo-budget.yaml is a
-    two-minute budget for it. The run folder gets config.yaml: the settings of the run, to give
+    recipe (20 pre-training epochs, then 3,200 episodes: about half an hour on 2 CPU cores for a
+    real protocol); --config sample_data/demo-budget.yaml is the quick start's small budget. The run folder gets config.yaml: the settings of the run, to give
     back to --config.
     """
     with user_errors():
