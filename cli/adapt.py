@@ -11,7 +11,7 @@ from medmeta.cli.common import check_choice, check_temperature_options, user_err
 
 # Kept in step with medmeta.calibration (a test checks it): importing that here would load torch.
 TEMPERATURE_PRIOR_SIGMA = 0.5
-CONFORMAL_SOURCES = ("val", "support")
+CONFORMAL_SOURCES = ("val", "support", "mass")
 #: medmeta.calibration.DEFAULT_CALIBRATION_SOURCE (a test checks it)
 DEFAULT_SOURCE = "support"
 MAX_PIXELS = 50_000_000

@@ -156,7 +156,7 @@ def test_evaluate_writes_json(trained_run, tmp_path):
     assert 0 <= stats["coverage"] <= 1 and 0 <= stats["mean_set_size"] <= 3 and 0 <= stats["referral_rate"] <= 1
     assert set(stats["per_class_recall"]) == {"synth/gradient_halo", "synth/triangle_mass", "synth/concentric_rings"}
     assert len(stats["risk_coverage"]["coverage"]) == len(stats["risk_coverage"]["risk"]) == 100
-    for name in ("reliability_3way_1shot.png", "risk_coverage_3way_1shot.png"):
+    for name in ("reliability_3way_1shot_mass.png", "risk_coverage_3way_1shot_mass.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     episodes = read_csv(tmp_path / "episodes_3way_1shot_seed0.csv")
     assert len(episodes) == 10 * 3 * (1 + 10)  # episodes x way x (shot + query)
@@ -185,6 +185,9 @@ def test_evaluate_with_support_calibrated_sets(trained_run, tmp_path):
     assert invoke(*args, "--conformal-source", "val").exit_code == 0
     val = json.loads((tmp_path / "evaluation_3way_3shot.json").read_text())
     assert val["conformal_source"] == "val" and val["accuracy"] == support["accuracy"]
+    assert invoke(*args, "--conformal-source", "mass").exit_code == 0
+    mass = json.loads((tmp_path / "evaluation_3way_3shot_mass.json").read_text())
+    assert mass["conformal_source"] == "mass" and mass["empty_set_rate"] == 0 and mass["accuracy"] == support["accuracy"]
     bad = invoke(*args, "--conformal-source", "test")
     assert bad.exit_code == 2 and "--conformal-source" in plain(bad.output)
 
