@@ -94,6 +94,13 @@ def episode_task(store: ImageStore, sampler: EpisodeSampler, index: int) -> Task
     return Task(store.stack(ep.support), ep.support_labels, store.stack(ep.query), list(ep.classes), ep.query_labels)
 
 
+def embedded_task(cache, sampler: EpisodeSampler, index: int) -> Task:
+    """Episode ``index`` of ``sampler`` as a :class:`~medmeta.pipeline.Task` whose "images" are
+    the scans' embeddings from ``cache`` (an :class:`~medmeta.embedded.EmbeddingCache`)."""
+    ep = sampler.episode(index)
+    return Task(cache.stack(ep.support), ep.support_labels, cache.stack(ep.query), list(ep.classes), ep.query_labels)
+
+
 def run_episodes(
     learner,
     store: ImageStore,
@@ -107,14 +114,22 @@ def run_episodes(
     mode: no statistics are updated; the learner's training mode is restored afterwards).
 
     With ``support_loo``, also refit once per support scan without it and keep that scan's
-    logits (for calibration on the episode's own support)."""
-    head = LearnerHead(learner, device, batch_size=None)
+    logits (for calibration on the episode's own support).
+
+    A learner that adapts on embeddings (:func:`medmeta.embedded.adapts_on_embeddings`: ProtoNet,
+    the embedding heads) embeds each scan once for all the episodes (an
+    :class:`~medmeta.embedded.EmbeddingCache`) and adapts on the embeddings; the others run
+    every episode's scans through the backbone."""
+    from medmeta.embedded import EmbeddingCache, OnEmbeddings, adapts_on_embeddings
+
+    cache = EmbeddingCache(learner, store, device) if adapts_on_embeddings(learner) else None
+    head = LearnerHead(OnEmbeddings(learner) if cache is not None else learner, device, batch_size=None)
     was_training = learner.training
     learner.eval()
     out = EpisodeOutputs()
     try:
         for index in indices:
-            task = episode_task(store, sampler, index)
+            task = episode_task(store, sampler, index) if cache is None else embedded_task(cache, sampler, index)
             out.append(head(task, held_out=support_loo), task)
             if on_episode is not None:
                 on_episode(out)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from medmeta.calibration import softmax
+from medmeta.embedded import OnEmbeddings, adapts_on_embeddings
 
 
 @dataclass
@@ -82,8 +83,8 @@ def leave_one_out(
     device = torch.device(device)
     if not has_two_per_class(support_labels):
         raise ValueError("leave-one-out refits need at least two support scans per class")
-    if all(hasattr(learner, name) for name in ("embed", "fit_embedded", "predict_embedded")):
-        learner = _OnEmbeddings(learner)
+    if adapts_on_embeddings(learner):
+        learner = OnEmbeddings(learner)
         support_images = learner.embed_all(support_images, device, batch_size)
         query_images = None if query_images is None else learner.embed_all(query_images, device, batch_size)
     n = len(support_labels)
@@ -104,22 +105,3 @@ def leave_one_out(
     held_out = learner.correct_held_out_logits(np.stack(support_logits), support_labels.cpu().numpy())
     return LeaveOneOut(held_out, worst if base is not None else None)
 
-
-class _OnEmbeddings:
-    """An embedding head's learner seen as one whose "images" are embeddings."""
-
-    def __init__(self, learner):
-        self.learner = learner
-
-    def embed_all(self, images: torch.Tensor, device, batch_size: int) -> torch.Tensor:
-        parts = [self.learner.embed(images[s : s + batch_size].to(device)) for s in range(0, len(images), batch_size)]
-        return torch.cat(parts) if parts else self.learner.embed(images.to(device))
-
-    def fit_support(self, support: torch.Tensor, labels: torch.Tensor) -> None:
-        self.learner.fit_embedded(support, labels)
-
-    def predict_query(self, query: torch.Tensor) -> torch.Tensor:
-        return self.learner.predict_embedded(query)[0]
-
-    def correct_held_out_logits(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return self.learner.correct_held_out_logits(logits, labels)

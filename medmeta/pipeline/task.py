@@ -12,7 +12,8 @@ class Task:
     """What every step after reading works on.
 
     Attributes:
-        support_images: ``(n_support, C, H, W)`` preprocessed scans.
+        support_images: ``(n_support, C, H, W)`` preprocessed scans (or their ``(n_support, d)``
+            embeddings, for a learner seen through :class:`~medmeta.embedded.OnEmbeddings`).
         support_labels: ``(n_support,)`` int64 in ``[0, n_way)``; every condition present.
         query_images: ``(n_query, C, H, W)`` the cases to diagnose.
         conditions: the ``n_way`` condition names; label ``i`` is ``conditions[i]``.
