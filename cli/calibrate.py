@@ -22,7 +22,7 @@ def calibrate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     method_option: Annotated[Optional[list[str]], typer.Option(help="Method hyperparameter KEY=VALUE that leaves the weights as they are (repeatable), e.g. distance=euclidean for protonet [default: none].")] = None,
 ) -> None:
-    """Refit temperature, conformal threshold and referral threshold on val-class episodes; weights are untouched."""
+    """Refit temperature, conformal threshold and referral threshold on val-class episodes (and a temperature for each other protocol shot); weights are untouched."""
     with user_errors():
         from medmeta.progress import console
         from medmeta.training.calibration import print_calibration, recalibrate

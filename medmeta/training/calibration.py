@@ -302,7 +302,8 @@ def print_calibration(record: "CalibrationRecord") -> None:
     conformal, evidence, referral = record.conformal, record.conformal_evidence, record.referral
     console.print(
         f"Temperature {record.temperature:.3f}: ECE ({record.n_bins} bins, held-out val episodes) "
-        f"{_fmt(record.ece_before_val)} -> {_fmt(record.ece_after_val)}",
+        f"{_fmt(record.ece_before_val)} -> {_fmt(record.ece_after_val)}"
+        + "".join(f"; {shot}-shot temperature {t:.3f}" for shot, t in sorted(record.shot_temperatures.items())),
         highlight=False,
     )
     if conformal is None or referral is None:
