@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
@@ -63,3 +64,15 @@ def trained_run(tmp_path_factory, sample_protocol) -> Path:
     )
     train(config, quiet=True)
     return out
+
+
+class CountingBackbone(torch.nn.Module):
+    """Wraps a backbone and counts the images it embeds (``images_seen``)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.images_seen = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images_seen += len(x)
+        return self.inner(x)

@@ -394,16 +394,6 @@ def test_leave_one_out_support_logits_by_hand():
     assert loo.max_change is None
 
 
-class _CountingBackbone(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner, self.images_seen = inner, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.images_seen += len(x)
-        return self.inner(x)
-
-
 class _ImagesOnly:
     """A learner's image interface alone, so leave-one-out refits it on the images."""
 
@@ -422,7 +412,9 @@ def test_protonet_leave_one_out_embeds_every_scan_once():
     from medmeta.leave_one_out import leave_one_out
 
     torch.manual_seed(3)
-    backbone = _CountingBackbone(create_backbone("conv4", in_channels=1, hidden=8))
+    from conftest import CountingBackbone
+
+    backbone = CountingBackbone(create_backbone("conv4", in_channels=1, hidden=8))
     learner = ProtoNet(backbone).eval()
     support, query = torch.randn(6, 1, 16, 16), torch.randn(4, 1, 16, 16)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])

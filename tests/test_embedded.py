@@ -16,17 +16,7 @@ from medmeta.embedded import EmbeddingCache, adapts_on_embeddings
 from medmeta.evaluation import run_episodes
 from medmeta.heads import EmbeddingNormaliser, adapting_learner, create_head
 from medmeta.methods import create_method
-from conftest import SAMPLE_DATA
-
-
-class _Counting(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner, self.images_seen = inner, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.images_seen += len(x)
-        return self.inner(x)
+from conftest import SAMPLE_DATA, CountingBackbone
 
 
 class _ImagesOnly(nn.Module):
@@ -60,7 +50,7 @@ def val_episodes():
 
 def _learners():
     torch.manual_seed(0)
-    protonet = create_method("protonet", _Counting(create_backbone("conv4", in_channels=1, hidden=8))).eval()
+    protonet = create_method("protonet", CountingBackbone(create_backbone("conv4", in_channels=1, hidden=8))).eval()
     normaliser = EmbeddingNormaliser("center_l2").fit(torch.randn(20, 8, dtype=torch.float64))
     with_head = adapting_learner(protonet, create_head("logistic"), normaliser)
     return {"protonet": (protonet, protonet.backbone), "logistic head": (with_head, protonet.backbone)}
