@@ -204,6 +204,8 @@ def _diagnose(run, batch: CaseBatch, options: _Options, cases_dir: str | None) -
 
 def _metadata(run, pipeline, batch: CaseBatch, diagnosis: Diagnosis, options: _Options, cases_dir: str | None) -> dict[str, Any]:
     calibration, probs, sets = pipeline.calibration, diagnosis.probabilities, diagnosis.sets
+    # the validation temperature for this support's shot (see CalibrationRecord.temperature_for)
+    val_temperature = probs.val_temperature if probs.val_temperature is not None else calibration.temperature
     refits = len(batch.task.support_labels) if diagnosis.logits.max_change is not None else 0
     return {
         "medmeta_version": medmeta.__version__,
@@ -215,8 +217,7 @@ def _metadata(run, pipeline, batch: CaseBatch, diagnosis: Diagnosis, options: _O
         "head": pipeline.head_name,
         "transductive": pipeline.transductive,
         "embedding_normalisation": _normalisation(run, pipeline.head_name),
-        # the validation temperature for this support's shot (see CalibrationRecord.temperature_for)
-        "temperature": probs.val_temperature if probs.val_temperature is not None else calibration.temperature,
+        "temperature": val_temperature,
         "temperature_source": probs.source,
         "support_temperature": probs.temperature if probs.source == "support" else None,
         "temperature_prior_sigma": options.prior_sigma if probs.source == "support" else None,
@@ -233,8 +234,7 @@ def _metadata(run, pipeline, batch: CaseBatch, diagnosis: Diagnosis, options: _O
             "min_support_scans_per_condition": min(len(scans) for scans in batch.support.values()),
             "refits": refits,
         },
-        "notes": calibration.notes(run.method)
-        + _notes(batch, diagnosis, options, probs.val_temperature if probs.val_temperature is not None else calibration.temperature),
+        "notes": calibration.notes(run.method) + _notes(batch, diagnosis, options, val_temperature),
         "preprocessing": run.preprocessing.to_dict(),
         "cases_dir": cases_dir,
         "device": str(run.device),

@@ -60,24 +60,20 @@ class ProtoNet(MetaLearner):
     def predict_embedded(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(n_query, n_way)`` and distances to the nearest prototype ``(n_query,)`` of
         embeddings ``query`` ``(n_query, d)`` from :meth:`embed`."""
-        if self.prototypes_ is None:
-            raise RuntimeError("call fit_support before predict_embedded")
-        squared = squared_distances(query, self.prototypes_)
+        squared = self._squared_distances(query, "predict_embedded")
         return self._logits(squared), squared.min(dim=1).values.sqrt()
 
     def predict_query(self, query_images: torch.Tensor) -> torch.Tensor:
-        return self._logits(self._squared_distances(query_images, "predict_query"))
+        return self._logits(self._squared_distances(self.embed(query_images), "predict_query"))
 
     def predict_with_distance(self, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.prototypes_ is None:
-            raise RuntimeError("call fit_support before predict_with_distance")
         return self.predict_embedded(self.embed(query_images))  # one backbone pass
 
-    def _squared_distances(self, query_images: torch.Tensor, caller: str) -> torch.Tensor:
-        """``(n_query, n_way)`` squared distances of the query embeddings to the prototypes."""
+    def _squared_distances(self, query: torch.Tensor, caller: str) -> torch.Tensor:
+        """``(n_query, n_way)`` squared distances of query embeddings ``(n_query, d)`` to the prototypes."""
         if self.prototypes_ is None:
             raise RuntimeError(f"call fit_support before {caller}")
-        return squared_distances(self.backbone(query_images), self.prototypes_)
+        return squared_distances(query, self.prototypes_)
 
     def _logits(self, squared: torch.Tensor) -> torch.Tensor:
         if self.distance == "euclidean":
@@ -89,7 +85,7 @@ class ProtoNet(MetaLearner):
         return held_out_correction(logits, labels, self.distance)
 
     def support_distance(self, query_images: torch.Tensor) -> torch.Tensor:
-        return self._squared_distances(query_images, "support_distance").min(dim=1).values.sqrt()
+        return self.predict_with_distance(query_images)[1]
 
     def hparams(self) -> dict:
         return {"scale": self.scale, "distance": self.distance}
