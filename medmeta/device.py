@@ -18,3 +18,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cpu" or name.startswith("cuda"):
         return torch.device(name)
     raise MedmetaError(f"unknown device {name!r}; use auto, cpu or cuda")
+
+
+def training_memory_format(device: torch.device, image_ndim: int) -> torch.memory_format:
+    """The memory layout that training uses for the model and its input batches.
+
+    ``channels_last`` for 2D images on the CPU, where oneDNN's convolutions run faster on it
+    (measured on 2 cores: an episode of conv4 at 64 px, forward and backward, 1.5x faster);
+    the default layout elsewhere (volumes, and GPUs, where it was not measured). The numbers
+    differ from the default layout only by floating-point summation order."""
+    if device.type == "cpu" and image_ndim == 4:
+        return torch.channels_last
+    return torch.contiguous_format
+

@@ -462,3 +462,23 @@ def test_grayscale_augmentation_is_the_luminance_and_seeded():
         assert is_gray or torch.equal(img, original)
     with pytest.raises(ValueError, match="grayscale probability"):
         Augmenter("light", grayscale=2.0)
+
+
+@pytest.mark.parametrize("level", ["light", "strong"])
+def test_augmenter_matches_monai_with_metadata_tracking_and_restores_the_setting(batch, level):
+    # the augmenter runs MONAI's transforms on plain tensors for speed; the values must be those
+    # of the same transforms on MetaTensors, and MONAI's global tracking must be left as it was
+    from monai.data import get_track_meta, set_track_meta
+
+    aug = Augmenter(level, seed=3, grayscale=0.5)
+    out = aug(batch.clone(), step=7)
+    assert get_track_meta() is True
+    aug._transform.set_random_state(seed=int(np.random.SeedSequence([3, 7]).generate_state(1)[0]))
+    reference = torch.stack([torch.as_tensor(aug._transform(img)) for img in batch.clone()]).clamp(0.0, 1.0)
+    torch.testing.assert_close(out, reference.as_subclass(torch.Tensor), rtol=0, atol=0)
+    set_track_meta(False)
+    try:
+        aug(batch.clone(), step=8)
+        assert get_track_meta() is False
+    finally:
+        set_track_meta(True)

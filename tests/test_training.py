@@ -236,3 +236,69 @@ def test_an_uncalibrated_checkpoint_carries_the_empty_record(tmp_path, sample_pr
 
     meta = checkpoint_meta(Run(_config(sample_protocol, tmp_path / "r"), quiet=True))
     assert meta["calibration"] == CalibrationRecord().to_dict() and meta["calibration"]["method"] == "none"
+
+
+# [device, image_ndim, expected layout]
+MEMORY_FORMATS = [
+    ["cpu", 4, torch.channels_last],
+    ["cpu", 5, torch.contiguous_format],
+    ["cuda", 4, torch.contiguous_format],
+]
+
+
+@pytest.mark.parametrize("device, ndim, expected", MEMORY_FORMATS)
+def test_training_memory_format_table(device, ndim, expected):
+    from medmeta.device import training_memory_format
+
+    assert training_memory_format(torch.device(device), ndim) is expected
+
+
+def test_training_runs_in_channels_last_on_the_cpu_and_validates_in_the_checkpoint_layout(tmp_path, sample_protocol, monkeypatch):
+    from medmeta.training import selection
+
+    seen = {"steps": [], "validations": []}
+    original_step, original_run_episodes = torch.optim.Adam.step, selection.run_episodes
+
+    def layout(params) -> tuple[bool, bool]:
+        convs = [p for p in params if p.dim() == 4]
+        return (all(p.is_contiguous(memory_format=torch.channels_last) for p in convs), all(p.is_contiguous() for p in convs))
+
+    def layout_checking_step(self, *args, **kwargs):
+        if any(frame.filename.endswith("episodic.py") for frame in traceback.extract_stack()):  # not the finetune head's
+            seen["steps"].append(layout(p for group in self.param_groups for p in group["params"]))
+        return original_step(self, *args, **kwargs)
+
+    def layout_checking_episodes(learner, *args, **kwargs):
+        seen["validations"].append(layout(learner.parameters()))
+        return original_run_episodes(learner, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", layout_checking_step)
+    monkeypatch.setattr(selection, "run_episodes", layout_checking_episodes)
+    train(_config(sample_protocol, tmp_path / "run", episodes=4, val_interval=2), quiet=True)
+    assert seen["steps"] == [(True, False)] * 4  # training: channels_last
+    assert seen["validations"] == [(False, True)] * 3  # before episodic training and at 2, 4; validation: the layout a checkpoint is loaded in
+
+
+def test_channels_last_gives_the_default_layout_s_loss_and_gradients():
+    from medmeta.training.build import build_learner
+
+    torch.manual_seed(0)
+    learner = build_learner(TrainConfig(image_size=32))
+    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(3).repeat_interleave(4)
+    support, query = [0, 4, 8], [i for i in range(12) if i not in (0, 4, 8)]
+
+    def loss_and_grads(memory_format):
+        learner.to(memory_format=memory_format)
+        learner.zero_grad(set_to_none=True)
+        x = images.contiguous(memory_format=memory_format)
+        loss, _ = learner.episode_loss(x[support], labels[support], x[query], labels[query])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in learner.parameters()]
+
+    loss_nhwc, grads_nhwc = loss_and_grads(torch.channels_last)
+    loss_nchw, grads_nchw = loss_and_grads(torch.contiguous_format)
+    torch.testing.assert_close(loss_nhwc, loss_nchw, rtol=1e-5, atol=1e-6)
+    assert len(grads_nhwc) == len(grads_nchw) > 0
+    for a, b in zip(grads_nhwc, grads_nchw):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

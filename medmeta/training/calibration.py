@@ -164,8 +164,12 @@ def calibrate_best(run: "Run") -> "CalibrationRecord":
     embedding normaliser on the meta-train scans, calibrate every head of
     :data:`TRAINED_HEADS` the same way, choose the default head on the calibration episodes, and
     store it all in ``best.json``. Returns the method head's record."""
+    import torch
+
     from medmeta.checkpoint import load_tensors, update_checkpoint_meta
 
+    # in the layout adapt, evaluate and calibrate load it in, so that their figures equal these
+    run.learner.to(memory_format=torch.contiguous_format)
     run.learner.load_state_dict(load_tensors(run.out / "best.safetensors"))
     shots = tuple(run.protocol.episodes.shot)
     record = fit_calibration(

@@ -92,8 +92,8 @@ def _meta_step(run: "Run", recent: dict[str, list[float]]) -> range:
     run.optimizer.zero_grad(set_to_none=True)
     for index in batch:
         ep = run.train_episode(index)
-        images = run.augment(run.store.stack(ep.support + ep.query), step=index)
-        support, query = images[: len(ep.support)].to(run.device), images[len(ep.support) :].to(run.device)
+        images = run.batch_to_device(run.augment(run.store.stack(ep.support + ep.query), step=index))
+        support, query = images[: len(ep.support)], images[len(ep.support) :]
         loss, logits = run.learner.episode_loss(support, ep.support_labels.to(run.device), query, ep.query_labels.to(run.device))
         (loss / len(batch)).backward()
         recent["loss"].append(loss.item())

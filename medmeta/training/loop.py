@@ -7,6 +7,7 @@ best model (:mod:`.calibration`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ class Run:
         from medmeta.data.protocol import load_protocol
         from medmeta.data.reading import Preprocessing, ScanReader
         from medmeta.data.store import ImageStore
-        from medmeta.device import resolve_device
+        from medmeta.device import resolve_device, training_memory_format
         from medmeta.training.build import build_learner, episode_shape
 
         self.config, self.quiet, self.out = config, quiet, Path(config.out)
@@ -55,7 +56,9 @@ class Run:
         self.preprocessing = Preprocessing(image_size=config.image_size, channels=config.channels)
         self.store = ImageStore(ScanReader(self.preprocessing))
         self.learner = build_learner(config)
-        self.learner.to(self.device)
+        # batches are (n, C, H, W): every scan is read as a 2D image
+        self.memory_format = training_memory_format(self.device, image_ndim=4)
+        self.learner.to(self.device, memory_format=self.memory_format)
         self.augment = Augmenter(config.augment, seed=config.seed, grayscale=config.augment_grayscale)
         self.history: list[dict[str, Any]] = []
         self.best_val: dict[str, Any] = {"accuracy": -1.0}
@@ -94,6 +97,21 @@ class Run:
         for name in list(self.protocol.records):
             self.protocol.records[name] = [r for r in self.protocol.records[name] if r.key not in bad_keys]
         self.protocol.check_counts(max(self.shot, *self.train_shots), self.query, splits=("train",))
+
+    def batch_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of images on the training device, in the model's memory layout."""
+        return images.to(self.device, memory_format=self.memory_format)
+
+    @contextmanager
+    def checkpoint_layout(self):
+        """The model in the default memory layout while inside, as ``adapt``, ``evaluate`` and
+        ``calibrate`` load a checkpoint, so that validation scores exactly what they will; back
+        to the training layout afterwards."""
+        self.learner.to(memory_format=torch.contiguous_format)
+        try:
+            yield
+        finally:
+            self.learner.to(memory_format=self.memory_format)
 
     def train_episode(self, index: int):
         """Meta-training episode ``index``; its shot is drawn from ``train_shots`` (seeded by the

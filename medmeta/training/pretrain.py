@@ -90,12 +90,12 @@ def _epoch(run: "Run", records: list, labels: torch.Tensor, n_batches: int, repo
     for b in range(n_batches):
         idx = order[b * batch : (b + 1) * batch]
         raw = run.store.stack([records[i] for i in idx])
-        images = run.augment(raw, step=(run.epoch + 1) * 1_000_000 + b).to(run.device)
+        images = run.batch_to_device(run.augment(raw, step=(run.epoch + 1) * 1_000_000 + b))
         target = labels[idx].to(run.device)
         batch_views = images
         if run.projection is not None:  # a second view of the same images, seeded apart from the first
             second = run.augment(raw, step=(run.epoch + 1) * 1_000_000 + CONTRASTIVE_VIEW_OFFSET + b)
-            batch_views = torch.cat([images, second.to(run.device)])
+            batch_views = torch.cat([images, run.batch_to_device(second)])
         features = run.learner.backbone(batch_views)
         logits = run.head(features[: len(idx)])
         loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)

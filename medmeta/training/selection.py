@@ -19,7 +19,7 @@ def validate(run: "Run", label: str) -> None:
     """Score the model on ``val_episodes`` val-class episodes (the same ones every time), add
     the result to the history and save the checkpoint when it is the best so far."""
     cfg = run.config
-    with episode_bar("Validating", cfg.val_episodes, quiet=run.quiet, within=run.progress) as on_episode:
+    with run.checkpoint_layout(), episode_bar("Validating", cfg.val_episodes, quiet=run.quiet, within=run.progress) as on_episode:
         outputs = run_episodes(run.learner, run.store, run.val_sampler, range(cfg.val_episodes), run.device, on_episode=on_episode)
     stats = summarize(outputs).to_dict()
     # no prediction sets or referral during model selection: leave their (None) entries out
