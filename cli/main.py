@@ -49,7 +49,10 @@ def _main(
     ] = False,
 ) -> None:
     """medmeta command line."""
+    from medmeta.allocator import keep_freed_memory
+
     set_quiet(quiet)
+    keep_freed_memory()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -163,11 +163,13 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False, overwr
 
 
 def _train(config: TrainConfig, resume: bool, quiet: bool) -> TrainResult:
+    from medmeta.allocator import keep_freed_memory
     from medmeta.training.calibration import calibrate_best, print_calibration, print_heads
     from medmeta.training.config_file import write_config_file
     from medmeta.training.episodic import meta_train
     from medmeta.training.resume import save_state
 
+    keep_freed_memory()
     torch.manual_seed(config.seed)
     run = Run(config, quiet=quiet)
     run.out.mkdir(parents=True, exist_ok=True)
