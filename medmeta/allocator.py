@@ -5,8 +5,9 @@ of conv4 at 64 px: tens of MB each). glibc's ``malloc`` serves blocks above its 
 with fresh ``mmap`` calls and returns them to the kernel on ``free``, so every step faults
 hundreds of MB of zeroed pages back in: on this project's 2-core machine that was a third of
 the step's time, spent in the kernel (about 95,000 page faults per episode). Raising the mmap
-and trim thresholds keeps those blocks in the heap for reuse. Values are unchanged; only where
-memory comes from changes. Linux with glibc only; elsewhere nothing is done.
+and trim thresholds keeps those blocks in the heap for reuse, at the cost of up to
+:data:`KEEP_BYTES` of freed memory held by the process. Values are unchanged; only where memory
+comes from changes. Linux with glibc only; elsewhere nothing is done.
 """
 
 from __future__ import annotations

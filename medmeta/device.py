@@ -30,4 +30,3 @@ def training_memory_format(device: torch.device, image_ndim: int) -> torch.memor
     if device.type == "cpu" and image_ndim == 4:
         return torch.channels_last
     return torch.contiguous_format
-
