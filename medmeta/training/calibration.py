@@ -164,27 +164,24 @@ def calibrate_best(run: "Run") -> "CalibrationRecord":
     embedding normaliser on the meta-train scans, calibrate every head of
     :data:`TRAINED_HEADS` the same way, choose the default head on the calibration episodes, and
     store it all in ``best.json``. Returns the method head's record."""
-    import torch
-
     from medmeta.checkpoint import load_tensors, update_checkpoint_meta
 
-    # in the layout adapt, evaluate and calibrate load it in, so that their figures equal these
-    run.learner.to(memory_format=torch.contiguous_format)
-    run.learner.load_state_dict(load_tensors(run.out / "best.safetensors"))
-    shots = tuple(run.protocol.episodes.shot)
-    record = fit_calibration(
-        run.learner, run.store, run.calibration_sampler, run.val_sampler, run.config, run.device, run.quiet, held_out=run.best_outputs,
-        other_shots=shots,
-    )
-    normaliser = fit_normaliser(run.learner, run.store, train_records(run.protocol), run.device)
-    heads = calibrate_heads(
-        run.learner, normaliser, record, run.store, run.calibration_sampler, run.val_sampler, run.config, run.device, run.quiet,
-        other_shots=shots,
-    )
-    update_checkpoint_meta(
-        run.out / "best.json", calibration=sidecar_entry(record), embedding_normaliser=normaliser.to_dict(), heads=heads
-    )
-    run.heads = heads
+    with run.checkpoint_layout():  # so that adapt, evaluate and calibrate reproduce these figures
+        run.learner.load_state_dict(load_tensors(run.out / "best.safetensors"))
+        shots = tuple(run.protocol.episodes.shot)
+        record = fit_calibration(
+            run.learner, run.store, run.calibration_sampler, run.val_sampler, run.config, run.device, run.quiet, held_out=run.best_outputs,
+            other_shots=shots,
+        )
+        normaliser = fit_normaliser(run.learner, run.store, train_records(run.protocol), run.device)
+        heads = calibrate_heads(
+            run.learner, normaliser, record, run.store, run.calibration_sampler, run.val_sampler, run.config, run.device, run.quiet,
+            other_shots=shots,
+        )
+        update_checkpoint_meta(
+            run.out / "best.json", calibration=sidecar_entry(record), embedding_normaliser=normaliser.to_dict(), heads=heads
+        )
+        run.heads = heads
     return record
 
 
