@@ -103,6 +103,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": _at_least(0),
     "lr_step": _at_least(1),
     "lr_gamma": _positive(),
+    "ema_decay": ((lambda v: 0 <= v < 1), "must be at least 0 (no average) and below 1"),
     "pretrain_epochs": _at_least(0),
     "pretrain_lr": _positive(),
     "pretrain_batch_size": _at_least(1),

@@ -85,6 +85,11 @@ class TrainConfig:
     weight_decay: float = _setting(0.0, "Adam weight decay of episodic training.")
     lr_step: int = _setting(2000, "Multiply the episodic learning rate by --lr-gamma every N episodes.")
     lr_gamma: float = _setting(0.5, "Factor of the episodic learning-rate step.")
+    ema_decay: float = _setting(
+        0.0,
+        "Keep an exponential moving average of the weights in episodic training (decay per optimiser step, e.g. 0.997; "
+        "0 = none); every validation also scores the average, and the better model is kept.",
+    )
     pretrain_epochs: int = _setting(20, "Epochs of backbone pre-training on all meta-train classes (0 = none).")
     pretrain_lr: float = _setting(0.05, "SGD learning rate of pre-training (cosine-annealed).")
     pretrain_batch_size: int = _setting(64, "Images per pre-training batch.")

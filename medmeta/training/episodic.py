@@ -24,6 +24,19 @@ def start_episodic(run: "Run") -> None:
     run.teacher = None
     run.optimizer = torch.optim.Adam(episodic_param_groups(run), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run.scheduler = torch.optim.lr_scheduler.StepLR(run.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    run.ema = moving_average(run.learner, cfg.ema_decay)
+
+
+def moving_average(learner: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """torch's :class:`~torch.optim.swa_utils.AveragedModel` keeping an exponential moving
+    average of ``learner``'s parameters and buffers (normalisation statistics included), or
+    None when ``decay`` is 0. Its first update copies the weights; each later one moves the
+    average ``1 - decay`` of the way to them."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(learner, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def episodic_param_groups(run: "Run") -> list[dict[str, Any]]:
@@ -101,6 +114,8 @@ def _meta_step(run: "Run", recent: dict[str, list[float]]) -> range:
     if cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]], cfg.grad_clip)
     run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.learner)
     for _ in batch:
         run.scheduler.step()
     run.episode += len(batch)

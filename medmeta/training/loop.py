@@ -71,6 +71,7 @@ class Run:
         self.generation = 0  # of self-distillation in pre-training
         self.teacher: torch.nn.Module | None = None  # the previous generation, frozen
         self.optimizer: torch.optim.Optimizer | None = None
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None  # the weights' moving average, in episodic training
         self.scheduler: Any = None
         self.progress: Any = None  # the live progress bar, while one runs
 
@@ -112,6 +113,23 @@ class Run:
             yield
         finally:
             self.learner.to(memory_format=self.memory_format)
+
+    @contextmanager
+    def averaged_weights(self):
+        """The learner holds the moving average of its weights (:attr:`ema`) while inside, its
+        own weights again afterwards (copied in place: the optimiser's references stay valid)."""
+        assert self.ema is not None
+        own = {name: value.clone() for name, value in self.learner.state_dict().items()}
+        self.learner.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            self.learner.load_state_dict(own)
+
+    @property
+    def has_average(self) -> bool:
+        """True once the moving average holds at least one optimiser step."""
+        return self.ema is not None and int(self.ema.n_averaged) > 0
 
     def train_episode(self, index: int):
         """Meta-training episode ``index``; its shot is drawn from ``train_shots`` (seeded by the
@@ -184,7 +202,7 @@ def _train(config: TrainConfig, resume: bool, quiet: bool) -> TrainResult:
         best = run.best_val
         console.print(
             f"Best val accuracy {best['accuracy']:.3f} ± {best.get('accuracy_ci95', float('nan')):.3f} "
-            f"({best.get('phase')}, episode {best.get('episode')})."
+            f"({best.get('phase')}, episode {best.get('episode')}{', weight average' if best.get('weights') == 'average' else ''})."
         )
         print_calibration(record)
         print_heads(run.heads, record)

@@ -1,4 +1,4 @@
-"""Resume state: ``last.safetensors`` (weights, optimiser tensors, torch RNG, and in its header
+"""Resume state: ``last.safetensors`` (weights, their moving average, optimiser tensors, torch RNG, and in its header
 the config, phase, counters, scheduler and history), written after every pre-training epoch and
 validation, and read back by ``--resume``.
 
@@ -39,6 +39,8 @@ def save_state(run: "Run") -> None:
         tensors.update({f"projection.{k}": v for k, v in run.projection.state_dict().items()})
     if run.teacher is not None:
         tensors.update({f"teacher.{k}": v for k, v in run.teacher.state_dict().items()})
+    if run.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in run.ema.state_dict().items()})
     optim_tensors, optim_rest = optimizer_to_tensors(run.optimizer.state_dict(), "optim")
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -96,6 +98,9 @@ def load_state(run: "Run") -> None:
         run.projection.load_state_dict({k[11:]: v for k, v in tensors.items() if k.startswith("projection.")})
     if run.teacher is not None:
         run.teacher.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("teacher.")})
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if run.ema is not None and ema:  # a state saved without one (older runs) starts the average afresh
+        run.ema.load_state_dict(ema)
     assert run.optimizer is not None
     run.optimizer.load_state_dict(optimizer_from_tensors(tensors, state["optimizer"], "optim"))
     run.scheduler.load_state_dict(state["scheduler"])

@@ -17,25 +17,37 @@ if TYPE_CHECKING:
 
 def validate(run: "Run", label: str) -> None:
     """Score the model on ``val_episodes`` val-class episodes (the same ones every time), add
-    the result to the history and save the checkpoint when it is the best so far."""
+    the result to the history and save the checkpoint when it is the best so far. When the run
+    keeps a moving average of its weights (``ema_decay``), the average is scored the same way
+    and is a candidate of its own (history entries say ``"weights": "average"``)."""
+    cfg = run.config
+    scores = [_score(run, label, "current")]
+    if run.has_average:
+        with run.averaged_weights():
+            scores.append(_score(run, label, "average"))
+    if not run.quiet:
+        shown = "; weight average ".join(scores)
+        console.print(f"Validation {label}: accuracy {shown} ({cfg.val_episodes} {run.val_way}-way {run.shot}-shot episodes on val classes)")
+
+
+def _score(run: "Run", label: str, weights: str) -> str:
+    """Validate the learner's weights as they are now (``weights`` names them in the history),
+    keep them as the checkpoint when they are the best so far; returns the figure in words."""
     cfg = run.config
     with run.checkpoint_layout(), episode_bar("Validating", cfg.val_episodes, quiet=run.quiet, within=run.progress) as on_episode:
         outputs = run_episodes(run.learner, run.store, run.val_sampler, range(cfg.val_episodes), run.device, on_episode=on_episode)
     stats = summarize(outputs).to_dict()
     # no prediction sets or referral during model selection: leave their (None) entries out
-    entry = {"phase": run.phase, "epoch": run.epoch, "episode": run.episode, **{k: v for k, v in stats.items() if v is not None}}
+    entry = {"phase": run.phase, "epoch": run.epoch, "episode": run.episode, **({"weights": weights} if weights != "current" else {}),
+             **{k: v for k, v in stats.items() if v is not None}}
     run.history.append(entry)
     improved = stats["accuracy"] > run.best_val["accuracy"]
     if improved:
-        run.best_val = {"accuracy": stats["accuracy"], "accuracy_ci95": stats["accuracy_ci95"], "episode": run.episode, "phase": run.phase}
+        run.best_val = {"accuracy": stats["accuracy"], "accuracy_ci95": stats["accuracy_ci95"], "episode": run.episode, "phase": run.phase,
+                        **({"weights": weights} if weights != "current" else {})}
         save_checkpoint(run.out / "best.json", run.learner, checkpoint_meta(run))
         run.best_outputs = outputs  # the calibration's held-out check of this model, already run
-    if not run.quiet:
-        mark = " [green](best, saved)[/]" if improved else ""
-        console.print(
-            f"Validation {label}: accuracy {stats['accuracy']:.3f} ± {stats['accuracy_ci95']:.3f} "
-            f"({cfg.val_episodes} {run.val_way}-way {run.shot}-shot episodes on val classes){mark}"
-        )
+    return f"{stats['accuracy']:.3f} ± {stats['accuracy_ci95']:.3f}" + (" [green](best, saved)[/]" if improved else "")
 
 
 def checkpoint_meta(run: "Run") -> dict[str, Any]:
