@@ -149,6 +149,22 @@ def test_choose_head_takes_the_cheapest_within_one_standard_error():
     assert choose_head({"finetune": 0.95, "logistic": 0.90}, n_cases=1000) == "finetune"
 
 
+def test_choose_head_prefers_the_best_calibrated_among_the_equally_accurate():
+    from medmeta.training.calibration import choose_head
+
+    # 1,000 cases at p = 0.9: standard error 0.0095; logistic (0.885) is not equally accurate
+    accuracy = {"method": 0.898, "prototype": 0.893, "logistic": 0.885, "finetune": 0.90}
+    ece = {"method": 0.024, "prototype": 0.007, "logistic": 0.001, "finetune": 0.010}
+    assert choose_head(accuracy, n_cases=1000, ece=ece) == "prototype"
+    # ECEs within 0.005 of the lowest are equal: then the cheapest of them
+    assert choose_head(accuracy, n_cases=1000, ece={**ece, "method": 0.011}) == "method"
+    # unknown ECEs count as the worst; none known at all: the cheapest, as without ECEs
+    assert choose_head(accuracy, n_cases=1000, ece={"method": None, "prototype": float("nan"), "finetune": 0.03}) == "finetune"
+    assert choose_head(accuracy, n_cases=1000, ece={}) == "method"
+    # calibration never buys a less accurate head
+    assert choose_head(accuracy, n_cases=100_000, ece=ece) == "finetune"
+
+
 def test_cli_head_choices_are_in_step_with_the_registry():
     from medmeta.cli.adapt import HEAD_NAMES
 
@@ -175,7 +191,9 @@ def test_training_stores_a_normaliser_and_calibrated_heads_with_a_default(traine
 
     shape, config = meta["training"]["episode_shape"], meta["training"]["config"]
     n_cases = config["calibration_episodes"] * min(shape["way"], len(meta["protocol"]["classes"]["val"])) * shape["query"]
-    assert heads["default"] == choose_head(accuracy, n_cases)
+    ece = {"method": meta["calibration"]["ece_after_val"]}
+    ece.update({name: data["ece_after_val"] for name, data in heads["calibration"].items() if "+" not in name})
+    assert heads["default"] == choose_head(accuracy, n_cases, ece)
     best = max(accuracy.values())
     assert accuracy[heads["default"]] >= best - math.sqrt(best * (1 - best) / n_cases) - 1e-9
     assert f"{n_cases} cases" in heads["chosen_by"]

@@ -217,9 +217,9 @@ def calibrate_heads(learner, normaliser, method_record, store, calibration_sampl
                     other_shots: tuple[int, ...] = ()) -> dict[str, Any]:
     """Calibrate each ``(head, transductive refiner)`` of ``names`` on ``learner``'s backbone
     (as :func:`fit_calibration` does for the method's own) and choose the default among the
-    inductive heads: the one with the highest accuracy on the calibration episodes, val classes
-    drawn apart from those that selected the checkpoint; within one standard error of the best,
-    the cheapest (:func:`choose_head`). The
+    inductive heads: among those whose accuracy on the calibration episodes (val classes drawn
+    apart from those that selected the checkpoint) is within one standard error of the best, the
+    best calibrated on the held-out val episodes, then the cheapest (:func:`choose_head`). The
     ``finetune`` head's steps and rate are first chosen on val episodes of their own
     (:func:`~medmeta.training.head_tuning.tune_finetune`; the grid's scores are kept under
     ``tuning``). Each head also gets a temperature per shot of ``other_shots``. Returns the
@@ -246,10 +246,13 @@ def calibrate_heads(learner, normaliser, method_record, store, calibration_sampl
         entry["calibration"][head_key(name, transductive)] = sidecar_entry(record)
     accuracy = {"method": method_record.accuracy_fit_episodes}
     accuracy.update({key: data.get("accuracy_fit_episodes") for key, data in entry["calibration"].items() if "+" not in key})
+    ece = {"method": method_record.ece_after_val}
+    ece.update({key: data.get("ece_after_val") for key, data in entry["calibration"].items() if "+" not in key})
     n_cases = cfg.calibration_episodes * calibration_sampler.way * calibration_sampler.query
-    entry["default"] = choose_head(accuracy, n_cases)
+    entry["default"] = choose_head(accuracy, n_cases, ece)
     entry["chosen_by"] = (f"accuracy on the calibration episodes (val classes, apart from model selection, {n_cases} cases): "
-                          "the cheapest head within one standard error of the best")
+                          f"among the heads within one standard error of the best, the lowest ECE on the held-out val "
+                          f"episodes (within {ECE_MARGIN}), then the cheapest")
     return entry
 
 
@@ -270,16 +273,25 @@ def tuning_episodes(cfg: TrainConfig) -> int:
 HEAD_COST_ORDER = ("method", "prototype", "logistic", "finetune")
 
 
-def choose_head(accuracy: dict[str, float | None], n_cases: int | None = None) -> str:
+#: Held-out ECEs closer than this count as equal when the default head is chosen: about one
+#: standard error of a 15-bin ECE on a few thousand val cases.
+ECE_MARGIN = 0.005
+
+
+def choose_head(accuracy: dict[str, float | None], n_cases: int | None = None, ece: dict[str, float | None] | None = None) -> str:
     """The default head from its ``accuracy`` on the calibration episodes (None or NaN counts as
-    unknown, never chosen).
+    unknown, never chosen) and, when given, its ``ece`` on the held-out val episodes after
+    temperature scaling.
 
     With ``n_cases`` (the query cases scored), the one-standard-error rule (Breiman et al.
-    1984): the cheapest head (:data:`HEAD_COST_ORDER`) whose accuracy is within one binomial
-    standard error, ``sqrt(p (1 - p) / n_cases)`` at the best accuracy ``p``, of the best. A
-    difference smaller than the noise of the calibration episodes does not buy a costlier head
-    (the fine-tuning head costs a training run per fit). Without ``n_cases``: the most accurate,
-    ties to the cheaper."""
+    1984): the heads whose accuracy is within one binomial standard error,
+    ``sqrt(p (1 - p) / n_cases)`` at the best accuracy ``p``, of the best are equally accurate;
+    without it only the most accurate are. Among those, the best calibrated (lowest ``ece``;
+    within :data:`ECE_MARGIN` of it counts as equal, an unknown ECE as the worst), and of these
+    the cheapest (:data:`HEAD_COST_ORDER`): a difference smaller than the noise of the
+    calibration episodes does not buy a costlier head (the fine-tuning head costs a training run
+    per fit), and at equal accuracy the head whose probabilities are better calibrated gives
+    smaller, honest prediction sets."""
     rank = {name: i for i, name in enumerate(HEAD_COST_ORDER)}
     known = [(name, v) for name, v in accuracy.items() if v is not None and math.isfinite(v)]
     if not known:
@@ -287,15 +299,25 @@ def choose_head(accuracy: dict[str, float | None], n_cases: int | None = None) -
     known.sort(key=lambda item: rank.get(item[0], len(rank)))
     best = max(v for _, v in known)
     margin = 1e-12 if not n_cases else math.sqrt(max(best * (1 - best), 0.0) / n_cases) + 1e-12
-    return next(name for name, v in known if v >= best - margin)
+    equal = [name for name, v in known if v >= best - margin]
+    if not ece:
+        return equal[0]
+    errors = {name: ece.get(name) for name in equal}
+    errors = {name: (e if e is not None and math.isfinite(e) else math.inf) for name, e in errors.items()}
+    lowest = min(errors.values())
+    return next(name for name in equal if errors[name] <= lowest + ECE_MARGIN)
 
 
 def print_heads(heads: dict[str, Any], method_record: "CalibrationRecord") -> None:
-    """One line: each head's accuracy on the calibration episodes and the default chosen."""
-    values = {"method": method_record.accuracy_fit_episodes}
-    values.update({n: d.get("accuracy_fit_episodes") for n, d in heads["calibration"].items()})
-    shown = ", ".join(f"{name} {_fmt(value)}" for name, value in values.items())
-    console.print(f"Heads (accuracy on calibration episodes): {shown}; default head: {heads['default']}", highlight=False)
+    """One line: each head's accuracy on the calibration episodes, its ECE on the held-out val
+    episodes, and the default chosen."""
+    values = {"method": (method_record.accuracy_fit_episodes, method_record.ece_after_val)}
+    values.update({n: (d.get("accuracy_fit_episodes"), d.get("ece_after_val")) for n, d in heads["calibration"].items()})
+    shown = ", ".join(f"{name} {_fmt(accuracy)} (ECE {_fmt(ece)})" for name, (accuracy, ece) in values.items())
+    console.print(
+        f"Heads (accuracy on calibration episodes, ECE on held-out val episodes): {shown}; default head: {heads['default']}",
+        highlight=False,
+    )
 
 
 def print_calibration(record: "CalibrationRecord") -> None:
