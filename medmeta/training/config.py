@@ -86,7 +86,7 @@ class TrainConfig:
     lr_step: int = _setting(2000, "Multiply the episodic learning rate by --lr-gamma every N episodes.")
     lr_gamma: float = _setting(0.5, "Factor of the episodic learning-rate step.")
     ema_decay: float = _setting(
-        0.0,
+        0.997,
         "Keep an exponential moving average of the weights in episodic training (decay per optimiser step, e.g. 0.997; "
         "0 = none); every validation also scores the average, and the better model is kept.",
     )
