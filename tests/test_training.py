@@ -115,7 +115,8 @@ def test_backbone_arguments_compare_with_their_defaults_filled_in():
 def test_time_budget_stop_still_validates_the_final_model(tmp_path, sample_protocol):
     result = train(_config(sample_protocol, tmp_path / "t", episodes=50, val_interval=1000, max_minutes=1e-9), quiet=True)
     assert result.episodes_done == 1  # the first step runs, then the budget is spent
-    assert [h["episode"] for h in result.history] == [0, 1]
+    # the pre-trained start, then the final model: its weights and their moving average (one step)
+    assert [(h["episode"], h.get("weights")) for h in result.history] == [(0, None), (1, None), (1, "average")]
 
 
 def test_backbone_lr_zero_freezes_the_backbone_and_its_statistics_while_the_method_learns(tmp_path, sample_protocol, trained_run):
