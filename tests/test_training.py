@@ -277,7 +277,9 @@ def test_training_runs_in_channels_last_on_the_cpu_and_validates_in_the_checkpoi
     monkeypatch.setattr(selection, "run_episodes", layout_checking_episodes)
     train(_config(sample_protocol, tmp_path / "run", episodes=4, val_interval=2), quiet=True)
     assert seen["steps"] == [(True, False)] * 4  # training: channels_last
-    assert seen["validations"] == [(False, True)] * 3  # before episodic training and at 2, 4; validation: the layout a checkpoint is loaded in
+    # before episodic training, then at 2 and 4 the weights and their moving average: every
+    # validation in the layout a checkpoint is loaded in
+    assert seen["validations"] == [(False, True)] * 5
 
 
 def test_channels_last_gives_the_default_layout_s_loss_and_gradients():
