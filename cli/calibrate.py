@@ -21,6 +21,7 @@ def calibrate(
     episodes: Annotated[Optional[int], typer.Option(help="Calibration episodes [default: training's].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     method_option: Annotated[Optional[list[str]], typer.Option(help="Method hyperparameter KEY=VALUE that leaves the weights as they are (repeatable), e.g. distance=euclidean for protonet [default: none].")] = None,
+    head: Annotated[Optional[list[str]], typer.Option(help="Refit only this head, HEAD or HEAD+REFINER (repeatable), e.g. prototype+alpha_tim to use `adapt --head prototype --transductive alpha_tim`; `method` is the method's own. Other heads keep their calibration [default: the method's and every head training calibrates].")] = None,
 ) -> None:
     """Refit temperature, conformal threshold and referral threshold on val-class episodes (and a temperature for each other protocol shot); weights are untouched."""
     with user_errors():
@@ -30,6 +31,6 @@ def calibrate(
         record = recalibrate(
             checkpoint, shot=shot, coverage=coverage, conformal_score=conformal_score,
             class_conditional=class_conditional, refer_share=refer_share, calibration_episodes=episodes, device=device,
-            quiet=console.quiet, method_options=parse_key_values(method_option or [], "--method-option"),
+            quiet=console.quiet, method_options=parse_key_values(method_option or [], "--method-option"), heads=head,
         )
     print_calibration(record)

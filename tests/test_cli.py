@@ -240,6 +240,52 @@ def test_calibrate_refits_on_val_classes_without_touching_the_weights(trained_ru
     assert invoke("calibrate", "--checkpoint", run, "--coverage", 1.5).exit_code == 2
 
 
+def test_calibrate_one_head_adds_a_transductive_variant_and_keeps_the_rest(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = json.loads((run / "best.json").read_text())
+    assert "prototype+alpha_tim" not in before["heads"]["calibration"]
+    result = invoke("calibrate", "--checkpoint", run, "--head", "prototype+alpha_tim", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    after = json.loads((run / "best.json").read_text())
+    fitted = after["heads"]["calibration"].pop("prototype+alpha_tim")
+    assert fitted["temperature"] > 0 and 0 <= fitted["accuracy_fit_episodes"] <= 1
+    # nothing else is refitted: the method's own record, every other head and the default stay
+    assert after["calibration"] == before["calibration"] and after["heads"]["calibration"] == before["heads"]["calibration"]
+    assert after["heads"]["default"] == before["heads"]["default"] and after["weights"] == before["weights"]
+    out = tmp_path / "report"
+    adapted = invoke("adapt", "--checkpoint", run, "--cases", SAMPLE_CASES, "--out", out, "--head", "prototype",
+                     "--transductive", "alpha_tim", "--no-stability")
+    assert adapted.exit_code == 0, adapted.output
+    assert json.loads((out / "report.json").read_text())["metadata"]["transductive"] == "alpha_tim"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--head", "knn"), "unknown head 'knn'"),
+        (("--head", "prototype+kmeans"), "unknown transductive refiner 'kmeans'"),
+        (("--head", "method+soft_kmeans"), "not the method's own"),
+        (("--head", "prototype", "--method-option", "distance=euclidean"), "add --head method"),
+    ],
+)
+def test_calibrate_refuses_a_bad_head_and_writes_nothing(trained_run, tmp_path, args, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = (run / "best.json").read_text()
+    result = invoke("calibrate", "--checkpoint", run, *args, "--device", "cpu")
+    assert result.exit_code == 2 and message in plain(result.output) and "Traceback" not in result.output
+    assert (run / "best.json").read_text() == before
+
+
+def test_head_specs_are_parsed_in_order_without_repeats():
+    from medmeta.training.calibration import parse_head_specs
+
+    assert parse_head_specs(["prototype+alpha_tim", "method", "logistic", "prototype+alpha_tim"]) == (
+        True, (("prototype", "alpha_tim"), ("logistic", None)))
+    assert parse_head_specs(["finetune"]) == (False, (("finetune", None),))
+
+
 def test_evaluate_with_support_updated_temperature(trained_run, tmp_path):
     args = ("evaluate", "--checkpoint", trained_run, "--episodes", 6, "--shot", 3, "--device", "cpu", "--out", tmp_path,
             "--conformal-source", "val", "--head", "method")

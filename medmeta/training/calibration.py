@@ -244,12 +244,10 @@ def calibrate_heads(learner, normaliser, method_record, store, calibration_sampl
         record = fit_calibration(learner_with_head, store, calibration_sampler, val_sampler, cfg, device, quiet, other_shots=other_shots)
         entry["options"][name] = head.hparams()
         entry["calibration"][head_key(name, transductive)] = sidecar_entry(record)
-    accuracy = {"method": method_record.accuracy_fit_episodes}
-    accuracy.update({key: data.get("accuracy_fit_episodes") for key, data in entry["calibration"].items() if "+" not in key})
-    ece = {"method": method_record.ece_after_val}
-    ece.update({key: data.get("ece_after_val") for key, data in entry["calibration"].items() if "+" not in key})
+    scores = {name: value for name, value in head_scores(entry, method_record).items() if "+" not in name}
     n_cases = cfg.calibration_episodes * calibration_sampler.way * calibration_sampler.query
-    entry["default"] = choose_head(accuracy, n_cases, ece)
+    accuracy = {name: a for name, (a, _) in scores.items()}
+    entry["default"] = choose_head(accuracy, n_cases, {name: e for name, (_, e) in scores.items()})
     entry["chosen_by"] = (f"accuracy on the calibration episodes (val classes, apart from model selection, {n_cases} cases): "
                           f"among the heads within one standard error of the best, the lowest ECE on the held-out val "
                           f"episodes (within {ECE_MARGIN}), then the cheapest")
@@ -308,12 +306,19 @@ def choose_head(accuracy: dict[str, float | None], n_cases: int | None = None, e
     return next(name for name in equal if errors[name] <= lowest + ECE_MARGIN)
 
 
+def head_scores(heads: dict[str, Any], method_record: "CalibrationRecord") -> dict[str, tuple[float | None, float | None]]:
+    """``{head key: (accuracy on the calibration episodes, ECE on the held-out val episodes)}``
+    for the method's own head (``method_record``) and every head calibrated in the sidecar's
+    ``heads`` entry, transductive variants included (their keys hold a ``+``)."""
+    scores = {"method": (method_record.accuracy_fit_episodes, method_record.ece_after_val)}
+    scores.update({key: (data.get("accuracy_fit_episodes"), data.get("ece_after_val")) for key, data in heads["calibration"].items()})
+    return scores
+
+
 def print_heads(heads: dict[str, Any], method_record: "CalibrationRecord") -> None:
     """One line: each head's accuracy on the calibration episodes, its ECE on the held-out val
     episodes, and the default chosen."""
-    values = {"method": (method_record.accuracy_fit_episodes, method_record.ece_after_val)}
-    values.update({n: (d.get("accuracy_fit_episodes"), d.get("ece_after_val")) for n, d in heads["calibration"].items()})
-    shown = ", ".join(f"{name} {_fmt(accuracy)} (ECE {_fmt(ece)})" for name, (accuracy, ece) in values.items())
+    shown = ", ".join(f"{name} {_fmt(accuracy)} (ECE {_fmt(ece)})" for name, (accuracy, ece) in head_scores(heads, method_record).items())
     console.print(
         f"Heads (accuracy on calibration episodes, ECE on held-out val episodes): {shown}; default head: {heads['default']}",
         highlight=False,
@@ -356,12 +361,19 @@ def recalibrate(
     device: str = "auto",
     quiet: bool = False,
     method_options: dict[str, Any] | None = None,
+    heads: list[str] | None = None,
 ) -> "CalibrationRecord":
     """Refit the calibration of an existing checkpoint on its protocol's val classes (e.g. for
     another coverage or shot), for the method's own head and every embedding head
     (:func:`calibrate_heads`, which chooses the default head again), and rewrite its sidecar;
     the weights are untouched. A checkpoint without an embedding normaliser gets one. Episodes use
     the training run's seeds, so the result equals what training would have stored.
+
+    ``heads`` (``HEAD`` or ``HEAD+REFINER`` specs, e.g. ``["prototype+alpha_tim"]``) refits only
+    those, keeping every other stored calibration as it is: the way to calibrate a head or a
+    transductive variant that training does not (:func:`parse_head_specs`). ``method`` names the
+    method's own head; without it the stored method calibration is kept, so ``method_options``
+    then needs ``method`` among ``heads``.
 
     ``method_options`` changes method hyperparameters that do not touch the weights before the
     refit (e.g. ``{"distance": "euclidean"}`` for ProtoNet: same predictions, other
@@ -373,14 +385,43 @@ def recalibrate(
     folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     with output_lock(folder):  # not while a training or another calibration writes the run folder
         return _recalibrate(checkpoint, shot, coverage, conformal_score, class_conditional, refer_share,
-                            calibration_episodes, device, quiet, method_options)
+                            calibration_episodes, device, quiet, method_options, heads)
+
+
+def parse_head_specs(specs: list[str]) -> tuple[bool, tuple[tuple[str, str | None], ...]]:
+    """``(method head named, ((head, refiner or None), ...))`` from ``HEAD`` or ``HEAD+REFINER``
+    specs such as ``["method", "prototype+alpha_tim"]``, in order and without repeats; an unknown
+    head or refiner, or a refiner on the method's own head, is a :class:`ConfigError`."""
+    from medmeta.heads import METHOD_HEAD, list_heads
+    from medmeta.training.config import ConfigError
+    from medmeta.transductive import REFINERS
+
+    refiners = [name for name in REFINERS if name != "inductive"]
+    with_method, names = False, []
+    for spec in specs:
+        head, _, refiner = str(spec).partition("+")
+        if head not in list_heads():
+            raise ConfigError(f"unknown head {head!r} in {spec!r}; choose from {', '.join(list_heads())}", "head")
+        if refiner and refiner not in refiners:
+            raise ConfigError(f"unknown transductive refiner {refiner!r} in {spec!r}; choose from {', '.join(refiners)}", "head")
+        if head == METHOD_HEAD:
+            if refiner:
+                raise ConfigError(f"{spec!r}: transductive refinement works on embedding heads, not the method's own", "head")
+            with_method = True
+        elif (head, refiner or None) not in names:
+            names.append((head, refiner or None))
+    return with_method, tuple(names)
 
 
 def _recalibrate(checkpoint, shot, coverage, conformal_score, class_conditional, refer_share,
-                 calibration_episodes, device, quiet, method_options) -> "CalibrationRecord":
+                 calibration_episodes, device, quiet, method_options, head_specs) -> "CalibrationRecord":
     from medmeta.checkpoint import update_checkpoint_meta
     from medmeta.run import load_run
+    from medmeta.training.config import ConfigError
 
+    with_method, names = parse_head_specs(head_specs) if head_specs else (True, TRAINED_HEADS)
+    if method_options and not with_method:
+        raise ConfigError("--method-option changes the method's own head: add --head method to refit it", "head")
     run = load_run(checkpoint, device, method_options=method_options or None, allow_unfinished=True)  # calibrating finishes it
     overrides = {"coverage": coverage, "conformal_score": conformal_score, "class_conditional": class_conditional,
                  "refer_share": refer_share, "calibration_episodes": calibration_episodes}
@@ -391,13 +432,16 @@ def _recalibrate(checkpoint, shot, coverage, conformal_score, class_conditional,
     val_sampler = run.sampler("val", way, shot, query, cfg.seed + VAL_SEED_OFFSET)
     store = run.store()
     shots = tuple(run.protocol.episodes.shot)
-    record = fit_calibration(run.learner, store, calibration_sampler, val_sampler, cfg, run.device, quiet, other_shots=shots)
+    if with_method or not run.checkpoint.meta.get("calibration"):
+        record = fit_calibration(run.learner, store, calibration_sampler, val_sampler, cfg, run.device, quiet, other_shots=shots)
+    else:
+        record = run.checkpoint.calibration
     if method_options:
         record.method_options = dict(method_options)
     normaliser = run.checkpoint.normaliser or fit_normaliser(run.learner, store, train_records(run.protocol), run.device)
     heads = calibrate_heads(
         run.learner, normaliser, record, store, calibration_sampler, val_sampler, cfg, run.device, quiet,
-        previous=run.checkpoint.heads_record or None, other_shots=shots,
+        names=names, previous=run.checkpoint.heads_record or None, other_shots=shots,
     )
     update_checkpoint_meta(
         run.checkpoint.path, calibration=sidecar_entry(record), method=run.checkpoint.meta["method"],
