@@ -3,8 +3,12 @@
 Prints accuracy (95% CI), macro AUC, ECE before/after temperature scaling for every shot in
 the protocol, and training throughput; writes ``benchmark.json`` into the run folder.
 
-    python benchmarks/protocol_benchmark.py ../shared/protocols/derm-rare.yaml \
-        --out runs/derm-rare --max-minutes 28 --episodes 20000
+    python benchmarks/protocol_benchmark.py ../shared/protocols/derm-rare.yaml --out runs/derm-rare
+
+Every training setting left unset is ``medmeta train``'s default (since 2026-12-03; before,
+this script had defaults of its own: 20,000 episodes, 100 val episodes every 250, 200
+calibration episodes, a learning-rate step every 1,000), so a run without options measures the
+recipe that ships; ``--max-minutes`` (30, the budget of issue 11) only guards the time.
 
 Episodes are seeded by the protocol and ``--eval-seed`` only, so every method is measured on
 identical test episodes.
@@ -24,39 +28,50 @@ from medmeta.training import TrainConfig, train
 from medmeta.training.config_file import parse_key_values
 
 
+#: ``(option, TrainConfig field, type, help)``: the training settings this benchmark passes on.
+#: Unset, each is ``medmeta train``'s own default, so a run without options is the shipped recipe.
+TRAINING_OPTIONS = (
+    ("--method", "method", str, None),
+    ("--backbone", "backbone", str, None),
+    ("--image-size", "image_size", int, None),
+    ("--channels", "channels", int, None),
+    ("--episodes", "episodes", int, None),
+    ("--pretrain-epochs", "pretrain_epochs", int, None),
+    ("--label-smoothing", "pretrain_label_smoothing", float, "of the pre-training cross-entropy"),
+    ("--contrastive", "pretrain_contrastive", float, "weight of the contrastive pre-training loss"),
+    ("--generations", "pretrain_generations", int, "pre-training generations (born-again self-distillation)"),
+    ("--tuning-episodes", "tuning_episodes", int, "val episodes choosing the finetune head's steps and rate"),
+    ("--shot", "shot", int, "training shot [default: protocol's largest]"),
+    ("--val-interval", "val_interval", int, None),
+    ("--val-episodes", "val_episodes", int, None),
+    ("--calibration-episodes", "calibration_episodes", int, None),
+    ("--lr-step", "lr_step", int, None),
+    ("--augment", "augment", str, None),
+    ("--grayscale", "augment_grayscale", float, "probability of a grayscale training image"),
+    ("--meta-batch", "meta_batch", int, None),
+    ("--lr", "lr", float, None),
+    ("--backbone-lr", "backbone_lr", float, "0 freezes the backbone"),
+    ("--grad-clip", "grad_clip", float, None),
+    ("--ema-decay", "ema_decay", float, "weight average of episodic training (0 = none)"),
+    ("--init-from", "init_from", str, "start the backbone from this checkpoint"),
+)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("protocol")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--method", default="protonet")
-    parser.add_argument("--backbone", default="conv4")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--episodes", type=int, default=20000)
-    parser.add_argument("--max-minutes", type=float, default=28.0)
-    parser.add_argument("--pretrain-epochs", type=int, default=20)
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="of the pre-training cross-entropy")
-    parser.add_argument("--contrastive", type=float, default=0.0, help="weight of the contrastive pre-training loss")
-    parser.add_argument("--generations", type=int, default=1, help="pre-training generations (born-again self-distillation)")
-    parser.add_argument("--tuning-episodes", type=int, default=None, help="val episodes choosing the finetune head's steps and rate")
-    parser.add_argument("--shot", type=int, default=None, help="training shot [default: protocol's largest]")
+    defaults = TrainConfig()
+    for option, field, kind, text in TRAINING_OPTIONS:
+        parser.add_argument(option, dest=field, type=kind, default=None,
+                            help=f"{text + ' ' if text else ''}[default: medmeta train's, {getattr(defaults, field)!r}]")
+    parser.add_argument("--max-minutes", type=float, default=30.0, help="stop episodic training after this many minutes (the issue's budget)")
     parser.add_argument("--train-shot", type=int, action="append", default=None, help="draw each training episode's shot from these (repeatable)")
-    parser.add_argument("--val-interval", type=int, default=250)
-    parser.add_argument("--val-episodes", type=int, default=100)
-    parser.add_argument("--calibration-episodes", type=int, default=200)
-    parser.add_argument("--lr-step", type=int, default=1000)
-    parser.add_argument("--augment", default="light")
-    parser.add_argument("--grayscale", type=float, default=0.0, help="probability of a grayscale training image")
-    parser.add_argument("--meta-batch", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--backbone-lr", type=float, default=None, help="0 freezes the backbone")
-    parser.add_argument("--grad-clip", type=float, default=None)
-    parser.add_argument("--init-from", default=None, help="start the backbone from this checkpoint")
     parser.add_argument("--method-option", action="append", default=[], help="KEY=VALUE (repeatable)")
     parser.add_argument("--backbone-option", action="append", default=[], help="KEY=VALUE (repeatable)")
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--eval-episodes", type=int, default=None)
-    parser.add_argument("--skip-train", action="store_true", help="evaluate the checkpoint already in --out")
+    parser.add_argument("--skip-train", action="store_true", help="evaluate an existing run folder")
     parser.add_argument("--head", action="append", default=None, help="adaptation head(s) to evaluate (repeatable) [default: the checkpoint's]")
     parser.add_argument("--calibration-source", default=None, help="support or val [default: the shipped default]")
     parser.add_argument("--test-shot", type=int, action="append", default=None, help="test shots [default: the protocol's]")
@@ -67,22 +82,16 @@ def parse_args() -> argparse.Namespace:
 
 def train_run(args: argparse.Namespace, out: Path) -> dict:
     """Train as the arguments say; the training part of the report."""
+    chosen = {field: getattr(args, field) for _, field, _, _ in TRAINING_OPTIONS if getattr(args, field) is not None}
     config = TrainConfig(
-        protocol=args.protocol, out=str(out), method=args.method, backbone=args.backbone,
-        image_size=args.image_size, channels=args.channels, episodes=args.episodes, max_minutes=args.max_minutes,
-        pretrain_epochs=args.pretrain_epochs, pretrain_label_smoothing=args.label_smoothing, pretrain_contrastive=args.contrastive,
-        pretrain_generations=args.generations,
-        tuning_episodes=args.tuning_episodes, seed=args.seed, shot=args.shot, train_shots=args.train_shot, val_interval=args.val_interval,
-        lr_step=args.lr_step, augment=args.augment, augment_grayscale=args.grayscale, meta_batch=args.meta_batch, lr=args.lr,
-        backbone_lr=args.backbone_lr, grad_clip=args.grad_clip,
-        val_episodes=args.val_episodes, calibration_episodes=args.calibration_episodes,
-        init_from=args.init_from,
+        protocol=args.protocol, out=str(out), max_minutes=args.max_minutes, seed=args.seed, train_shots=args.train_shot,
         method_kwargs=parse_key_values(args.method_option, "--method-option"),
-        backbone_kwargs=parse_key_values(args.backbone_option, "--backbone-option"),
+        backbone_kwargs=parse_key_values(args.backbone_option, "--backbone-option"), **chosen,
     )
     started = time.perf_counter()
     result = train(config)
     return {
+        "config": json_safe(config.to_dict()),
         "wall_seconds": time.perf_counter() - started,
         "episodes_done": result.episodes_done,
         "episodes_per_second": result.episodes_per_second,
@@ -106,7 +115,8 @@ def main() -> None:
             report["test"][f"{shot}-shot" + (f" {head}" if head else "")] = evaluate_checkpoint(out, settings).to_dict()
     atomic_write_json(out / "benchmark.json", report)
 
-    print(f"\n{protocol.name}: {args.method}/{args.backbone} at {args.image_size}px")
+    trained = report.get("training", {}).get("config")
+    print(f"\n{protocol.name}: " + (f"{trained['method']}/{trained['backbone']} at {trained['image_size']}px" if trained else str(out)))
     if "training" in report:
         t = report["training"]
         print(f"training: {t['wall_seconds'] / 60:.1f} min wall, {t['episodes_done']} episodes, {t['episodes_per_second']:.2f} episodes/s")
