@@ -8,11 +8,15 @@
 # of the kept model and of every candidate in its history).
 # resnet12 at 84 px gets RESNET_EPOCHS pre-training epochs: set it to what
 # `python benchmarks/backbone_budget.py` says the budget buys on the machine at hand.
-# Usage: [RESNET_EPOCHS=N] [SEED=S] bash benchmarks/pretraining_choices.sh [PROTOCOL ...]
+# SCREEN=1 judges each choice on val right after pre-training, with no episodes (a third of
+# the time; the episodic phase that follows is the same for every choice), into
+# runs/choices-screen/.
+# Usage: [RESNET_EPOCHS=N] [SEED=S] [SCREEN=1] bash benchmarks/pretraining_choices.sh [PROTOCOL ...]
 set -euo pipefail
 PROTOCOLS=("${@:-../shared/protocols/derm-rare.yaml ../shared/protocols/mri-new-modality.yaml}")
 # the shipped recipe, as `medmeta train` runs it, on val classes only
-BASE="--skip-test --seed ${SEED:-0}"
+BASE="--skip-test --seed ${SEED:-0}${SCREEN:+ --episodes 0 --calibration-episodes 10 --tuning-episodes 0}"
+FOLDER="runs/choices${SCREEN:+-screen}"
 declare -A CHOICES=(
   [base]=""
   [smooth01]="--label-smoothing 0.1"
@@ -24,15 +28,15 @@ declare -A CHOICES=(
 for protocol in ${PROTOCOLS[@]}; do
   name=$(basename "$protocol" .yaml)
   for choice in base smooth01 contrastive05 distill2 gray02 resnet12-84; do
-    out="runs/choices/$name-$choice"
+    out="$FOLDER/$name-$choice"
     [ -f "$out/benchmark.json" ] && continue
     echo "== $name $choice"
     python benchmarks/protocol_benchmark.py "$protocol" --out "$out" $BASE ${CHOICES[$choice]} --max-minutes 30
   done
 done
-python - <<'PY'
-import json, pathlib
-for path in sorted(pathlib.Path("runs/choices").glob("*/benchmark.json")):
+FOLDER="$FOLDER" python - <<'PY'
+import json, os, pathlib
+for path in sorted(pathlib.Path(os.environ["FOLDER"]).glob("*/benchmark.json")):
     report = json.loads(path.read_text())
     best = report.get("training", {}).get("best_val", {})
     print(f"{path.parent.name:40s} val {best.get('accuracy', float('nan')):.3f} ± {best.get('accuracy_ci95', float('nan')):.3f}"
