@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ORGANS = ["liver", "kidney-right", "kidney-left", "femur-right", "femur-left", "bladder", "heart", "lung-right", "lung-left",
           "spleen", "pancreas"]
@@ -66,21 +68,19 @@ def write_shift_protocol(shared: Path, work: Path) -> Path:
     return protocol
 
 
-def _l2(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def _recentre(support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred on the support mean, then L2-normalised."""
     centre = support.mean(0)
-    return _l2(support - centre), _l2(query - centre)
+    return F.normalize(support - centre, dim=-1), F.normalize(query - centre, dim=-1)
 
 
-def normalisations(train_mean: torch.Tensor) -> dict:
-    """``{name: (support, query) -> (support, query)}``."""
+def normalisations(normaliser) -> dict:
+    """``{name: (support, query) -> (support, query)}``; ``normaliser`` is the checkpoint's
+    :class:`~medmeta.heads.EmbeddingNormaliser` (meta-train centring + L2)."""
     return {
         "raw": lambda s, q: (s, q),
-        "train": lambda s, q: (_l2(s - train_mean), _l2(q - train_mean)),
-        "train+task": lambda s, q: _recentre(_l2(s - train_mean), _l2(q - train_mean)),
+        "train": lambda s, q: (normaliser(s), normaliser(q)),
+        "train+task": lambda s, q: _recentre(normaliser(s), normaliser(q)),
         "task": _recentre,
     }
 
@@ -91,15 +91,8 @@ def measure(run_folder: str, protocol: Path, episodes: int) -> dict[str, dict[st
     from medmeta.run import load_run
 
     run = load_run(run_folder, "cpu", protocol=protocol)
-    backbone = run.learner.backbone
-
-    class Embedder:  # the backbone's raw embeddings
-        @staticmethod
-        def embed(images):
-            return backbone(images)
-
-    cache = EmbeddingCache(Embedder(), run.store(), "cpu")
-    variants = normalisations(run.checkpoint.normaliser.mean_.float())
+    cache = EmbeddingCache(SimpleNamespace(embed=run.learner.backbone), run.store(), "cpu")  # the backbone's raw embeddings
+    variants = normalisations(run.checkpoint.normaliser)
     results = {}
     for split, modality, way in TASKS:
         for shot in (5, 1):
