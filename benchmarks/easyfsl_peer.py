@@ -8,6 +8,13 @@ PrototypicalNetworks needs, so install it without its dependencies:
     pip install --no-deps "easyfsl==1.5.0"
     python benchmarks/easyfsl_peer.py ../shared/protocols/derm-rare.yaml --episodes 3000 --out runs/easyfsl-derm
 
+For a 3D protocol (``episodes.spatial_dims: 3``, e.g. ct-fracture-3d) the backbone is
+medmeta's conv4 built with ``spatial_dims=3`` (a 3D Conv-4: 3x3x3 convolutions, 2x2x2 pooling)
+on single-channel volumes, with the 3D ``light`` augmentation:
+
+    python benchmarks/easyfsl_peer.py ../shared/protocols/ct-fracture-3d.yaml --image-size 28 --hidden 32 \
+        --episodes 600 --out runs/easyfsl-ct3d
+
 The backbone is medmeta's conv4 (the same architecture as medmeta's rows), trained from scratch
 by episodic training only (Adam 1e-3, the training shot, 15 queries per class), as in easyfsl's
 tutorial, with medmeta's ``light`` augmentation; a fixed number of episodes (or
@@ -64,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training earlier at this much training time")
     parser.add_argument("--shot", type=int, default=None, help="training shot [default: the protocol's largest]")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=64, help="conv4 width (medmeta's 3D rows use 32)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-seed", type=int, default=0)
@@ -114,11 +122,13 @@ def main() -> None:
     protocol = load_protocol(args.protocol)
     ep = protocol.episodes
     shot = args.shot or max(ep.shot)
-    store = ImageStore(ScanReader(Preprocessing(image_size=args.image_size, channels=3)))
+    dims = protocol.spatial_dims
+    channels = 1 if dims == 3 else 3
+    store = ImageStore(ScanReader(Preprocessing(image_size=args.image_size, channels=channels, spatial_dims=dims)))
     torch.manual_seed(args.seed)
-    model = PrototypicalNetworks(create_backbone("conv4"))
+    model = PrototypicalNetworks(create_backbone("conv4", in_channels=channels, spatial_dims=dims, hidden=args.hidden))
     train_sampler = EpisodeSampler(protocol.split_records("train"), ep.way, shot, ep.query, args.seed)
-    report = {"protocol": protocol.name, "args": vars(args), "training": train(model, store, train_sampler, Augmenter("light", args.seed), args)}
+    report = {"protocol": protocol.name, "args": vars(args), "training": train(model, store, train_sampler, Augmenter("light", args.seed, spatial_dims=dims), args)}
     report["test"] = {}
     for test_shot in ep.shot:
         sampler = EpisodeSampler(protocol.split_records("test"), ep.way, test_shot, ep.query, args.eval_seed)
@@ -127,7 +137,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "peer.json", report)
     t = report["training"]
-    print(f"\n{protocol.name}: easyfsl PrototypicalNetworks, conv4 at {args.image_size}px, "
+    print(f"\n{protocol.name}: easyfsl PrototypicalNetworks, {dims}D conv4-{args.hidden} at {args.image_size}px, "
           f"{t['episodes']} episodes in {t['seconds'] / 60:.1f} min ({t['episodes_per_second']:.2f}/s)")
     for name, s in report["test"].items():
         print(f"{name:>7} {100 * s['accuracy']:5.1f}% ± {100 * s['accuracy_ci95']:.1f}  AUC {s['macro_auc']:.3f}  ECE {s['ece']:.3f}")

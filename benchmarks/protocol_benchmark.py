@@ -116,7 +116,10 @@ def main() -> None:
     atomic_write_json(out / "benchmark.json", report)
 
     trained = report.get("training", {}).get("config")
-    print(f"\n{protocol.name}: " + (f"{trained['method']}/{trained['backbone']} at {trained['image_size']}px" if trained else str(out)))
+    if trained:  # the size the run used (the protocol's default when the option was not given)
+        size = json.loads((out / "best.json").read_text())["preprocessing"]["image_size"]
+        side = f"{size}^3 voxels" if protocol.spatial_dims == 3 else f"{size}px"
+    print(f"\n{protocol.name}: " + (f"{trained['method']}/{trained['backbone']} at {side}" if trained else str(out)))
     if "training" in report:
         t = report["training"]
         print(f"training: {t['wall_seconds'] / 60:.1f} min wall, {t['episodes_done']} episodes, {t['episodes_per_second']:.2f} episodes/s")

@@ -64,6 +64,8 @@ class CaseResult:
     refer: bool = False
     refer_reason: str = ""
     stability_max_change: float | None = None
+    #: a volume's stored shape, voxel spacing (mm) and orientation; ``None`` for an image
+    volume: dict[str, Any] | None = None
 
 
 @dataclass
@@ -193,6 +195,7 @@ def _diagnose(run, batch: CaseBatch, options: _Options, cases_dir: str | None) -
             prediction_set=[c for c, inside in zip(conditions, sets[i]) if inside] if sets is not None else None,
             refer=bool(diagnosis.referral.refer[i]), refer_reason=diagnosis.referral.reasons[i],
             stability_max_change=float(diagnosis.logits.max_change[i]) if diagnosis.logits.max_change is not None else None,
+            volume=batch.query_volumes[i] if batch.query_volumes else None,
         )
         for i, (path, digest, image, p, d) in enumerate(
             zip(batch.query_paths, batch.query_sha256, task.query_images, diagnosis.probabilities.query, diagnosis.logits.distances)

@@ -23,10 +23,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 def training_memory_format(device: torch.device, image_ndim: int) -> torch.memory_format:
     """The memory layout that training uses for the model and its input batches.
 
-    ``channels_last`` for 2D images on the CPU, where oneDNN's convolutions run faster on it
-    (measured on 2 cores: an episode of conv4 at 64 px, forward and backward, 1.5x faster);
-    the default layout elsewhere (volumes, and GPUs, where it was not measured). The numbers
-    differ from the default layout only by floating-point summation order."""
+    ``channels_last`` (``channels_last_3d`` for volumes) on the CPU, where oneDNN's
+    convolutions run faster on it (measured on 2 cores, forward and backward: conv4 at 64 px
+    1.5x faster; 3D conv4 at 28^3 1.5x faster, 45 against 30 volumes/s); the default layout on
+    GPUs, where it was not measured. The numbers differ from the default layout only by
+    floating-point summation order."""
     if device.type == "cpu" and image_ndim == 4:
         return torch.channels_last
+    if device.type == "cpu" and image_ndim == 5:
+        return torch.channels_last_3d
     return torch.contiguous_format

@@ -130,3 +130,36 @@ def test_logits_and_distances_together_equal_each_alone(name, kwargs):
         logits, distances = learner.predict_with_distance(xq)
         assert torch.equal(logits, learner.predict_query(xq))
         torch.testing.assert_close(distances, learner.support_distance(xq), rtol=0, atol=0, equal_nan=True)
+
+
+def toy_volumes(way: int, shot: int = 2, query: int = 2, size: int = 16, seed: int = 1):
+    """A learnable ``way``-way task of ``size``^3 one-channel volumes (class means plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(way, 1, size, size, size, generator=g)
+
+    def draw(n):
+        labels = torch.arange(way).repeat_interleave(n)
+        return centres[labels] + 0.1 * torch.randn(len(labels), 1, size, size, size, generator=g), labels
+
+    (xs, ys), (xq, yq) = draw(shot), draw(query)
+    return xs, ys, xq, yq
+
+
+@pytest.mark.parametrize("name, kwargs", VARIANTS, ids=IDS)
+def test_volumes_train_and_adapt_with_a_3d_backbone(name, kwargs):
+    """Every method meta-trains (finite loss, a gradient for every parameter) and adapts on
+    volumes ``(n, 1, D, H, W)`` through a conv4 built with ``spatial_dims=3``."""
+    torch.manual_seed(0)
+    backbone_kwargs = {"in_channels": 1, "hidden": 8, "spatial_dims": 3, **getattr(METHODS.get(name), "backbone_defaults", {})}
+    learner = create_method(name, create_backbone("conv4", **backbone_kwargs), **kwargs).train()
+    xs, ys, xq, yq = toy_volumes(3)
+    loss, logits = learner.episode_loss(xs, ys, xq, yq)
+    assert logits.shape == (len(yq), 3) and torch.isfinite(logits).all() and torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in learner.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert missing == []
+    learner.eval()
+    with torch.no_grad():
+        adapted = learner.fit_support(xs, ys).predict_query(xq)
+        distance = learner.support_distance(xq)
+    assert adapted.shape == (len(xq), 3) and torch.isfinite(adapted).all() and distance.shape == (len(xq),)

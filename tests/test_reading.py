@@ -227,10 +227,6 @@ SHAPE_CASES = [
     [{"image_size": 64, "channels": 1}, "JPEG2000.dcm", (1, 64, 64)],
     [{"image_size": 32, "channels": 3}, "SC_rgb_jpeg.dcm", (3, 32, 32)],
     [{"image_size": 32, "channels": 1}, "SC_rgb_jpeg.dcm", (1, 32, 32)],
-    [{"image_size": 32, "channels": 3}, "anatomical.nii", (3, 32, 32)],
-    [{"image_size": 20, "channels": 1}, "anatomical.nii", (1, 20, 20)],
-    [{"image_size": 64, "channels": 3}, "example4d.nii.gz", (3, 64, 64)],
-    [{"image_size": 24, "channels": 1}, "example4d.nii.gz", (1, 24, 24)],
     [{"image_size": 16, "channels": 3}, "gray_png", (3, 16, 16)],
     [{"image_size": 64, "channels": 1}, "gray_png", (1, 64, 64)],
     [{"image_size": 24, "channels": 3}, "rgb_png", (3, 24, 24)],
@@ -405,48 +401,37 @@ def test_real_monochrome1_chest_xray_is_the_inverse_of_its_monochrome2_twin():
     torch.testing.assert_close(r(mono1), 1.0 - r(mono2), rtol=0, atol=1e-5)
 
 
-# -- volumes -> middle slice -----------------------------------------------------------------
-def test_3d_nifti_gives_its_middle_slice(tmp_path):
-    # a (x=12, y=10, z=5) volume where only the middle slice z=2 carries the marker pattern
-    image = marker_image(rows=10, columns=12).astype(np.float32)
+# -- volumes are not images: refused, never sliced (tests/test_volumes.py reads them whole) ----
+def test_3d_nifti_is_refused_by_a_2d_reader_with_its_shape(tmp_path):
     volume = np.zeros((12, 10, 5), dtype=np.float32)
-    volume[:, :, 2] = image.T
-    volume[:, :, 0] = 255.0  # other slices are different
-    volume[:, -1, 4] = 255.0
+    volume[:, :, 2] = marker_image(rows=10, columns=12).astype(np.float32).T
     path = tmp_path / "volume.nii.gz"
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
+    with pytest.raises(ScanReadError, match=r"a volume of shape \(12, 10, 5\), but this model reads 2D images"):
+        reader(10, 1)(path)
+
+
+def test_a_single_slice_nifti_is_an_image(tmp_path):
+    image = marker_image(rows=10, columns=12).astype(np.float32)
+    path = tmp_path / "slice.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(image.T[:, :, None], np.eye(4)), path)
     r = reader(10, 1)
     torch.testing.assert_close(r(path), r(image), rtol=0, atol=0)
 
 
-def test_anatomical_nifti_gives_its_middle_axial_slice():
-    path = nibabel_file("anatomical.nii")
-    data = np.asarray(nibabel.load(path).get_fdata(), dtype=np.float32)
-    assert data.ndim == 3
-    middle = np.ascontiguousarray(data[:, :, data.shape[2] // 2].T)  # (y rows, x columns)
-    r = reader(32, 3)
-    torch.testing.assert_close(r(path), r(middle), rtol=0, atol=1e-6)
-    other = np.ascontiguousarray(data[:, :, 2].T)
-    assert float((r(path) - r(other)).abs().max()) > 0.1
+@pytest.mark.parametrize("name", ["anatomical.nii", "example4d.nii.gz"])
+def test_real_nibabel_volumes_are_refused_by_a_2d_reader(name):
+    with pytest.raises(ScanReadError, match="but this model reads 2D images") as caught:
+        reader(32, 3)(nibabel_file(name))
+    assert is_rejection_reason(caught.value.reason)
 
 
-def test_4d_nifti_gives_middle_slice_of_first_volume():
-    path = nibabel_file("example4d.nii.gz")
-    data = np.asarray(nibabel.load(path).get_fdata(), dtype=np.float32)
-    assert data.ndim == 4
-    expected = np.ascontiguousarray(data[:, :, data.shape[2] // 2, 0].T)
-    r = reader(32, 1)
-    torch.testing.assert_close(r(path), r(expected), rtol=0, atol=1e-6)
-
-
-def test_multiframe_dicom_gives_its_middle_frame(tmp_path):
+def test_multiframe_dicom_is_refused_by_a_2d_reader(tmp_path):
     frames = np.zeros((3, 8, 8), dtype=np.uint16)
-    frames[0, 0, :] = 100
     frames[1] = marker_image(8, 8, high=1000)
-    frames[2, -1, :] = 100
     path = write_dicom(tmp_path / "multiframe.dcm", frames)
-    r = reader(8, 1)
-    torch.testing.assert_close(r(path), r(frames[1]), rtol=0, atol=1e-6)
+    with pytest.raises(ScanReadError, match=r"a volume of shape \(3, 8, 8\), but this model reads 2D images"):
+        reader(8, 1)(path)
 
 
 def test_rgb_dicom_keeps_its_colour():

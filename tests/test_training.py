@@ -242,7 +242,7 @@ def test_an_uncalibrated_checkpoint_carries_the_empty_record(tmp_path, sample_pr
 # [device, image_ndim, expected layout]
 MEMORY_FORMATS = [
     ["cpu", 4, torch.channels_last],
-    ["cpu", 5, torch.contiguous_format],
+    ["cpu", 5, torch.channels_last_3d],
     ["cuda", 4, torch.contiguous_format],
 ]
 

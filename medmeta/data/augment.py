@@ -13,22 +13,47 @@ AUGMENTATIONS = ("none", "light", "strong")
 
 
 class Augmenter:
-    """Label-preserving random transforms applied image by image to a batch ``(n, C, H, W)``.
+    """Label-preserving random transforms applied image by image to a batch ``(n, C, H, W)``
+    (``(n, C, D, H, W)`` with ``spatial_dims=3``).
 
-    ``light``: flips, 90-degree rotations and a mild affine (rotation, scale); ``strong`` adds
-    contrast, Gaussian noise and a wider affine. Flips and rotations suit dermoscopy, microscopy
-    and most cross-sectional slices; use ``none`` where orientation carries meaning. The random
-    state is reset from ``(seed, step)`` before every batch, so a resumed run augments exactly
-    as an uninterrupted one.
+    Images: ``light`` is flips, 90-degree rotations and a mild affine (rotation, scale);
+    ``strong`` adds contrast, Gaussian noise and a wider affine. Flips and rotations suit
+    dermoscopy, microscopy and most cross-sectional slices; use ``none`` where orientation
+    carries meaning. Volumes: no flips and no 90-degree turns, because a volume's axes carry
+    anatomy (a mirrored right kidney is a left one); ``light`` is a mild 3D affine (a small
+    rotation about each axis, scale, shift), ``strong`` a wider one with contrast and noise.
+    The random state is reset from ``(seed, step)`` before every batch, so a resumed run
+    augments exactly as an uninterrupted one.
     """
 
-    def __init__(self, level: str = "light", seed: int = 0, grayscale: float = 0.0):
+    def __init__(self, level: str = "light", seed: int = 0, grayscale: float = 0.0, spatial_dims: int = 2):
         if level not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {level!r}")
         if not 0.0 <= grayscale <= 1.0:
             raise ValueError(f"grayscale probability must be in [0, 1], got {grayscale!r}")
-        self.level, self.seed, self.grayscale = level, seed, float(grayscale)
-        self._transform = None if level == "none" and grayscale == 0 else self._build(level, grayscale)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        self.level, self.seed, self.grayscale, self.spatial_dims = level, seed, float(grayscale), spatial_dims
+        build = self._build if spatial_dims == 2 else self._build_3d
+        self._transform = None if level == "none" and grayscale == 0 else build(level, grayscale)
+
+    @staticmethod
+    def _build_3d(level: str, grayscale: float = 0.0):
+        from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandGaussianNoise
+
+        strong = level == "strong"
+        rotate, scale, shift = (0.25, 0.15, 3) if strong else (0.12, 0.08, 2)
+        transforms = [] if level == "none" else [
+            RandAffine(
+                prob=0.7, rotate_range=(rotate,) * 3, scale_range=(scale,) * 3, translate_range=(shift,) * 3,
+                padding_mode="border",
+            )
+        ]
+        if strong:
+            transforms += [RandAdjustContrast(prob=0.3, gamma=(0.7, 1.4)), RandGaussianNoise(prob=0.2, std=0.03)]
+        if grayscale > 0:
+            transforms.append(RandGrayscale(prob=grayscale))
+        return Compose(transforms)
 
     @staticmethod
     def _build(level: str, grayscale: float = 0.0):

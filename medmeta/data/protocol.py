@@ -9,7 +9,7 @@ A protocol is a YAML file (see ``docs/data.md``)::
       train: ["isic9/nevus", "blood/*"]
       val:   ["isic9/seborrheic keratosis"]
       test:  ["isic9/dermatofibroma"]
-    episodes: {way: 3, shot: [1, 5], query: 15, test_episodes: 600}
+    episodes: {way: 3, shot: [1, 5], query: 15, test_episodes: 600}   # spatial_dims: 3 for volumes
 
 Loading refuses a class in two splits, an unknown source or class, a class with fewer images
 than ``max(shot) + query``, and a patient whose images fall in two splits.
@@ -39,10 +39,13 @@ class EpisodeSettings:
     shot: list[int] = field(default_factory=lambda: [1, 5])
     query: int = 15
     test_episodes: int = 600
+    #: 2: every scan is an image; 3: every scan is a volume (NIfTI, a DICOM series folder,
+    #: MedMNIST 3D), read whole by a 3D backbone
+    spatial_dims: int = 2
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> "EpisodeSettings":
-        unknown = set(data) - {"way", "shot", "query", "test_episodes"}
+        unknown = set(data) - {"way", "shot", "query", "test_episodes", "spatial_dims"}
         if unknown:
             raise ProtocolError(f"{where}: unknown episode settings {sorted(unknown)}")
         shot = data.get("shot", [1, 5])
@@ -52,7 +55,14 @@ class EpisodeSettings:
             [_count(s, "shot", 1, where) for s in shots],
             _count(data.get("query", 15), "query", 1, where),
             _count(data.get("test_episodes", 600), "test_episodes", 1, where),
+            _spatial_dims(data.get("spatial_dims", 2), where),
         )
+
+
+def _spatial_dims(value: Any, where: str) -> int:
+    if isinstance(value, bool) or value not in (2, 3):
+        raise ProtocolError(f"{where}: episodes.spatial_dims must be 2 (images) or 3 (volumes), got {value!r}")
+    return int(value)
 
 
 # Upper bounds of a protocol's counts: far beyond any real use, small enough that a typo cannot
@@ -80,6 +90,9 @@ class Protocol:
     records: dict[str, list[ImageRecord]]
     episodes: EpisodeSettings
     path: Path | None = None
+    #: the protocol's ``preprocessing`` settings (a subset of
+    #: :class:`~medmeta.data.reading.Preprocessing`'s fields, checked at load)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def split_records(self, split: str) -> dict[str, list[ImageRecord]]:
         """``{qualified class name: records}`` for one of ``train``, ``val``, ``test``."""
@@ -99,13 +112,20 @@ class Protocol:
                 f"{where}{len(short)} class(es) have fewer images than shot + query = {shot} + {query}: " + ", ".join(short)
             )
 
+    @property
+    def spatial_dims(self) -> int:
+        return self.episodes.spatial_dims
+
     def to_dict(self) -> dict[str, Any]:
         """What a checkpoint stores about the protocol (no image data)."""
+        episodes = asdict(self.episodes)
+        if self.episodes.spatial_dims == 2:  # as stored before volumes existed
+            del episodes["spatial_dims"]
         return {
             "name": self.name,
             "path": str(self.path) if self.path else None,
             "classes": self.classes,
-            "episodes": asdict(self.episodes),
+            "episodes": episodes,
             "class_counts": {name: len(recs) for name, recs in self.records.items()},
         }
 
@@ -131,12 +151,13 @@ def load_protocol(path: str | Path) -> Protocol:
     if missing_splits:
         raise ProtocolError(f"{path}: 'classes' needs non-empty lists for {', '.join(missing_splits)}")
     episodes = EpisodeSettings.from_dict(spec.get("episodes") or {}, str(path))
+    preprocessing = _preprocessing(spec.get("preprocessing"), episodes.spatial_dims, path)
 
     base = path.parent
     available: dict[str, list[ImageRecord]] = {}
     for source_name, source_spec in spec["sources"].items():
         try:
-            records = load_source(source_spec, base)
+            records = load_source(source_spec, base, spatial_dims=episodes.spatial_dims)
         except ProtocolError as exc:
             raise ProtocolError(f"{path}: source '{source_name}': {exc}") from None
         for record in records:
@@ -162,6 +183,7 @@ def load_protocol(path: str | Path) -> Protocol:
         records={name: available[name] for split in SPLITS for name in classes[split]},
         episodes=episodes,
         path=path.resolve(),
+        preprocessing=preprocessing,
     )
     for split in ("train", "test"):
         if len(classes[split]) < episodes.way:
@@ -169,6 +191,30 @@ def load_protocol(path: str | Path) -> Protocol:
     protocol.check_counts(max(episodes.shot), episodes.query)
     _check_patients_within_one_split(protocol)
     return protocol
+
+
+#: The keys a protocol's ``preprocessing`` may set.
+PREPROCESSING_KEYS = ("image_size", "channels", "spacing", "intensity", "ct_window", "percentiles")
+
+
+def _preprocessing(spec: Any, spatial_dims: int, path: Path) -> dict[str, Any]:
+    """The protocol's ``preprocessing`` mapping, checked by building the
+    :class:`~medmeta.data.reading.Preprocessing` it describes."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ProtocolError(f"{path}: 'preprocessing' must be a mapping of {', '.join(PREPROCESSING_KEYS)}")
+    unknown = sorted(set(spec) - set(PREPROCESSING_KEYS))
+    if unknown:
+        raise ProtocolError(f"{path}: unknown preprocessing settings {unknown} (known: {', '.join(PREPROCESSING_KEYS)})")
+    from medmeta.data.reading import Preprocessing
+    from medmeta.errors import MedmetaError
+
+    try:
+        Preprocessing.from_dict({"image_size": 28 if spatial_dims == 3 else 64, "channels": 1, **spec, "spatial_dims": spatial_dims})
+    except MedmetaError as exc:
+        raise ProtocolError(f"{path}: {exc}") from None
+    return dict(spec)
 
 
 def _expand(selector: str, available: dict[str, list[ImageRecord]], sources: dict, path: Path) -> list[str]:

@@ -78,6 +78,16 @@ REJECTION_REASONS: dict[str, str] = {
     "non_finite": "image contains NaN or infinite values",
     "blank": "blank image (constant intensity)",
     "array_shape": "expected a 2D image array, got shape {shape}",
+    "volume_array_shape": "expected a 3D volume array (depth, rows, columns), got shape {shape}",
+    "volume_for_2d": (
+        "a volume of shape {shape}, but this model reads 2D images; train a 3D model"
+        " (episodes.spatial_dims: 3) for volumes: no slice is chosen silently"
+    ),
+    "image_for_3d": "a 2D image {shape}, but this model reads volumes (3D)",
+    "series_empty": "the folder holds no DICOM file (a DICOM series is a folder of its slices)",
+    "series_mixed": "the folder holds {count} DICOM series (SeriesInstanceUID); put each series in a folder of its own",
+    "series_geometry": "the slices of the series differ in {what}",
+    "series_order": "the slices carry neither ImagePositionPatient nor InstanceNumber, so their order is unknown",
 }
 
 #: What each ``{field}`` of :data:`REJECTION_REASONS` may hold, as a regular expression.
@@ -89,7 +99,11 @@ REJECTION_REASON_FIELDS: dict[str, str] = {
     "codec_hint": r"(?: \(the DICOM pixel-data codecs are not installed: pip install \"medmeta\[dicom-codecs\]\"\))?",
     "format": r"DICOM|NIfTI|PNG/JPEG/BMP/TIFF",
     "exception": r"[A-Za-z_][A-Za-z0-9_]*",
-    "shape": r"\((?:[0-9]+(?:, [0-9]+)*,?)?\)",
+    "shape": r"\((?:[0-9]+(?:, [0-9]+)*,?)?\)|\((?:2D image file|one DICOM slice; a series is a folder of slices)\)",
+    "what": (
+        r"sizes \(Rows x Columns\)|frame counts \(a multi-frame file among slices\)|orientations \(ImageOrientationPatient\)"
+        r"|positions \(two slices at one position\)|InstanceNumbers \(two slices with one number\)"
+    ),
 }
 
 
@@ -147,9 +161,33 @@ class Preprocessing:
     channels: int = 3
     ct_window: tuple[float, float] = (40.0, 400.0)  # (level, width) in HU
     percentiles: tuple[float, float] = (0.5, 99.5)
+    #: 2: images ``(C, size, size)``; 3: volumes ``(C, size, size, size)`` (:mod:`medmeta.data.volumes`)
+    spatial_dims: int = 2
+    #: volumes only: resample to this voxel spacing (mm) and crop/pad to the cube; ``None``:
+    #: resize the whole volume to the cube
+    spacing: tuple[float, float, float] | None = None
+    #: ``auto``: the CT window when DICOM says Modality CT, robust percentiles otherwise;
+    #: ``ct``: always the CT window (e.g. NIfTI in Hounsfield units); ``mr``: robust
+    #: percentiles of the non-zero (foreground) voxels, so an MR's empty background does not
+    #: set the scale; ``percentile``: robust percentiles of every voxel
+    intensity: str = "auto"
 
     def __post_init__(self) -> None:
         from medmeta.errors import MedmetaError
+
+        if not _is_int(self.spatial_dims) or self.spatial_dims not in (2, 3):
+            raise MedmetaError(f"preprocessing spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise MedmetaError(f"preprocessing intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
+        if self.spacing is not None and (
+            not isinstance(self.spacing, tuple) or len(self.spacing) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in self.spacing)
+        ):
+            raise MedmetaError(f"preprocessing spacing must be three positive millimetre values, got {self.spacing!r}")
+        if self.spacing is not None and self.spatial_dims != 3:
+            raise MedmetaError("preprocessing spacing applies to volumes (spatial_dims 3) only")
+        if self.spatial_dims == 3 and _is_int(self.image_size) and self.image_size > MAX_VOLUME_SIZE:
+            raise MedmetaError(f"preprocessing image_size of a volume is at most {MAX_VOLUME_SIZE}, got {self.image_size!r}")
 
         if not _is_int(self.channels) or self.channels not in (1, 3):
             raise MedmetaError(f"preprocessing channels must be 1 or 3, got {self.channels!r}")
@@ -161,7 +199,18 @@ class Preprocessing:
             raise MedmetaError(f"preprocessing percentiles must be (low, high) with 0 <= low < high <= 100, got {self.percentiles!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The stored record; the volume settings only for volumes and when not the defaults,
+        so a 2D checkpoint's record is what it was before volumes existed."""
+        data = asdict(self)
+        if self.spatial_dims == 2:
+            del data["spatial_dims"], data["spacing"]
+        if self.intensity == "auto":
+            del data["intensity"]
+        return data
+
+    def as_2d(self) -> "Preprocessing":
+        """The same settings for images (how a volume's frames are decoded)."""
+        return Preprocessing(self.image_size, self.channels, self.ct_window, self.percentiles, intensity=self.intensity)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
@@ -172,11 +221,15 @@ class Preprocessing:
         if not isinstance(data, dict) or "image_size" not in data or "channels" not in data:
             raise MedmetaError("preprocessing must be a mapping with image_size and channels")
         window, percentiles = data.get("ct_window", (40.0, 400.0)), data.get("percentiles", (0.5, 99.5))
+        spacing = data.get("spacing")
         return cls(
             image_size=_whole_number(data["image_size"]),
             channels=_whole_number(data["channels"]),
             ct_window=tuple(window) if isinstance(window, (list, tuple)) else window,
             percentiles=tuple(percentiles) if isinstance(percentiles, (list, tuple)) else percentiles,
+            spatial_dims=_whole_number(data.get("spatial_dims", 2)),
+            spacing=tuple(spacing) if isinstance(spacing, (list, tuple)) else spacing,
+            intensity=data.get("intensity", "auto"),
         )
 
 
@@ -186,6 +239,10 @@ MAX_PIXELS = 50_000_000
 
 #: Largest side a scan is resized to (a bound on memory per scan: 3 x 1024 x 1024 floats is 12 MB).
 MAX_IMAGE_SIZE = 1024
+#: Largest side a volume is resized to (3 x 256^3 floats is 200 MB).
+MAX_VOLUME_SIZE = 256
+#: The intensity scalings of :attr:`Preprocessing.intensity`.
+INTENSITY_MODES = ("auto", "ct", "mr", "percentile")
 
 
 def _whole_number(value: Any) -> Any:
@@ -256,17 +313,44 @@ class ScanReader:
 
     # -- public -------------------------------------------------------------------------------
     def __call__(self, source: str | Path | np.ndarray, name: str | None = None) -> torch.Tensor:
+        return self.read(source, name)[0]
+
+    def read(self, source: str | Path | np.ndarray, name: str | None = None) -> tuple[torch.Tensor, Any]:
+        """``(tensor, info)``: ``info`` is the :class:`~medmeta.data.volumes.VolumeInfo` of a
+        volume (its stored shape and spacing, for reports), ``None`` for an image."""
+        volume = self.preprocessing.spatial_dims == 3
         if isinstance(source, np.ndarray):
             label = name or "<array>"
-            array = _channel_first_from_array(source, label)
-            is_ct = False
+            array = _volume_from_array(source, label) if volume else _channel_first_from_array(source, label)
+            is_ct, info = False, None
+            if volume:
+                from medmeta.data.volumes import VolumeInfo
+
+                info = VolumeInfo(tuple(array.shape[1:]), None, oriented=False)
+        elif volume:
+            label = str(source)
+            array, is_ct, info = self._volumes.decode(Path(source))
         else:
             label = str(source)
             array, is_ct = self._decode(Path(source))
-        return self._preprocess(array, is_ct, label)
+            info = None
+        return self._preprocess(array, is_ct, label), info
+
+    def decode_frames(self, path: Path) -> tuple[np.ndarray, bool]:
+        """A multi-frame DICOM file as ``(1, frames, rows, columns)`` (grayscale) and whether it
+        is CT: the frames of a volume, for :mod:`medmeta.data.volumes`."""
+        return self._decode(path, keep_frames=True)
+
+    @property
+    def _volumes(self):
+        if self.__dict__.get("_volume_reader") is None:
+            from medmeta.data.volumes import VolumeReader
+
+            self.__dict__["_volume_reader"] = VolumeReader(self.preprocessing, self.max_pixels)
+        return self.__dict__["_volume_reader"]
 
     # -- steps --------------------------------------------------------------------------------
-    def _decode(self, path: Path) -> tuple[np.ndarray, bool]:
+    def _decode(self, path: Path, keep_frames: bool = False) -> tuple[np.ndarray, bool]:
         if not path.is_file():
             raise ScanReadError(path, _reason("not_found"))
         fmt = scan_format(path)
@@ -281,6 +365,8 @@ class ScanReader:
         declared = info.pixels if info is not None else _declared_pixels(path, fmt)
         if declared > self.max_pixels:
             raise ScanReadError(path, _reason("too_many_pixels", count=f"{declared:,}", limit=f"{self.max_pixels:,}"))
+        if info is not None and info.frames > 1 and not keep_frames:
+            raise ScanReadError(path, _reason("volume_for_2d", shape=str((info.frames, info.rows, info.columns))))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -290,10 +376,14 @@ class ScanReader:
             raise ScanReadError(path, _decode_failure(path, fmt, exc, info)) from None
         array = np.asarray(image, dtype=np.float32)
         if info is not None:
-            array = _dicom_to_chw(array, info)
+            array = _dicom_frames(array, info) if keep_frames else _dicom_to_chw(array, info)
             if info.invert:
                 array = array.max() - array
             return array, info.is_ct
+        if fmt == "nifti":
+            spatial = array.shape[1:4]
+            if len(spatial) == 3 and spatial[2] > 1:
+                raise ScanReadError(path, _reason("volume_for_2d", shape=str(tuple(int(s) for s in spatial))))
         array = _reduce_to_2d(array)
         if fmt == "nifti":  # voxel (i, j) -> display (row = j, column = i)
             array = np.swapaxes(array, 1, 2)
@@ -304,18 +394,32 @@ class ScanReader:
             raise ScanReadError(label, _reason("degenerate", shape=str(tuple(array.shape))))
         if not np.isfinite(array).all():
             raise ScanReadError(label, _reason("non_finite"))
-        array = _to_channels(array, self.preprocessing.channels)
-        if is_ct:
+        p = self.preprocessing
+        array = _to_channels(array, p.channels)
+        if p.intensity == "ct" or (p.intensity == "auto" and is_ct):
             scaled = self._ct_window(array)
         else:
             if float(array.max()) == float(array.min()):
                 raise ScanReadError(label, _reason("blank"))
-            scaled = self._robust(array)
+            scaled = self._foreground_percentiles(array) if p.intensity == "mr" else self._robust(array)
         tensor = torch.as_tensor(np.asarray(scaled), dtype=torch.float32)
-        size = self.preprocessing.image_size
-        resize = self._shrink if min(tensor.shape[1:]) >= size else self._enlarge
-        resized = torch.as_tensor(resize(tensor)).as_subclass(torch.Tensor)  # plain tensor, no MONAI metadata
+        if p.spatial_dims == 3:
+            resized = torch.as_tensor(self._volumes.to_cube(tensor)).as_subclass(torch.Tensor)
+        else:
+            resize = self._shrink if min(tensor.shape[1:]) >= p.image_size else self._enlarge
+            resized = torch.as_tensor(resize(tensor)).as_subclass(torch.Tensor)  # plain tensor, no MONAI metadata
         return resized.to(torch.float32).clamp_(0.0, 1.0).contiguous()
+
+    def _foreground_percentiles(self, array: np.ndarray) -> np.ndarray:
+        """MR scaling: the robust percentiles of the non-zero voxels map to ``[0, 1]`` (MONAI
+        ``ScaleIntensityRange``), so an empty background does not set the scale."""
+        from monai.transforms import ScaleIntensityRange
+
+        foreground = array[array != 0]
+        low, high = np.percentile(foreground if foreground.size else array, self.preprocessing.percentiles)
+        if high <= low:
+            low, high = float(array.min()), float(array.max())
+        return np.asarray(ScaleIntensityRange(a_min=float(low), a_max=float(high), b_min=0.0, b_max=1.0, clip=True)(array))
 
 
 @dataclass(frozen=True)
@@ -325,6 +429,8 @@ class _DicomInfo:
     frames: int
     samples: int
     pixels: int = 0  # declared in the header: rows x columns x frames x samples
+    rows: int = 0
+    columns: int = 0
     transfer_syntax: str = ""
     #: conditionally required elements the header lacks; named only if decoding then fails
     absent: tuple[str, ...] = ()
@@ -437,6 +543,8 @@ def _dicom_header(path: Path) -> _DicomInfo:
         frames=frames,
         samples=samples,
         pixels=values["Rows"] * values["Columns"] * frames * samples,
+        rows=values["Rows"],
+        columns=values["Columns"],
         transfer_syntax=syntax if isinstance(syntax, str) else "",
         absent=absent,
     )
@@ -527,6 +635,28 @@ def _dicom_to_chw(array: np.ndarray, info: _DicomInfo) -> np.ndarray:
     return _reduce_to_2d(a[None])
 
 
+def _dicom_frames(array: np.ndarray, info: _DicomInfo) -> np.ndarray:
+    """MONAI's multi-frame DICOM array ``(1, frames, H, W[, samples])`` -> ``(1, frames, H, W)``
+    (colour frames to luminance)."""
+    a = array[0] if array.shape[0] == 1 else array
+    if info.samples > 1 and a.shape[-1] == info.samples:
+        a = np.tensordot(a, _LUMINANCE, axes=([-1], [0]))
+    return a[None].astype(np.float32)
+
+
+def _volume_from_array(array: np.ndarray, label: str) -> np.ndarray:
+    """An in-memory volume ``(D, H, W)`` or channel-first ``(C, D, H, W)`` (C in 1, 3) ->
+    ``(C, D, H, W)``; anything else is refused."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 3 and min(array.shape) > 1:
+        return array[None]
+    if array.ndim == 4 and array.shape[0] in (1, 3):
+        return array
+    if array.ndim == 2 or (array.ndim == 3 and min(array.shape) == 1):
+        raise ScanReadError(label, _reason("image_for_3d", shape=str(tuple(array.shape))))
+    raise ScanReadError(label, _reason("volume_array_shape", shape=str(tuple(array.shape))))
+
+
 def _pil_to_intensities(image):
     """Palette, CMYK and other colour-model images -> RGB, so pixels are intensities, not indices."""
     if image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "RGB", "RGBA"):
@@ -549,8 +679,10 @@ def _channel_first_from_array(array: np.ndarray, label: str) -> np.ndarray:
         return array[None]
     if array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3, 4):
         return np.moveaxis(array, -1, 0)
-    if array.ndim == 3:
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4):
         return array
+    if array.ndim == 3:  # (depth, rows, columns): a volume, not an image
+        raise ScanReadError(label, _reason("volume_for_2d", shape=str(tuple(array.shape))))
     raise ScanReadError(label, _reason("array_shape", shape=str(tuple(array.shape))))
 
 

@@ -41,6 +41,8 @@ class CaseBatch:
         rejected: ``(path, reason)`` of every path that was not read or could not be read.
         notes: what the report should say about how the cases were found (links followed
             out of the cases folder).
+        query_volumes: ``(n_query,)`` for volumes, each case's stored shape, spacing and
+            orientation (:meth:`~medmeta.data.volumes.VolumeInfo.to_dict`); empty for images.
     """
 
     task: Task
@@ -49,6 +51,7 @@ class CaseBatch:
     support: dict[str, list[dict[str, str]]]
     rejected: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    query_volumes: list[dict] = field(default_factory=list)
 
 
 def read_labels(path: str | Path) -> dict[str, str]:
@@ -67,37 +70,53 @@ def read_labels(path: str | Path) -> dict[str, str]:
 def read_cases(cases_dir: str | Path, reader) -> CaseBatch:
     """Read ``cases_dir`` with ``reader`` (a :class:`~medmeta.data.ScanReader`). Stops with a
     :class:`CasesError` (carrying the rejected files) only when a condition has no readable
-    support scan or no case can be read."""
+    support scan or no case can be read.
+
+    For a reader of volumes (``spatial_dims`` 3) a case is a volume file (NIfTI, multi-frame
+    DICOM) or a folder of DICOM slices (a series, :func:`~medmeta.data.volumes.group_series`),
+    named by the folder's path."""
+    from medmeta.data.volumes import group_series, volume_sha256
+
     found = discover_cases(cases_dir)
     root = found.root
     rejected = found.rejected
     rel = found.relative
+    volumes = getattr(getattr(reader, "preprocessing", None), "spatial_dims", 2) == 3
+    scans = group_series if volumes else list
+    infos: dict[Path, dict] = {}
 
     def read(path: Path) -> torch.Tensor | None:
         try:
-            return reader(path)
+            image, info = reader.read(path)
         except ScanReadError as exc:
             rejected.append((rel(path), exc.reason))
             return None
+        if info is not None:
+            infos[path] = info.to_dict()
+        return image
 
+    digest = volume_sha256 if volumes else sha256_file
     images, labels, support = [], [], {}
     for index, (condition, files) in enumerate(found.support.items()):
         support[condition] = []
-        for path in files:
+        for path in scans(files):
             image = read(path)
             if image is not None:
                 images.append(image)
                 labels.append(index)
-                support[condition].append({"path": rel(path), "sha256": sha256_file(path)})
+                support[condition].append({"path": rel(path), "sha256": digest(path)})
     unusable = [c for c, scans in support.items() if not scans]
     if unusable:
         raise CasesError(f"{root / 'support'}: no readable scan for condition(s) {', '.join(unusable)}", rejected)
-    queries = [(path, image) for path in found.query if (image := read(path)) is not None]
+    candidates = scans(found.query)
+    queries = [(path, image) for path in candidates if (image := read(path)) is not None]
     if not queries:
-        raise CasesError(f"{root / 'query'}: none of the {len(found.query)} case file(s) could be read", rejected)
+        what = "case(s)" if volumes else "case file(s)"
+        raise CasesError(f"{root / 'query'}: none of the {len(candidates)} {what} could be read", rejected)
     task = Task(torch.stack(images), torch.tensor(labels), torch.stack([img for _, img in queries]), list(found.support))
     return CaseBatch(
-        task, [rel(p) for p, _ in queries], [sha256_file(p) for p, _ in queries], support, rejected, _link_notes(found)
+        task, [rel(p) for p, _ in queries], [digest(p) for p, _ in queries], support, rejected, _link_notes(found),
+        query_volumes=[infos[p] for p, _ in queries] if volumes else [],
     )
 
 
@@ -118,7 +137,8 @@ def cases_from_arrays(
 ) -> CaseBatch:
     """The in-memory counterpart of :func:`read_cases`: ``support`` maps each condition to its
     scans and ``query`` lists the cases, each a 2D array ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``
-    with C in 1, 3, 4 (a tensor is taken as its array), preprocessed by ``reader`` exactly as
+    with C in 1, 3, 4, or for a reader of volumes a 3D array ``(D, H, W)`` (a tensor is taken
+    as its array), preprocessed by ``reader`` exactly as
     files are. ``names`` labels the cases in reports (default ``case_0``, ``case_1``, ...)."""
     if len(support) < 2:
         raise CasesError(f"need at least 2 conditions in the support, got {len(support)}")
@@ -137,6 +157,7 @@ def cases_from_arrays(
             images.append(reader(as_array(scan), name=f"support/{condition}/{j}"))
             labels.append(index)
             info[condition].append({"path": f"support/{condition}/{j}", "sha256": ""})
-    query_images = torch.stack([reader(as_array(x), name=n) for x, n in zip(query, names)])
-    task = Task(torch.stack(images), torch.tensor(labels), query_images, list(support))
-    return CaseBatch(task, names, [""] * len(names), info)
+    read = [reader.read(as_array(x), name=n) for x, n in zip(query, names)]
+    task = Task(torch.stack(images), torch.tensor(labels), torch.stack([image for image, _ in read]), list(support))
+    volumes = [volume.to_dict() for _, volume in read if volume is not None]
+    return CaseBatch(task, names, [""] * len(names), info, query_volumes=volumes if len(volumes) == len(read) else [])

@@ -23,17 +23,14 @@ a carriage return, e.g. from a condition folder's name) is written with a leadin
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from medmeta.adaptation import AdaptResult
 from medmeta.io import atomic_write_csv, atomic_write_json, atomic_write_text, json_safe
+from medmeta.reports.thumbnails import thumbnail_data_uri
 
 if TYPE_CHECKING:
     from medmeta.output_folder import OutputFolder
@@ -116,6 +113,7 @@ def report_dict(result: AdaptResult) -> dict[str, Any]:
                 "stability_max_change": case.stability_max_change,
                 "distance_to_support": case.distance,
                 "sha256": case.sha256,
+                **({"volume": case.volume} if case.volume is not None else {}),
                 **({"label": case.label} if case.label is not None else {}),
             }
             for case in result.cases
@@ -134,7 +132,8 @@ def render_html(result: AdaptResult) -> str:
             "predicted": case.predicted,
             "confidence": max(case.probabilities),
             "probabilities": list(zip(result.conditions, case.probabilities)),
-            "thumbnail": thumbnail_data_uri(case.image),
+            "thumbnail": thumbnail_data_uri(case.image, oriented=(case.volume or {}).get("orientation") != "as stored"),
+            "volume": case.volume,
             "label": case.label,
             "correct": None if case.label is None else case.label == case.predicted,
             "prediction_set": case.prediction_set,
@@ -156,16 +155,3 @@ def render_html(result: AdaptResult) -> str:
         rejected=result.rejected,
         metrics=result.metrics,
     )
-
-
-def thumbnail_data_uri(image: torch.Tensor) -> str:
-    """``(C, H, W)`` in ``[0, 1]`` -> ``data:image/png;base64,...``."""
-    from PIL import Image
-
-    array = (image.detach().cpu().float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    pil = Image.fromarray(array[0]) if array.shape[0] == 1 else Image.fromarray(np.moveaxis(array[:3], 0, -1))
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-

@@ -8,7 +8,7 @@ import inspect
 from typing import TYPE_CHECKING, Any
 
 from medmeta.errors import CheckpointError, MedmetaError
-from medmeta.training.config import TrainConfig
+from medmeta.training.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:
     from medmeta.data.protocol import Protocol
@@ -24,8 +24,49 @@ def backbone_kwargs(config: TrainConfig) -> dict[str, Any]:
     from medmeta.backbones.registry import is_external
     from medmeta.methods.registry import METHODS
 
+    from medmeta.training.checks import DEFAULT_CHANNELS
+
+    dims = config.spatial_dims or 2
     defaults = {} if is_external(config.backbone) else dict(getattr(METHODS.get(config.method), "backbone_defaults", {}))
-    return {"in_channels": config.channels, **defaults, **config.backbone_kwargs}
+    volume = {"spatial_dims": 3} if dims == 3 else {}  # 2D checkpoints keep the record they had
+    return {"in_channels": config.channels or DEFAULT_CHANNELS[dims], **volume, **defaults, **config.backbone_kwargs}
+
+
+def resolve_for_protocol(config: TrainConfig, protocol: "Protocol") -> TrainConfig:
+    """A copy of ``config`` with the settings the protocol decides filled in: ``spatial_dims``
+    (the protocol's; a config that names the other is refused), then ``image_size`` and
+    ``channels`` from the protocol's ``preprocessing``, else the defaults for its dimensions."""
+    import dataclasses
+
+    from medmeta.backbones.registry import is_external
+    from medmeta.training.checks import DEFAULT_CHANNELS, DEFAULT_IMAGE_SIZE
+
+    dims = protocol.spatial_dims
+    if config.spatial_dims is not None and config.spatial_dims != dims:
+        raise ConfigError(
+            f"spatial_dims {config.spatial_dims} does not match the protocol {protocol.name}, whose scans are "
+            f"{'volumes (3)' if dims == 3 else 'images (2)'}", "spatial_dims",
+        )
+    if dims == 3 and is_external(config.backbone):
+        raise ConfigError(f"backbone {config.backbone} is a 2D model; volumes need conv4 or resnet12", "backbone")
+    stored = protocol.preprocessing
+    return dataclasses.replace(
+        config,
+        spatial_dims=dims,
+        image_size=config.image_size or stored.get("image_size") or DEFAULT_IMAGE_SIZE[dims],
+        channels=config.channels or stored.get("channels") or DEFAULT_CHANNELS[dims],
+    )
+
+
+def run_preprocessing(config: TrainConfig, protocol: "Protocol"):
+    """The :class:`~medmeta.data.reading.Preprocessing` of a run (``config`` resolved by
+    :func:`resolve_for_protocol`): its size and channels, the rest from the protocol."""
+    from medmeta.data.reading import Preprocessing
+
+    stored = {k: v for k, v in protocol.preprocessing.items() if k not in ("image_size", "channels")}
+    return Preprocessing.from_dict(
+        {"image_size": config.image_size, "channels": config.channels, "spatial_dims": config.spatial_dims, **stored}
+    )
 
 
 def build_learner(config: TrainConfig) -> "MetaLearner":

@@ -78,6 +78,10 @@ def check_types(config: TrainConfig) -> None:
 
 # ---- values ----------------------------------------------------------------------------------
 MAX_IMAGE_SIZE = 1024  # as medmeta.data.reading.MAX_IMAGE_SIZE (a test keeps them equal; that module loads torch)
+#: ``{spatial_dims: default}`` of ``image_size`` and ``channels`` when neither the config nor
+#: the protocol sets them (28 voxels: the native size of MedMNIST 3D)
+DEFAULT_IMAGE_SIZE = {2: 64, 3: 28}
+DEFAULT_CHANNELS = {2: 3, 3: 1}
 
 
 def _at_least(bound: float) -> tuple[Callable[[Any], bool], str]:
@@ -96,6 +100,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "episodes": _at_least(0),
     "image_size": ((lambda v: 16 <= v <= MAX_IMAGE_SIZE), f"must be at least 16 (and at most {MAX_IMAGE_SIZE})"),
     "channels": ((lambda v: v in (1, 3)), "must be 1 (grayscale) or 3 (RGB)"),
+    "spatial_dims": ((lambda v: v in (2, 3)), "must be 2 (images) or 3 (volumes)"),
     "meta_batch": _at_least(1),
     "lr": _positive(),
     "backbone_lr": ((lambda v: v >= 0), "must be 0 (frozen) or positive"),
@@ -205,8 +210,11 @@ def check_external_backbone(config: TrainConfig, learner: Any) -> None:
     if not isinstance(backbone, ExternalBackbone):
         return
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(4, config.channels, config.image_size, config.image_size, generator=generator)
-    size = f"{config.image_size}x{config.image_size}"
+    if (config.spatial_dims or 2) == 3:
+        raise ConfigError(f"backbone {backbone.name} is a 2D model; volumes (spatial_dims 3) need conv4 or resnet12", "backbone")
+    side = config.image_size or DEFAULT_IMAGE_SIZE[2]
+    images = torch.rand(4, config.channels or DEFAULT_CHANNELS[2], side, side, generator=generator)
+    size = f"{side}x{side}"
     try:
         with torch.no_grad():
             out = backbone.eval()(images[:2])

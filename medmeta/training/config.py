@@ -76,8 +76,17 @@ class TrainConfig:
     )
     query: int | None = _setting(None, "Query scans per class [default: protocol's].")
     episodes: int = _setting(3200, "Episodic training episodes (total, also on --resume).")
-    image_size: int = _setting(64, "Square input size in pixels (at least 16).")
-    channels: int = _setting(3, "Input channels: 3 (RGB) or 1 (grayscale).")
+    image_size: int | None = _setting(
+        None,
+        "Side of the square input in pixels, of the cube in voxels for volumes (at least 16) "
+        "[default: the protocol's preprocessing.image_size, else 64 for images, 28 for volumes].",
+    )
+    channels: int | None = _setting(
+        None, "Input channels: 3 (RGB) or 1 (grayscale) [default: the protocol's, else 3 for images, 1 for volumes]."
+    )
+    spatial_dims: int | None = _setting(
+        None, "2 for images, 3 for volumes [default: the protocol's episodes.spatial_dims, which it must match]."
+    )
     meta_batch: int = _setting(1, "Episodes (tasks) averaged per optimiser step.")
     lr: float = _setting(1e-3, "Adam learning rate of episodic training.")
     backbone_lr: float | None = _setting(None, "Learning rate of the backbone in episodic training [default: --lr]; 0 freezes it.")

@@ -39,27 +39,28 @@ class Run:
     def __init__(self, config: TrainConfig, quiet: bool = False):
         from medmeta.data.augment import Augmenter
         from medmeta.data.protocol import load_protocol
-        from medmeta.data.reading import Preprocessing, ScanReader
+        from medmeta.data.reading import ScanReader
         from medmeta.data.store import ImageStore
         from medmeta.device import resolve_device, training_memory_format
-        from medmeta.training.build import build_learner, episode_shape
+        from medmeta.training.build import build_learner, episode_shape, resolve_for_protocol, run_preprocessing
 
-        self.config, self.quiet, self.out = config, quiet, Path(config.out)
+        self.quiet, self.out = quiet, Path(config.out)
         self.device = resolve_device(config.device)
         self.protocol = load_protocol(config.protocol)
+        self.config = config = resolve_for_protocol(config, self.protocol)
         self.way, self.shot, self.query = episode_shape(config, self.protocol)
         self.train_shots = sorted({int(s) for s in config.train_shots}) if config.train_shots else [self.shot]
         if min(self.train_shots) < 1:
             raise ConfigError(f"train_shots must be positive, got {config.train_shots}", "train_shots")
         self.protocol.check_counts(max(self.shot, *self.train_shots), self.query, splits=("train",))
         self.val_way = min(self.way, len(self.protocol.classes["val"]))
-        self.preprocessing = Preprocessing(image_size=config.image_size, channels=config.channels)
+        self.preprocessing = run_preprocessing(config, self.protocol)
         self.store = ImageStore(ScanReader(self.preprocessing))
         self.learner = build_learner(config)
-        # batches are (n, C, H, W): every scan is read as a 2D image
-        self.memory_format = training_memory_format(self.device, image_ndim=4)
+        # batches are (n, C, H, W), or (n, C, D, H, W) for volumes
+        self.memory_format = training_memory_format(self.device, image_ndim=2 + config.spatial_dims)
         self.learner.to(self.device, memory_format=self.memory_format)
-        self.augment = Augmenter(config.augment, seed=config.seed, grayscale=config.augment_grayscale)
+        self.augment = Augmenter(config.augment, seed=config.seed, grayscale=config.augment_grayscale, spatial_dims=config.spatial_dims)
         self.history: list[dict[str, Any]] = []
         self.best_val: dict[str, Any] = {"accuracy": -1.0}
         self.best_outputs: Any = None  # val episodes of the best model, when validated in this session
@@ -191,7 +192,7 @@ def _train(config: TrainConfig, resume: bool, quiet: bool) -> TrainResult:
     torch.manual_seed(config.seed)
     run = Run(config, quiet=quiet)
     run.out.mkdir(parents=True, exist_ok=True)
-    write_config_file(config, run.out)
+    write_config_file(run.config, run.out)  # with what the protocol decided filled in
     _announce(run)
     run.load_images()
     _start(run, resume)

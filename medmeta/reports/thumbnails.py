@@ -1,0 +1,60 @@
+"""Thumbnails of scans for the HTML report: an image as it is, a volume as three orthogonal
+mid-planes side by side.
+
+Volume convention: a volume oriented by :mod:`medmeta.data.volumes` has voxel axes towards
+the patient's Left, Posterior and Superior (``LPS``). Its planes are shown in the radiological
+convention: **axial** (the middle slice along S) with the patient's left on the image's right
+and anterior at the top; **coronal** (the middle along P) with the patient's left on the right
+and superior at the top; **sagittal** (the middle along L) with anterior on the left and
+superior at the top. A volume with no geometry (a MedMNIST array, a multi-frame DICOM file) is
+shown as stored: the middle slice along each of its axes ``(depth, rows, columns)``, the first
+as ``(rows, columns)``, the others with depth downwards.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+
+#: Pixels of background between the planes of a volume's thumbnail.
+PLANE_GAP = 2
+
+
+def volume_planes(volume: np.ndarray, oriented: bool = True) -> list[np.ndarray]:
+    """``(C, X, Y, Z)`` -> ``[axial, coronal, sagittal]`` display arrays ``(C, rows, columns)``
+    (see the module for the conventions); ``oriented=False``: the stored axes' mid-planes."""
+    c, x, y, z = volume.shape
+    if not oriented:  # (depth, rows, columns) as stored
+        return [volume[:, x // 2], volume[:, :, y // 2], volume[:, :, :, z // 2]]
+    axial = np.swapaxes(volume[:, :, :, z // 2], 1, 2)  # rows: posterior downwards; columns: towards L
+    coronal = np.swapaxes(volume[:, :, y // 2, :], 1, 2)[:, ::-1]  # rows: superior at the top
+    sagittal = np.swapaxes(volume[:, x // 2, :, :], 1, 2)[:, ::-1]  # columns: towards posterior
+    return [axial, coronal, sagittal]
+
+
+def montage(planes: list[np.ndarray], gap: int = PLANE_GAP) -> np.ndarray:
+    """Planes ``(C, h_i, w_i)`` side by side, top-aligned, ``gap`` pixels of 0 between them."""
+    channels, height = planes[0].shape[0], max(p.shape[1] for p in planes)
+    width = sum(p.shape[2] for p in planes) + gap * (len(planes) - 1)
+    canvas = np.zeros((channels, height, width), dtype=planes[0].dtype)
+    column = 0
+    for plane in planes:
+        canvas[:, : plane.shape[1], column : column + plane.shape[2]] = plane
+        column += plane.shape[2] + gap
+    return canvas
+
+
+def thumbnail_data_uri(image: torch.Tensor, oriented: bool = True) -> str:
+    """``(C, H, W)`` or a volume ``(C, X, Y, Z)`` in ``[0, 1]`` -> ``data:image/png;base64,...``."""
+    from PIL import Image
+
+    array = (image.detach().cpu().float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    if array.ndim == 4:
+        array = montage(volume_planes(array, oriented))
+    pil = Image.fromarray(array[0]) if array.shape[0] == 1 else Image.fromarray(np.ascontiguousarray(np.moveaxis(array[:3], 0, -1)))
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
