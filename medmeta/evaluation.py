@@ -443,13 +443,15 @@ def _evaluate(checkpoint, settings, device, out_dir, quiet, allow_unfinished) ->
     settings = settings or EvaluationSettings()
     run = as_run(checkpoint, device, protocol=settings.protocol, allow_unfinished=allow_unfinished)
     settings = settings.resolved(run.protocol)
+    store = run.store()
+    unreadable = run.drop_unreadable("test", store)
     sampler = run.sampler("test", settings.way, settings.shot, settings.query, settings.seed)
     pipeline = AdaptationPipeline.from_run(
         run, settings.temperature_source, settings.conformal_source, settings.prior_sigma, batch_size=None, head=settings.head,
         transductive=settings.transductive,
     )
     settings.head = pipeline.head_name
-    outputs = _run_with_progress(run, pipeline.head.learner, sampler, settings, pipeline.needs_held_out, quiet)
+    outputs = _run_with_progress(run, pipeline.head.learner, store, sampler, settings, pipeline.needs_held_out, quiet)
     diagnoses = diagnose(outputs, pipeline.temperature, pipeline.sets, pipeline.referral)
     summary = summarize(outputs, pipeline.temperature, pipeline.sets, pipeline.referral, diagnoses=diagnoses)
     logits, labels = outputs.pooled()
@@ -466,7 +468,7 @@ def _evaluate(checkpoint, settings, device, out_dir, quiet, allow_unfinished) ->
             "coverage": RISK_COVERAGE_LEVELS.tolist(),
             "risk": risk_at_coverage(confidence, correct, RISK_COVERAGE_LEVELS).tolist(),
         },
-        notes=calibration.notes(run.method) + _fallback_notes(pipeline, summary, settings.shot),
+        notes=calibration.notes(run.method) + _fallback_notes(pipeline, summary, settings.shot) + _unreadable_notes(unreadable),
         probabilities_before=softmax(logits), probabilities_after=after, labels=labels,
     )
     result.warnings = evaluation_warnings(calibration, summary, settings.shot)
@@ -478,7 +480,14 @@ def _evaluate(checkpoint, settings, device, out_dir, quiet, allow_unfinished) ->
     return result
 
 
-def _run_with_progress(run, learner, sampler, settings: EvaluationSettings, held_out: bool, quiet: bool) -> EpisodeOutputs:
+def _unreadable_notes(unreadable: list[tuple[str, str]]) -> list[str]:
+    if not unreadable:
+        return []
+    key, reason = unreadable[0]
+    return [f"{len(unreadable)} unreadable test scan(s) left out of the episodes, e.g. {key}: {reason}"]
+
+
+def _run_with_progress(run, learner, store, sampler, settings: EvaluationSettings, held_out: bool, quiet: bool) -> EpisodeOutputs:
     from medmeta.progress import make_progress
 
     with make_progress(disable=quiet) as progress:
@@ -488,7 +497,7 @@ def _run_with_progress(run, learner, sampler, settings: EvaluationSettings, held
             accs = [(lg.argmax(1) == lb).mean() for lg, lb in zip(out.logits, out.labels)]
             progress.update(task, advance=1, status=f"acc {np.mean(accs):.3f}")
 
-        return run_episodes(learner, run.store(), sampler, range(settings.episodes), run.device, tick, held_out)
+        return run_episodes(learner, store, sampler, range(settings.episodes), run.device, tick, held_out)
 
 
 def _fallback_notes(pipeline, summary: EpisodeSummary, shot: int) -> list[str]:

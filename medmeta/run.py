@@ -103,7 +103,14 @@ class LoadedRun:
             path = self.protocol_path or (self.checkpoint.meta.get("protocol") or {}).get("path")
             if not path:
                 raise ProtocolError(f"{self.checkpoint.path}: the checkpoint names no protocol; pass --protocol")
-            self._protocol = load_protocol(path)
+            protocol = load_protocol(path)
+            if protocol.spatial_dims != self.preprocessing.spatial_dims:
+                kind = {2: "2D images", 3: "volumes (3D)"}
+                raise ProtocolError(
+                    f"{protocol.path}: its scans are {kind[protocol.spatial_dims]}, but the model of {self.checkpoint.path} "
+                    f"reads {kind[self.preprocessing.spatial_dims]}; a 2D model cannot be used on volumes, nor a 3D one on images"
+                )
+            self._protocol = protocol
         return self._protocol
 
     def store(self) -> "ImageStore":
@@ -111,6 +118,17 @@ class LoadedRun:
         from medmeta.data import ImageStore
 
         return ImageStore(self.reader)
+
+    def drop_unreadable(self, split: str, store: "ImageStore") -> list[tuple[str, str]]:
+        """Decode every scan of the protocol's ``split`` classes into ``store`` and leave the
+        unreadable ones out of the protocol (one bad scan never stops an evaluation); returns
+        their ``(key, reason)``. Episodes are then drawn from the readable scans."""
+        bad: list[tuple[str, str]] = []
+        for name in self.protocol.classes[split]:
+            good, failed = store.warm(self.protocol.records[name])
+            self.protocol.records[name] = good
+            bad += [(record.key, reason) for record, reason in failed]
+        return bad
 
     def sampler(self, split: str, way: int, shot: int, query: int, seed: int) -> "EpisodeSampler":
         """Seeded episodes of the protocol's ``split`` classes (counts checked first)."""

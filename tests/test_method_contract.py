@@ -163,3 +163,16 @@ def test_volumes_train_and_adapt_with_a_3d_backbone(name, kwargs):
         adapted = learner.fit_support(xs, ys).predict_query(xq)
         distance = learner.support_distance(xq)
     assert adapted.shape == (len(xq), 3) and torch.isfinite(adapted).all() and distance.shape == (len(xq),)
+
+
+@pytest.mark.parametrize("name", ["protonet", "anil"])
+def test_volumes_train_on_a_3d_resnet12(name):
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet12", in_channels=1, spatial_dims=3, channels=(4, 4, 8, 8),
+                               **getattr(METHODS.get(name), "backbone_defaults", {}))
+    learner = create_method(name, backbone, **SMALL.get(name, {})).train()
+    xs, ys, xq, yq = toy_volumes(3)
+    loss, logits = learner.episode_loss(xs, ys, xq, yq)
+    loss.backward()
+    assert logits.shape == (len(yq), 3) and torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters() if p.requires_grad)

@@ -234,3 +234,31 @@ def test_volume_thumbnail_planes_follow_the_radiological_convention():
     assert np.argwhere(coronal[0] == 1).tolist() == [[1, 7]]  # row 1 (superior top), column 7 (left on right)
     assert np.argwhere(sagittal[0] == 1).tolist() == [[1, 1]]  # row 1 (superior top), column 1 (anterior left)
     assert montage([axial, coronal, sagittal]).shape == (1, 9, 9 * 3 + 2 * 2)
+
+
+def test_a_volume_checkpoint_refuses_a_2d_protocol(volume_run):
+    from medmeta.run import load_run
+
+    run = load_run(volume_run, device="cpu", protocol=VOLUMES.parent / "protocol.yaml")
+    with pytest.raises(ProtocolError, match=r"its scans are 2D images, but the model of .* reads volumes \(3D\)"):
+        run.protocol
+
+
+def test_evaluation_leaves_an_unreadable_test_scan_out_instead_of_stopping(trained_run, tmp_path):
+    """A blank test image (here the middle slice of a volume whose middle is empty) is left
+    out of the episodes and named in the notes; the evaluation runs."""
+    from medmeta.evaluation import EvaluationSettings, evaluate_checkpoint
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (40, 9, 16, 16), dtype=np.uint8)
+    images[37, 4] = 0  # one test volume's middle slice is blank
+    np.savez(tmp_path / "v.npz", train_images=images, train_labels=np.repeat(np.arange(5), 8)[:, None])
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "sources:\n  s: {path: v.npz, slice: middle, labels: [a, b, c, d, e]}\nclasses:\n  train: ['s/a', 's/b']\n"
+        "  val: ['s/c']\n  test: ['s/d', 's/e']\nepisodes: {way: 2, shot: [1], query: 3}\n"
+    )
+    result = evaluate_checkpoint(trained_run, EvaluationSettings(protocol=path, shot=1, episodes=4), device="cpu", quiet=True)
+    assert result.summary.episodes == 4
+    assert any(note.startswith("1 unreadable test scan(s) left out of the episodes, e.g. ") and "v.npz::train::37: blank image" in note
+               for note in result.notes)

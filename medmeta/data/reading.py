@@ -6,8 +6,9 @@ image_size)`` with intensities in ``[0, 1]``:
 
 - spatial layout: every format comes out in display (row, column) layout: DICOM and 2D images
   as ``pydicom``'s ``pixel_array`` and PIL show them, a NIfTI with its first voxel axis (i, the
-  x direction) as columns. Volumes (NIfTI, multi-frame DICOM) are reduced to their middle slice
-  along the last axis, because the models are 2D.
+  x direction) as columns. A volume (a NIfTI with several slices, a multi-frame DICOM, a 3D
+  array) is refused by a 2D reader, never sliced; with ``Preprocessing.spatial_dims == 3`` it
+  is read whole, as ``(channels, size, size, size)`` (:mod:`medmeta.data.volumes`).
 - intensity: a CT window (level/width in Hounsfield units) when the DICOM says ``Modality`` CT,
   robust min-max (percentiles) otherwise; MONOCHROME1 DICOM is inverted so bright means dense.
 - channels: grayscale is repeated to 3 channels, RGB is turned to luminance for 1 channel,
@@ -208,9 +209,6 @@ class Preprocessing:
             del data["intensity"]
         return data
 
-    def as_2d(self) -> "Preprocessing":
-        """The same settings for images (how a volume's frames are decoded)."""
-        return Preprocessing(self.image_size, self.channels, self.ct_window, self.percentiles, intensity=self.intensity)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
@@ -287,6 +285,7 @@ class ScanReader:
         from monai.transforms import LoadImage, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
 
         p = self.preprocessing
+        self._volume_reader = None
         with warnings.catch_warnings():  # MONAI warns when optional GPU codecs are absent
             warnings.simplefilter("ignore")
             self._loaders = self._make_loaders(LoadImage, NibabelReader, PILReader, PydicomReader)
@@ -343,11 +342,12 @@ class ScanReader:
 
     @property
     def _volumes(self):
-        if self.__dict__.get("_volume_reader") is None:
+        """The :class:`~medmeta.data.volumes.VolumeReader` of a volume reader (built once)."""
+        if self._volume_reader is None:
             from medmeta.data.volumes import VolumeReader
 
-            self.__dict__["_volume_reader"] = VolumeReader(self.preprocessing, self.max_pixels)
-        return self.__dict__["_volume_reader"]
+            self._volume_reader = VolumeReader(self.preprocessing, self.max_pixels, frames=self.decode_frames)
+        return self._volume_reader
 
     # -- steps --------------------------------------------------------------------------------
     def _decode(self, path: Path, keep_frames: bool = False) -> tuple[np.ndarray, bool]:
@@ -401,7 +401,9 @@ class ScanReader:
         else:
             if float(array.max()) == float(array.min()):
                 raise ScanReadError(label, _reason("blank"))
-            scaled = self._foreground_percentiles(array) if p.intensity == "mr" else self._robust(array)
+            with warnings.catch_warnings():  # MONAI warns when the percentiles coincide (a mostly uniform scan)
+                warnings.simplefilter("ignore")
+                scaled = self._foreground_percentiles(array) if p.intensity == "mr" else self._robust(array)
         tensor = torch.as_tensor(np.asarray(scaled), dtype=torch.float32)
         if p.spatial_dims == 3:
             resized = torch.as_tensor(self._volumes.to_cube(tensor)).as_subclass(torch.Tensor)

@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,12 +192,14 @@ def group_series(files: list[Path]) -> list[Path]:
 class VolumeReader:
     """Decodes a volume and brings it to the cube of :class:`Preprocessing` (see the module)."""
 
-    def __init__(self, preprocessing: Any, max_pixels: int):
+    def __init__(self, preprocessing: Any, max_pixels: int, frames: Callable[[Path], tuple[np.ndarray, bool]]):
+        """``frames`` decodes a multi-frame DICOM file to ``(1, frames, rows, columns)`` and
+        whether it is CT (:meth:`~medmeta.data.reading.ScanReader.decode_frames`)."""
         from monai.data import NibabelReader
         from monai.transforms import LoadImage, Orientation, ResizeWithPadOrCrop, Spacing
 
         p = self.preprocessing = preprocessing
-        self.max_pixels = max_pixels
+        self.max_pixels, self._frames = max_pixels, frames
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._nifti = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True)
@@ -254,13 +257,8 @@ class VolumeReader:
         info = _dicom_header(path)
         if info.frames < 2:
             raise ScanReadError(path, _reason("image_for_3d", shape="(one DICOM slice; a series is a folder of slices)"))
-        array, is_ct = self._decode_2d_reader(path)
+        array, is_ct = self._frames(path)
         return array, is_ct, VolumeInfo(tuple(array.shape[1:]), None, oriented=False)
-
-    def _decode_2d_reader(self, path: Path) -> tuple[np.ndarray, bool]:
-        from medmeta.data.reading import ScanReader
-
-        return ScanReader(self.preprocessing.as_2d(), self.max_pixels).decode_frames(path)
 
     def _oriented(self, image: Any) -> np.ndarray:
         with warnings.catch_warnings():
