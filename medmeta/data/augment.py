@@ -39,7 +39,7 @@ class Augmenter:
 
     @staticmethod
     def _build_3d(level: str, grayscale: float = 0.0):
-        from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandGaussianNoise
+        from monai.transforms import RandAffine
 
         strong = level == "strong"
         rotate, scale, shift = (0.25, 0.15, 3) if strong else (0.12, 0.08, 2)
@@ -49,22 +49,11 @@ class Augmenter:
                 padding_mode="border",
             )
         ]
-        if strong:
-            transforms += [RandAdjustContrast(prob=0.3, gamma=(0.7, 1.4)), RandGaussianNoise(prob=0.2, std=0.03)]
-        if grayscale > 0:
-            transforms.append(RandGrayscale(prob=grayscale))
-        return Compose(transforms)
+        return _compose(transforms, strong, grayscale)
 
     @staticmethod
     def _build(level: str, grayscale: float = 0.0):
-        from monai.transforms import (
-            Compose,
-            RandAdjustContrast,
-            RandAffine,
-            RandFlip,
-            RandGaussianNoise,
-            RandRotate90,
-        )
+        from monai.transforms import RandAffine, RandFlip, RandRotate90
 
         strong = level == "strong"
         transforms = [] if level == "none" else [
@@ -79,11 +68,7 @@ class Augmenter:
                 padding_mode="reflection",
             ),
         ]
-        if strong:
-            transforms += [RandAdjustContrast(prob=0.3, gamma=(0.7, 1.4)), RandGaussianNoise(prob=0.2, std=0.03)]
-        if grayscale > 0:
-            transforms.append(RandGrayscale(prob=grayscale))
-        return Compose(transforms)
+        return _compose(transforms, strong, grayscale)
 
     def __call__(self, images: torch.Tensor, step: int) -> torch.Tensor:
         if self._transform is None:
@@ -92,6 +77,19 @@ class Augmenter:
         with _plain_tensors():
             out = torch.stack([torch.as_tensor(self._transform(img)) for img in images])
         return out.clamp_(0.0, 1.0).as_subclass(torch.Tensor)
+
+
+def _compose(spatial: list, strong: bool, grayscale: float):
+    """The spatial transforms, then (``strong``) contrast and Gaussian noise, then the
+    grayscale draw, as one MONAI ``Compose``."""
+    from monai.transforms import Compose, RandAdjustContrast, RandGaussianNoise
+
+    transforms = list(spatial)
+    if strong:
+        transforms += [RandAdjustContrast(prob=0.3, gamma=(0.7, 1.4)), RandGaussianNoise(prob=0.2, std=0.03)]
+    if grayscale > 0:
+        transforms.append(RandGrayscale(prob=grayscale))
+    return Compose(transforms)
 
 
 @contextmanager
