@@ -517,15 +517,22 @@ def _deflated_dataset_offset(path: Path) -> int | None:
     return offset if syntax.rstrip(b"\0 ").decode("ascii", "replace") == _DEFLATED else None
 
 
-def _dicom_header(path: Path) -> _DicomInfo:
-    """The DICOM header, read without the pixels, with its image pixel module checked as pydicom
-    checks it when decoding; anything wrong is a :class:`ScanReadError` naming the element."""
+def _read_dicom_header(path: Path) -> Any:
+    """The DICOM header (pydicom dataset) without the pixels, or a :class:`ScanReadError`."""
     import pydicom
 
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception:  # noqa: BLE001 - the parser's message may quote header bytes: not repeated
         raise ScanReadError(path, _reason("dicom_unparsable")) from None
+
+
+def _dicom_header(path: Path, header: Any = None) -> _DicomInfo:
+    """The DICOM header (read here unless ``header``, from :func:`_read_dicom_header`, is
+    given), with its image pixel module checked as pydicom checks it when decoding; anything
+    wrong is a :class:`ScanReadError` naming the element."""
+    if header is None:
+        header = _read_dicom_header(path)
     if getattr(header, "preamble", b"") is None:  # no "DICM": the decoder (pydicom unforced) refuses it
         raise ScanReadError(path, _reason("dicom_not_part10"))
     if "Rows" not in header and "Columns" not in header:

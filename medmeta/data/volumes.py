@@ -81,20 +81,16 @@ def _dicom_files(folder: Path) -> list[Path]:
 def series_header(folder: Path) -> SeriesHeader:
     """Read and check the headers of the series in ``folder`` and order its slices; every
     refusal is a :class:`ScanReadError` naming the folder and the reason."""
-    import pydicom
-
-    from medmeta.data.reading import _dicom_header, _reason
+    from medmeta.data.reading import _dicom_header, _read_dicom_header, _reason
 
     files = _dicom_files(folder)
     if not files:
         raise ScanReadError(folder, _reason("series_empty"))
     headers = []
     for path in files:
-        _dicom_header(path)  # the same checks as a single file: pixel module, photometric
-        try:
-            headers.append(pydicom.dcmread(path, stop_before_pixels=True, force=True))
-        except Exception:  # noqa: BLE001 - already parsed once above; the message is not repeated
-            raise ScanReadError(path, _reason("dicom_unparsable")) from None
+        header = _read_dicom_header(path)
+        _dicom_header(path, header)  # the same checks as a single file: pixel module, photometric
+        headers.append(header)
     series = {str(h.get("SeriesInstanceUID", "")) for h in headers}
     if len(series) > 1:
         raise ScanReadError(folder, _reason("series_mixed", count=str(len(series))))
@@ -196,7 +192,7 @@ class VolumeReader:
         """``frames`` decodes a multi-frame DICOM file to ``(1, frames, rows, columns)`` and
         whether it is CT (:meth:`~medmeta.data.reading.ScanReader.decode_frames`)."""
         from monai.data import NibabelReader
-        from monai.transforms import LoadImage, Orientation, ResizeWithPadOrCrop, Spacing
+        from monai.transforms import LoadImage, Orientation, Resize, ResizeWithPadOrCrop, Spacing
 
         p = self.preprocessing = preprocessing
         self.max_pixels, self._frames = max_pixels, frames
@@ -208,6 +204,8 @@ class VolumeReader:
             self._orient = Orientation(axcodes=ORIENTATION, labels=None)
         self._spacing = Spacing(pixdim=tuple(p.spacing), mode="bilinear") if p.spacing else None
         self._crop = ResizeWithPadOrCrop(spatial_size=(p.image_size,) * 3) if p.spacing else None
+        self._shrink = Resize(spatial_size=(p.image_size,) * 3, mode="area")
+        self._enlarge = Resize(spatial_size=(p.image_size,) * 3, mode="trilinear")
 
     def decode(self, path: Path) -> tuple[np.ndarray, bool, VolumeInfo]:
         """``(array (C, X, Y, Z), is_ct, info)``, or a :class:`ScanReadError`."""
@@ -234,8 +232,7 @@ class VolumeReader:
                 array = np.asarray(image, dtype=np.float32)
             if header.invert:
                 array = array.max() - array
-            info = self._info(image, array, oriented=header.has_geometry)
-            return array, header.is_ct, info if header.has_geometry else VolumeInfo(info.shape, None, oriented=False)
+            return array, header.is_ct, self._info(image, oriented=header.has_geometry)
         fmt = scan_format(path)
         if fmt == "dicom":
             return self._single_dicom(path)
@@ -248,7 +245,7 @@ class VolumeReader:
         except Exception as exc:  # noqa: BLE001
             raise ScanReadError(path, _decode_failure(path, "nifti", exc, None)) from None
         array = self._oriented(image)
-        return array, False, self._info(image, array, oriented=True)
+        return array, False, self._info(image, oriented=True)
 
     def _single_dicom(self, path: Path) -> tuple[np.ndarray, bool, VolumeInfo]:
         """A multi-frame DICOM file: ``(1, frames, rows, columns)`` as stored."""
@@ -271,8 +268,9 @@ class VolumeReader:
         return np.asarray(image, dtype=np.float32)
 
     @staticmethod
-    def _info(image: Any, array: np.ndarray, oriented: bool) -> VolumeInfo:
-        spacing = getattr(image, "pixdim", None)
+    def _info(image: Any, oriented: bool) -> VolumeInfo:
+        """The stored shape of a decoded volume, and its spacing when it has geometry."""
+        spacing = getattr(image, "pixdim", None) if oriented else None
         shape = tuple(int(s) for s in image.shape[1:])
         values = tuple(float(s) for s in np.asarray(spacing).tolist()[:3]) if spacing is not None else None
         return VolumeInfo(shape, values, oriented)
@@ -280,10 +278,6 @@ class VolumeReader:
     def to_cube(self, tensor: Any) -> Any:
         """``(C, X, Y, Z)`` tensor -> ``(C, size, size, size)``: cropped/padded after resampling
         to a set spacing, otherwise resized (area averaging when shrinking)."""
-        from monai.transforms import Resize
-
-        size = self.preprocessing.image_size
         if self._crop is not None:
             return self._crop(tensor)
-        mode = "area" if min(tensor.shape[1:]) >= size else "trilinear"
-        return Resize(spatial_size=(size,) * 3, mode=mode)(tensor)
+        return (self._shrink if min(tensor.shape[1:]) >= self.preprocessing.image_size else self._enlarge)(tensor)
