@@ -143,7 +143,7 @@ def test_config_file_errors_name_the_file_and_the_key(tmp_path):
     cases = [
         ("episodes: 5\nlearning_rate: 0.1\n", "unknown key 'learning_rate'"),
         ("epsiodes: 5\n", "did you mean 'episodes'"),
-        ("episodes: many\n", "episodes must be an integer, got 'many'"),
+        ("episodes: many\n", "episodes must be an integer (or null), got 'many'"),
         ("lr: fast\n", "lr must be a number, got 'fast'"),
         ("train_shots: [1, two]\n", "train_shots must be a list of integers"),
         ("- episodes\n", "a training config is a mapping"),

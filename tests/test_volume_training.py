@@ -4,6 +4,7 @@ report's three-plane thumbnails, and 2D/3D mismatches refused with a clear reaso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -129,14 +130,23 @@ def test_a_volume_protocol_decides_the_run_settings(tmp_path):
     protocol = load_protocol(VOLUMES / "protocol.yaml")
     config = resolve_for_protocol(TrainConfig(protocol=str(VOLUMES / "protocol.yaml")), protocol)
     assert (config.spatial_dims, config.image_size, config.channels) == (3, 28, 1)
-    assert backbone_kwargs(config) == {"in_channels": 1, "spatial_dims": 3}
+    assert backbone_kwargs(config) == {"in_channels": 1, "spatial_dims": 3, "hidden": 32}
     assert run_preprocessing(config, protocol).spatial_dims == 3
+    # the volume schedule (docs/benchmarks.md, "Volumes"): the figures there are these defaults
+    schedule = ("episodes", "pretrain_epochs", "val_episodes", "calibration_episodes", "tuning_episodes", "val_interval")
+    assert tuple(getattr(config, name) for name in schedule) == (600, 5, 60, 50, 20, 200)
+    mine = resolve_for_protocol(TrainConfig(episodes=900, tuning_episodes=0, backbone_kwargs={"hidden": 48}), protocol)
+    assert (mine.episodes, mine.pretrain_epochs, mine.tuning_episodes) == (900, 5, 0)
+    assert backbone_kwargs(mine)["hidden"] == 48
+    assert backbone_kwargs(dataclasses.replace(config, backbone="resnet12")) == {"in_channels": 1, "spatial_dims": 3}
     with pytest.raises(ConfigError, match="does not match the protocol"):
         resolve_for_protocol(TrainConfig(spatial_dims=2), protocol)
     with pytest.raises(ConfigError, match="2D model"):
         resolve_for_protocol(TrainConfig(backbone="torchvision:resnet18"), protocol)
     flat = resolve_for_protocol(TrainConfig(), load_protocol(VOLUMES.parent / "protocol.yaml"))
     assert (flat.spatial_dims, flat.image_size, flat.channels) == (2, 64, 3)
+    assert tuple(getattr(flat, name) for name in schedule) == (3200, 20, 300, 100, None, 200)
+    assert backbone_kwargs(flat) == {"in_channels": 3}
 
 
 # -- augmentation ------------------------------------------------------------------------------

@@ -24,22 +24,24 @@ def backbone_kwargs(config: TrainConfig) -> dict[str, Any]:
     from medmeta.backbones.registry import is_external
     from medmeta.methods.registry import METHODS
 
-    from medmeta.training.checks import DEFAULT_CHANNELS
+    from medmeta.training.checks import DEFAULT_CHANNELS, VOLUME_BACKBONE_DEFAULTS
 
     dims = config.spatial_dims or 2
     defaults = {} if is_external(config.backbone) else dict(getattr(METHODS.get(config.method), "backbone_defaults", {}))
-    volume = {"spatial_dims": 3} if dims == 3 else {}  # 2D checkpoints keep the record they had
+    # 2D checkpoints keep the record they had
+    volume = {"spatial_dims": 3, **VOLUME_BACKBONE_DEFAULTS.get(config.backbone, {})} if dims == 3 else {}
     return {"in_channels": config.channels or DEFAULT_CHANNELS[dims], **volume, **defaults, **config.backbone_kwargs}
 
 
 def resolve_for_protocol(config: TrainConfig, protocol: "Protocol") -> TrainConfig:
     """A copy of ``config`` with the settings the protocol decides filled in: ``spatial_dims``
     (the protocol's; a config that names the other is refused), then ``image_size`` and
-    ``channels`` from the protocol's ``preprocessing``, else the defaults for its dimensions."""
+    ``channels`` from the protocol's ``preprocessing``, else the defaults for its dimensions; the
+    schedule fields left unset take :data:`~medmeta.training.checks.DEFAULT_SCHEDULE`'s."""
     import dataclasses
 
     from medmeta.backbones.registry import is_external
-    from medmeta.training.checks import DEFAULT_CHANNELS, DEFAULT_IMAGE_SIZE
+    from medmeta.training.checks import DEFAULT_CHANNELS, DEFAULT_IMAGE_SIZE, DEFAULT_SCHEDULE
 
     dims = protocol.spatial_dims
     if config.spatial_dims is not None and config.spatial_dims != dims:
@@ -50,8 +52,10 @@ def resolve_for_protocol(config: TrainConfig, protocol: "Protocol") -> TrainConf
     if dims == 3 and is_external(config.backbone):
         raise ConfigError(f"backbone {config.backbone} is a 2D model; volumes need conv4 or resnet12", "backbone")
     stored = protocol.preprocessing
+    schedule = {name: default for name, default in DEFAULT_SCHEDULE[dims].items() if getattr(config, name) is None}
     return dataclasses.replace(
         config,
+        **schedule,
         spatial_dims=dims,
         image_size=config.image_size or stored.get("image_size") or DEFAULT_IMAGE_SIZE[dims],
         channels=config.channels or stored.get("channels") or DEFAULT_CHANNELS[dims],

@@ -75,7 +75,9 @@ class TrainConfig:
         option="train-shot",
     )
     query: int | None = _setting(None, "Query scans per class [default: protocol's].")
-    episodes: int = _setting(3200, "Episodic training episodes (total, also on --resume).")
+    episodes: int | None = _setting(
+        None, "Episodic training episodes (total, also on --resume) [default: 3200 for images, 600 for volumes]."
+    )
     image_size: int | None = _setting(
         None,
         "Side of the square input in pixels, of the cube in voxels for volumes (at least 16) "
@@ -99,7 +101,9 @@ class TrainConfig:
         "Keep an exponential moving average of the weights in episodic training (decay per optimiser step, e.g. 0.997; "
         "0 = none); every validation also scores the average, and the better model is kept.",
     )
-    pretrain_epochs: int = _setting(20, "Epochs of backbone pre-training on all meta-train classes (0 = none).")
+    pretrain_epochs: int | None = _setting(
+        None, "Epochs of backbone pre-training on all meta-train classes (0 = none) [default: 20 for images, 5 for volumes]."
+    )
     pretrain_lr: float = _setting(0.05, "SGD learning rate of pre-training (cosine-annealed).")
     pretrain_batch_size: int = _setting(64, "Images per pre-training batch.")
     pretrain_label_smoothing: float = _setting(0.0, "Label smoothing of the pre-training cross-entropy (0 = none; e.g. 0.1).")
@@ -114,10 +118,14 @@ class TrainConfig:
         0.0, "Probability that a training image's colour is replaced by its luminance (colour-invariant features, e.g. for a grayscale modality)."
     )
     val_interval: int = _setting(200, "Validate on val classes every N episodes.")
-    val_episodes: int = _setting(300, "Episodes per validation (also the held-out episodes of the calibration report).")
-    calibration_episodes: int = _setting(100, "Val-class episodes to fit the temperature, conformal and referral thresholds on.")
+    val_episodes: int | None = _setting(
+        None, "Episodes per validation (also the held-out episodes of the calibration report) [default: 300 for images, 60 for volumes]."
+    )
+    calibration_episodes: int | None = _setting(
+        None, "Val-class episodes to fit the temperature, conformal and referral thresholds on [default: 100 for images, 50 for volumes]."
+    )
     tuning_episodes: int | None = _setting(
-        None, "Val-class episodes on which the finetune head's steps and learning rate are chosen (0: its defaults) [default: 50, or the validation episodes if fewer]."
+        None, "Val-class episodes on which the finetune head's steps and learning rate are chosen (0: its defaults) [default: 50, or the validation episodes if fewer; 20 for volumes]."
     )
     conformal_score: str = _setting("lac", "Conformal score of the prediction sets: lac (1 - p_true) or aps (cumulative sorted mass).")
     coverage: float = _setting(0.9, "Target coverage of the prediction sets, e.g. 0.9.")
