@@ -255,6 +255,43 @@ def test_series_with_two_slices_at_one_position_is_refused(tmp_path):
         reader3d()(folder)
 
 
+# -- limits: a volume is refused before it is decoded or resampled into more than a scan may hold
+def test_a_nifti_declaring_too_many_voxels_is_refused_from_its_header(tmp_path):
+    from medmeta.data.reading import rejection_reason_pattern
+
+    path = write_nifti(tmp_path / "big.nii.gz", marker_volume(16, 16, 16))  # 4,096 voxels, a few hundred bytes
+    with pytest.raises(ScanReadError) as caught:
+        ScanReader(Preprocessing(image_size=8, channels=1, spatial_dims=3), max_pixels=4_000)(path)
+    assert caught.value.path == str(path)
+    assert rejection_reason_pattern("too_many_pixels").fullmatch(caught.value.reason)
+    assert "declares 4,096 pixels, more than the 4,000" in caught.value.reason
+    assert ScanReader(Preprocessing(image_size=8, channels=1, spatial_dims=3), max_pixels=4_096)(path).shape == (1, 8, 8, 8)
+
+
+def test_resampling_to_a_fine_spacing_is_refused_when_it_would_exceed_the_cap(tmp_path):
+    from medmeta.data.reading import rejection_reason_pattern
+
+    path = write_nifti(tmp_path / "coarse.nii.gz", marker_volume(), np.diag([-2.0, -2.0, 2.0, 1.0]))  # 8^3 of 2 mm
+    fine = Preprocessing(image_size=8, channels=1, spatial_dims=3, spacing=(0.25, 0.25, 0.25))  # would be 64^3 = 262,144
+    with pytest.raises(ScanReadError) as caught:
+        ScanReader(fine, max_pixels=100_000)(path)
+    assert rejection_reason_pattern("resampled_too_large").fullmatch(caught.value.reason)
+    assert "would give 262,144 voxels, more than the 100,000" in caught.value.reason
+    assert ScanReader(fine, max_pixels=262_144)(path).shape == (1, 8, 8, 8)
+
+
+def test_a_series_whose_files_hold_too_many_bytes_is_refused_unread(tmp_path):
+    folder = write_series(tmp_path / "s", marker_volume())
+    reader = reader3d()
+    total = sum(f.stat().st_size for f in folder.iterdir())
+    reader._volumes.max_bytes = total - 1
+    with pytest.raises(ScanReadError) as caught:
+        reader(folder)
+    assert caught.value.path == str(folder) and f"holds {total:,} bytes" in caught.value.reason
+    reader._volumes.max_bytes = total
+    assert reader(folder).shape == (1, 8, 8, 8)
+
+
 def test_series_sha256_changes_with_any_slice(tmp_path):
     folder = write_series(tmp_path / "s", marker_volume())
     before = volume_sha256(folder)

@@ -89,6 +89,10 @@ REJECTION_REASONS: dict[str, str] = {
     "series_mixed": "the folder holds {count} DICOM series (SeriesInstanceUID); put each series in a folder of its own",
     "series_geometry": "the slices of the series differ in {what}",
     "series_order": "the slices carry neither ImagePositionPatient nor InstanceNumber, so their order is unknown",
+    "resampled_too_large": (
+        "resampling to the protocol's voxel spacing would give {count} voxels, more than the {limit} a scan may have"
+        " (not resampled)"
+    ),
 }
 
 #: What each ``{field}`` of :data:`REJECTION_REASONS` may hold, as a regular expression.
@@ -346,7 +350,7 @@ class ScanReader:
         if self._volume_reader is None:
             from medmeta.data.volumes import VolumeReader
 
-            self._volume_reader = VolumeReader(self.preprocessing, self.max_pixels, frames=self.decode_frames)
+            self._volume_reader = VolumeReader(self.preprocessing, self.max_pixels, frames=self.decode_frames, max_bytes=self.max_bytes)
         return self._volume_reader
 
     # -- steps --------------------------------------------------------------------------------

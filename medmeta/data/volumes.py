@@ -188,14 +188,20 @@ def group_series(files: list[Path]) -> list[Path]:
 class VolumeReader:
     """Decodes a volume and brings it to the cube of :class:`Preprocessing` (see the module)."""
 
-    def __init__(self, preprocessing: Any, max_pixels: int, frames: Callable[[Path], tuple[np.ndarray, bool]]):
+    def __init__(
+        self, preprocessing: Any, max_pixels: int, frames: Callable[[Path], tuple[np.ndarray, bool]], max_bytes: int | None = None
+    ):
         """``frames`` decodes a multi-frame DICOM file to ``(1, frames, rows, columns)`` and
-        whether it is CT (:meth:`~medmeta.data.reading.ScanReader.decode_frames`)."""
+        whether it is CT (:meth:`~medmeta.data.reading.ScanReader.decode_frames`). A volume is
+        refused before it is decoded when its header declares more than ``max_pixels`` voxels
+        or its files hold more than ``max_bytes`` (a series: in all), and before it is resampled
+        when resampling would give more than ``max_pixels``."""
         from monai.data import NibabelReader
         from monai.transforms import LoadImage, Orientation, Resize, ResizeWithPadOrCrop, Spacing
 
         p = self.preprocessing = preprocessing
         self.max_pixels, self._frames = max_pixels, frames
+        self.max_bytes = max_bytes if max_bytes is not None else max_pixels * 8 + (64 << 20)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._nifti = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True)
@@ -209,9 +215,10 @@ class VolumeReader:
 
     def decode(self, path: Path) -> tuple[np.ndarray, bool, VolumeInfo]:
         """``(array (C, X, Y, Z), is_ct, info)``, or a :class:`ScanReadError`."""
-        from medmeta.data.reading import _decode_failure, _reason, scan_format
+        from medmeta.data.reading import _declared_pixels, _decode_failure, _reason, scan_format
 
         if path.is_dir():
+            self._check_bytes(path, _dicom_files(path))  # before any header is parsed
             header = series_header(path)
             if header.pixels > self.max_pixels:
                 raise ScanReadError(path, _reason("too_many_pixels", count=f"{header.pixels:,}", limit=f"{self.max_pixels:,}"))
@@ -227,7 +234,7 @@ class VolumeReader:
             except Exception as exc:  # noqa: BLE001 - one fixed-wording reason, never the decoder's message
                 raise ScanReadError(path, _reason("undecodable", format="DICOM", exception=type(exc).__name__)) from None
             if header.has_geometry:
-                array = self._oriented(image)
+                array = self._oriented(image, path)
             else:  # no patient geometry: (columns, rows, slices in InstanceNumber order) as stored
                 array = np.asarray(image, dtype=np.float32)
             if header.invert:
@@ -238,34 +245,66 @@ class VolumeReader:
             return self._single_dicom(path)
         if fmt != "nifti":
             raise ScanReadError(path, _reason("image_for_3d", shape="(2D image file)"))
+        self._check_bytes(path, [path])
+        declared = _declared_pixels(path, "nifti")  # from the header: a small .nii.gz can hold gigabytes
+        if declared > self.max_pixels:
+            raise ScanReadError(path, _reason("too_many_pixels", count=f"{declared:,}", limit=f"{self.max_pixels:,}"))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 image = self._nifti(str(path))
         except Exception as exc:  # noqa: BLE001
             raise ScanReadError(path, _decode_failure(path, "nifti", exc, None)) from None
-        array = self._oriented(image)
+        array = self._oriented(image, path)
         return array, False, self._info(image, oriented=True)
+
+    def _check_bytes(self, path: Path, files: Any) -> None:
+        """Refuse ``path`` when its files hold more than :attr:`max_bytes` in all, or a deflated
+        DICOM among them would inflate beyond it (nothing is decoded)."""
+        from medmeta.data.reading import _check_deflated_size, _reason, scan_format
+
+        total = sum(Path(f).stat().st_size for f in files)
+        if total > self.max_bytes:
+            raise ScanReadError(path, _reason("too_many_bytes", count=f"{total:,}", limit=f"{self.max_bytes:,}"))
+        for file in files:
+            if scan_format(Path(file)) == "dicom":
+                try:
+                    _check_deflated_size(Path(file), self.max_bytes)
+                except ScanReadError as exc:  # named by the volume (the folder), with the file's reason
+                    raise ScanReadError(path, exc.reason) from None
 
     def _single_dicom(self, path: Path) -> tuple[np.ndarray, bool, VolumeInfo]:
         """A multi-frame DICOM file: ``(1, frames, rows, columns)`` as stored."""
         from medmeta.data.reading import _dicom_header, _reason
 
+        self._check_bytes(path, [path])
         info = _dicom_header(path)
         if info.frames < 2:
             raise ScanReadError(path, _reason("image_for_3d", shape="(one DICOM slice; a series is a folder of slices)"))
         array, is_ct = self._frames(path)
         return array, is_ct, VolumeInfo(tuple(array.shape[1:]), None, oriented=False)
 
-    def _oriented(self, image: Any) -> np.ndarray:
+    def _oriented(self, image: Any, path: Path) -> np.ndarray:
+        from medmeta.data.reading import _reason
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if image.shape[0] > 1:  # a 4D NIfTI: its time axis became the channels; the first volume
                 image = image[:1]
             image = self._orient(image)
             if self._spacing is not None:
+                voxels = self._resampled_voxels(image)
+                if voxels > self.max_pixels:  # e.g. 5 mm slices resampled to 0.5 mm: ten times the volume
+                    raise ScanReadError(path, _reason("resampled_too_large", count=f"{voxels:,}", limit=f"{self.max_pixels:,}"))
                 image = self._spacing(image)
         return np.asarray(image, dtype=np.float32)
+
+    def _resampled_voxels(self, image: Any) -> int:
+        """Voxels of ``image`` (``(C, X, Y, Z)`` with its spacing) once resampled to the set spacing."""
+        spacing = np.asarray(getattr(image, "pixdim", np.ones(3)), dtype=np.float64)[:3]
+        shape = np.asarray(image.shape[1:4], dtype=np.float64)
+        extent = np.ceil(shape * np.abs(spacing) / np.asarray(self.preprocessing.spacing, dtype=np.float64))
+        return int(np.prod(np.maximum(extent, 1.0))) * int(image.shape[0])
 
     @staticmethod
     def _info(image: Any, oriented: bool) -> VolumeInfo:
