@@ -144,7 +144,7 @@ class TrainConfig:
         help="Method hyperparameter KEY=VALUE (repeatable), e.g. inner_steps=5.", option="method-option", factory=dict
     )
     backbone_kwargs: dict[str, Any] = _setting(
-        help="Backbone argument KEY=VALUE (repeatable), e.g. norm_kind=group.", option="backbone-option", factory=dict
+        help="Backbone argument KEY=VALUE (repeatable), e.g. norm_kind=group [volumes: conv4 defaults to hidden=32].", option="backbone-option", factory=dict
     )
 
     def to_dict(self) -> dict[str, Any]:
