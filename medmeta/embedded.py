@@ -26,6 +26,18 @@ import torch
 #: What a learner needs to adapt on embeddings.
 EMBEDDING_API = ("embed", "fit_embedded", "predict_embedded")
 
+#: Scans per backbone pass when embedding many: 256 images of 3 x 64 x 64 values, fewer when a
+#: scan holds more values, so that one pass's activations stay near that size (a 28^3 volume:
+#: 143 per pass; 64^3: 12). 256 volumes of 28^3 through a 3D conv4-32 took 3.6 GiB.
+EMBED_BATCH = 256
+EMBED_BATCH_VALUES = EMBED_BATCH * 3 * 64 * 64
+
+
+def embed_batch_size(scan_values: int) -> int:
+    """Scans embedded per backbone pass for scans of ``scan_values`` values each (C x H x W, or
+    C x D x H x W): :data:`EMBED_BATCH` at most, at least 1."""
+    return max(1, min(EMBED_BATCH, EMBED_BATCH_VALUES // max(1, int(scan_values))))
+
 
 def adapts_on_embeddings(learner) -> bool:
     """Whether ``learner`` fits and predicts on embeddings (see the module docstring)."""
@@ -70,7 +82,9 @@ class EmbeddingCache:
     Valid while the learner's weights do not change: make one per evaluation.
     """
 
-    def __init__(self, learner, store, device: torch.device | str, batch_size: int = 256):
+    def __init__(self, learner, store, device: torch.device | str, batch_size: int | None = None):
+        """``batch_size``: scans per backbone pass [default: :func:`embed_batch_size` of the
+        store's scans]."""
         self.learner = learner
         self.store = store
         self.device = torch.device(device)
@@ -84,7 +98,9 @@ class EmbeddingCache:
     def stack(self, records: Sequence) -> torch.Tensor:
         """``(len(records), d)`` embeddings of ``records``, on the cache's device."""
         missing = list({r.key: r for r in records if r.key not in self._embeddings}.values())
-        for start in range(0, len(missing), self.batch_size):
+        if missing and self.batch_size is None:
+            self.batch_size = embed_batch_size(self.store.get(missing[0]).numel())
+        for start in range(0, len(missing), self.batch_size or 1):
             batch = missing[start : start + self.batch_size]
             embedded = self.learner.embed(self.store.stack(batch).to(self.device))
             self._embeddings.update({r.key: e for r, e in zip(batch, embedded)})

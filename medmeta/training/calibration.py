@@ -198,14 +198,17 @@ def fit_normaliser(learner, store, records, device, limit: int = NORMALISER_SCAN
 
     from medmeta.heads import EmbeddingNormaliser
 
+    from medmeta.embedded import embed_batch_size
+
     chosen = [records[i] for i in np.unique(np.linspace(0, len(records) - 1, min(limit, len(records))).round().astype(int))]
+    step = embed_batch_size(store.get(chosen[0]).numel()) if chosen else 1
     was_training = learner.training
     learner.eval()
     try:
         with torch.no_grad():
             parts = [
-                learner.backbone(store.stack(chosen[start : start + 256]).to(device)).double().cpu()
-                for start in range(0, len(chosen), 256)
+                learner.backbone(store.stack(chosen[start : start + step]).to(device)).double().cpu()
+                for start in range(0, len(chosen), step)
             ]
     finally:
         learner.train(was_training)
