@@ -33,7 +33,7 @@ def train(ctx: typer.Context, **values: Any) -> None:
     With no options it trains on the synthetic demo set in sample_data/ with the full default
     recipe (20 pre-training epochs, then 3,200 episodes: about half an hour on 2 CPU cores for a
     real protocol; volumes default to 5 epochs and 600 episodes on a conv4 of width 32, about
-    12 minutes); --config sample_data/demo-budget.yaml is the quick start's small budget.
+    7-12 minutes); --config sample_data/demo-budget.yaml is the quick start's small budget.
     The run folder gets config.yaml: the settings of the run, to give back to --config.
     """
     with user_errors():

@@ -84,7 +84,7 @@ DEFAULT_IMAGE_SIZE = {2: 64, 3: 28}
 DEFAULT_CHANNELS = {2: 3, 3: 1}
 #: ``{spatial_dims: {field: default}}`` of the training schedule, for the fields a config leaves
 #: unset (``None``). Volumes get a shorter one: the images' recipe (20 epochs, 3,200 episodes)
-#: takes about 2 h on ct-fracture-3d on 2 CPU cores, this one about 12 min; their val classes
+#: takes about 2 h on ct-fracture-3d on 2 CPU cores, this one 7-12 min; their val classes
 #: saturate (0.99+), so a longer schedule cannot be chosen on them (docs/benchmarks.md, "Volumes").
 DEFAULT_SCHEDULE = {
     2: {"episodes": 3200, "pretrain_epochs": 20, "val_episodes": 300, "calibration_episodes": 100, "tuning_episodes": None},
