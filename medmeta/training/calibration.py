@@ -266,6 +266,8 @@ def tuning_episodes(cfg: TrainConfig) -> int:
     :data:`DEFAULT_TUNING_EPISODES` capped by ``cfg.val_episodes`` (a short run tunes briefly)."""
     if cfg.tuning_episodes is not None:
         return int(cfg.tuning_episodes)
+    if cfg.val_episodes is None:  # a config not yet resolved for its protocol
+        return DEFAULT_TUNING_EPISODES
     return min(DEFAULT_TUNING_EPISODES, int(cfg.val_episodes))
 
 
