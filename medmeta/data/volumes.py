@@ -188,9 +188,7 @@ def group_series(files: list[Path]) -> list[Path]:
 class VolumeReader:
     """Decodes a volume and brings it to the cube of :class:`Preprocessing` (see the module)."""
 
-    def __init__(
-        self, preprocessing: Any, max_pixels: int, frames: Callable[[Path], tuple[np.ndarray, bool]], max_bytes: int | None = None
-    ):
+    def __init__(self, preprocessing: Any, max_pixels: int, frames: Callable[[Path], tuple[np.ndarray, bool]], max_bytes: int):
         """``frames`` decodes a multi-frame DICOM file to ``(1, frames, rows, columns)`` and
         whether it is CT (:meth:`~medmeta.data.reading.ScanReader.decode_frames`). A volume is
         refused before it is decoded when its header declares more than ``max_pixels`` voxels
@@ -201,7 +199,7 @@ class VolumeReader:
 
         p = self.preprocessing = preprocessing
         self.max_pixels, self._frames = max_pixels, frames
-        self.max_bytes = max_bytes if max_bytes is not None else max_pixels * 8 + (64 << 20)
+        self.max_bytes = max_bytes  # ScanReader.max_bytes
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._nifti = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True)
