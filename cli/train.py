@@ -39,9 +39,16 @@ def train(ctx: typer.Context, **values: Any) -> None:
     with user_errors():
         config, resume = build_config(ctx, values)
         from medmeta.progress import console
+
+        overwrite = bool(values.get("overwrite"))
+        if values.get("nproc", 1) > 1:
+            from medmeta.training.launch import launch
+
+            launch(config, values["nproc"], resume=resume, overwrite=overwrite, quiet=console.quiet)
+            return
         from medmeta.training import train as run_training
 
-        run_training(config, resume=resume, quiet=console.quiet, overwrite=bool(values.get("overwrite")))
+        run_training(config, resume=resume, quiet=console.quiet, overwrite=overwrite)
 
 
 def build_config(ctx: typer.Context, values: dict[str, Any]) -> tuple[TrainConfig, bool]:
@@ -122,6 +129,11 @@ def _signature() -> inspect.Signature:
     params.append(inspect.Parameter(
         "resume", inspect.Parameter.KEYWORD_ONLY, default=False,
         annotation=Annotated[bool, typer.Option(help="Continue the run in --out from its last saved state.")],
+    ))
+    params.append(inspect.Parameter(
+        "nproc", inspect.Parameter.KEYWORD_ONLY, default=1,
+        annotation=Annotated[int, typer.Option(
+            min=1, help="Train on this many processes (torchrun, DistributedDataParallel): one per GPU, or per share of the CPU cores; see docs/distributed.md.")],
     ))
     params.append(inspect.Parameter(
         "overwrite", inspect.Parameter.KEYWORD_ONLY, default=False,

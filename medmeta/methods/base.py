@@ -36,6 +36,12 @@ class MetaLearner(nn.Module, ABC):
     registry_name: str = "base"
     backbone_defaults: dict[str, Any] = {}
 
+    @property
+    def differentiates_backbone_twice(self) -> bool:
+        """True when meta-training takes second derivatives through the backbone (second-order
+        MAML), which ``torch.compile`` cannot (``--compile`` is refused then)."""
+        return False
+
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone

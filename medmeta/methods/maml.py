@@ -163,6 +163,10 @@ class MAML(MetaLearner):
         logits = self._logits(fast, query_images)
         return F.cross_entropy(logits, query_labels), logits
 
+    @property
+    def differentiates_backbone_twice(self) -> bool:
+        return not self.first_order and not self.head_only
+
     def fit_support(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "MAML":
         """Fine-tune a copy of the weights on the support set (``adapt_steps`` first-order steps).
 

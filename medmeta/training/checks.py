@@ -156,6 +156,10 @@ def check_values(config: TrainConfig) -> None:
     device = config.device
     if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:")):
         raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda", "device")
+    from medmeta.precision import PRECISIONS
+
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {config.precision!r}; use {', '.join(PRECISIONS)}", "precision")
 
 
 def check_names(config: TrainConfig) -> None:
@@ -198,6 +202,12 @@ def check_learner(config: TrainConfig) -> Any:
 
     with torch.random.fork_rng(devices=[]):
         learner = build_learner(config)
+    if config.compile and learner.differentiates_backbone_twice:
+        raise ConfigError(
+            f"--compile: method {config.method!r} differentiates twice through the backbone (second-order MAML), "
+            "which torch.compile cannot; drop --compile, or use fomaml or anil",
+            "compile",
+        )
     if config.backbone_lr == 0:
         backbone = {id(p) for p in learner.backbone.parameters()}
         if all(id(p) in backbone for p in learner.parameters()):

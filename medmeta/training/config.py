@@ -133,6 +133,12 @@ class TrainConfig:
     refer_share: float = _setting(0.05, "Share of in-distribution (val) cases the distance threshold refers, e.g. 0.05.")
     seed: int = _setting(0, "Seed of episodes, augmentation and initialisation.")
     device: str = _setting("auto", "auto, cpu or cuda.")
+    precision: str = _setting(
+        "auto",
+        "Arithmetic of the training steps: fp32, bf16 (autocast), fp16 (autocast with loss scaling; GPU only) or auto "
+        "(the best measured at equal accuracy: fp32 for now, see docs/training.md). Validation, calibration and adapt stay fp32.",
+    )
+    compile: bool = _setting(False, "Compile the backbone with torch.compile (slow first steps; then faster on a GPU).")
     max_minutes: float | None = _setting(None, "Stop episodic training after this many training minutes.")
     init_from: str | None = _setting(None, "Start the backbone from this checkpoint's backbone (same architecture).")
     backbone_weights: str | None = _setting(

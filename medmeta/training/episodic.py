@@ -16,13 +16,22 @@ if TYPE_CHECKING:
     from medmeta.training.loop import Run
 
 
+#: Stream of the seed sequence ``[seed, stream, episode]`` that seeds torch before each episode.
+EPISODE_RNG_STREAM = 13
+
+
 def start_episodic(run: "Run") -> None:
     """Drop the pre-training head; Adam over :func:`episodic_param_groups` with a step schedule."""
     cfg = run.config
     run.head = None
     run.projection = None
     run.teacher = None
+    from medmeta.training.distributed import EpisodeLoss, wrap
+
     run.optimizer = torch.optim.Adam(episodic_param_groups(run), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # every method's episode uses all its parameters (tests/test_method_contract.py), so DDP
+    # need not search the graph for unused ones
+    run.step_module = wrap(EpisodeLoss(run.learner), run.processes, run.device)
     run.scheduler = torch.optim.lr_scheduler.StepLR(run.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     run.ema = moving_average(run.learner, cfg.ema_decay)
 
@@ -86,8 +95,10 @@ def meta_train(run: "Run") -> None:
 
 def _out_of_time(run: "Run") -> bool:
     """True (after validating the model as it is, unless just done) once the budget is spent."""
+    from medmeta.training.distributed import main_decides
+
     cfg = run.config
-    if cfg.max_minutes is None or run.train_seconds < cfg.max_minutes * 60:
+    if cfg.max_minutes is None or not main_decides(run.processes, run.train_seconds >= cfg.max_minutes * 60):
         return False
     console.print(f"Time budget of {cfg.max_minutes} min reached at episode {run.episode}.")
     if not run.history or run.history[-1]["episode"] != run.episode:
@@ -98,22 +109,32 @@ def _out_of_time(run: "Run") -> bool:
 
 
 def _meta_step(run: "Run", recent: dict[str, list[float]]) -> range:
-    """One optimiser step on the mean loss of the next meta-batch of episodes; returns the batch."""
+    """One optimiser step on the mean loss of the next meta-batch of episodes; returns the batch.
+    With several processes each trains its share of the batch, and DDP averages the gradients
+    (:mod:`medmeta.training.distributed`): each loss is scaled so that the average is the
+    gradient of the whole batch's mean loss."""
+    from medmeta.training.distributed import no_sync
+
     cfg = run.config
     started = time.perf_counter()
     batch = range(run.episode, min(run.episode + cfg.meta_batch, cfg.episodes))
+    mine = run.processes.share(batch)
+    share = len(batch) / run.processes.world_size  # episodes per process
     run.optimizer.zero_grad(set_to_none=True)
-    for index in batch:
+    for position, index in enumerate(mine):
         ep = run.train_episode(index)
+        # what a method draws from torch's generator (MANN's label slots) is the episode's own,
+        # whichever process trains it
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, EPISODE_RNG_STREAM, index]).generate_state(1)[0]))
         images = run.batch_to_device(run.augment(run.store.stack(ep.support + ep.query), step=index))
         support, query = images[: len(ep.support)], images[len(ep.support) :]
-        loss, logits = run.learner.episode_loss(support, ep.support_labels.to(run.device), query, ep.query_labels.to(run.device))
-        (loss / len(batch)).backward()
+        with no_sync(run.step_module, last=position == len(mine) - 1):
+            with run.autocast():
+                loss, logits = run.step_module(support, ep.support_labels.to(run.device), query, ep.query_labels.to(run.device))
+            run.scaler.scale(loss / share).backward()
         recent["loss"].append(loss.item())
         recent["acc"].append(float((logits.argmax(1).cpu() == ep.query_labels).float().mean()))
-    if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]], cfg.grad_clip)
-    run.optimizer.step()
+    run.optimiser_step(clip=cfg.grad_clip)
     if run.ema is not None:
         run.ema.update_parameters(run.learner)
     for _ in batch:

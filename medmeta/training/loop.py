@@ -7,7 +7,7 @@ best model (:mod:`.calibration`).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medmeta.errors import MedmetaError
 from medmeta.progress import console, make_progress
 from medmeta.training.config import ConfigError, TrainConfig
 
@@ -36,16 +37,20 @@ class TrainResult:
 class Run:
     """State of one training run: config, protocol, data, learner, optimiser and counters."""
 
-    def __init__(self, config: TrainConfig, quiet: bool = False):
+    def __init__(self, config: TrainConfig, quiet: bool = False, processes: Any = None):
         from medmeta.data.augment import Augmenter
         from medmeta.data.protocol import load_protocol
         from medmeta.data.reading import ScanReader
         from medmeta.data.store import ImageStore
         from medmeta.device import resolve_device, training_memory_format
+        from medmeta.precision import float32_features, grad_scaler, resolve_precision
         from medmeta.training.build import build_learner, episode_shape, resolve_for_protocol, run_preprocessing
 
-        self.quiet, self.out = quiet, Path(config.out)
-        self.device = resolve_device(config.device)
+        from medmeta.training.distributed import Processes, check_distributed, start
+
+        self.processes = processes or Processes()
+        self.quiet, self.out = quiet or not self.processes.is_main, Path(config.out)
+        self.device = self.processes.device(resolve_device(config.device))
         self.protocol = load_protocol(config.protocol)
         self.config = config = resolve_for_protocol(config, self.protocol)
         self.way, self.shot, self.query = episode_shape(config, self.protocol)
@@ -53,6 +58,8 @@ class Run:
         if min(self.train_shots) < 1:
             raise ConfigError(f"train_shots must be positive, got {config.train_shots}", "train_shots")
         self.protocol.check_counts(max(self.shot, *self.train_shots), self.query, splits=("train",))
+        check_distributed(self.processes, config.meta_batch, config.episodes)
+        start(self.processes, self.device)
         self.val_way = min(self.way, len(self.protocol.classes["val"]))
         self.preprocessing = run_preprocessing(config, self.protocol)
         self.store = ImageStore(ScanReader(self.preprocessing))
@@ -60,6 +67,14 @@ class Run:
         # batches are (n, C, H, W), or (n, C, D, H, W) for volumes
         self.memory_format = training_memory_format(self.device, image_ndim=2 + config.spatial_dims)
         self.learner.to(self.device, memory_format=self.memory_format)
+        try:
+            self.precision = resolve_precision(config.precision, self.device)
+        except MedmetaError as exc:
+            raise ConfigError(str(exc), "precision") from None
+        self.scaler = grad_scaler(self.device, self.precision)  # loss scaling for fp16; passes through otherwise
+        float32_features(self.learner.backbone, self.precision)  # the methods' heads compute in float32
+        if config.compile:
+            self.learner.backbone.compile()  # in place: parameter names (and checkpoints) stay as they are
         self.augment = Augmenter(config.augment, seed=config.seed, grayscale=config.augment_grayscale, spatial_dims=config.spatial_dims)
         self.history: list[dict[str, Any]] = []
         self.best_val: dict[str, Any] = {"accuracy": -1.0}
@@ -72,6 +87,7 @@ class Run:
         self.generation = 0  # of self-distillation in pre-training
         self.teacher: torch.nn.Module | None = None  # the previous generation, frozen
         self.optimizer: torch.optim.Optimizer | None = None
+        self.step_module: torch.nn.Module | None = None  # the phase's forward pass, in DDP with several processes
         self.ema: torch.optim.swa_utils.AveragedModel | None = None  # the weights' moving average, in episodic training
         self.scheduler: Any = None
         self.progress: Any = None  # the live progress bar, while one runs
@@ -99,6 +115,25 @@ class Run:
         for name in list(self.protocol.records):
             self.protocol.records[name] = [r for r in self.protocol.records[name] if r.key not in bad_keys]
         self.protocol.check_counts(max(self.shot, *self.train_shots), self.query, splits=("train",))
+
+    def autocast(self):
+        """The mixed-precision context of a training step's forward pass (:mod:`medmeta.precision`)."""
+        from medmeta.precision import autocast
+
+        return autocast(self.device, self.precision)
+
+    def optimiser_step(self, loss: torch.Tensor | None = None, clip: float | None = None) -> None:
+        """Backpropagate ``loss`` (unless already done: ``None``), clip the gradient norm to
+        ``clip`` and step the optimiser, all through the loss scaler (fp16: a step whose
+        gradients overflowed is skipped and the scale lowered)."""
+        assert self.optimizer is not None
+        if loss is not None:
+            self.scaler.scale(loss).backward()
+        if clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]], clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def batch_to_device(self, images: torch.Tensor) -> torch.Tensor:
         """A batch of images on the training device, in the model's memory layout."""
@@ -169,19 +204,25 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False, overwr
     (:func:`medmeta.output_folder.output_lock`): a second command writing it is refused."""
     from medmeta.io import check_output_folder
     from medmeta.output_folder import output_lock
+    from medmeta.training.distributed import Processes, stop
     from medmeta.training.resume import resumed_config
 
     if resume:
         config = resumed_config(config)
     config.validate(resume=resume)
     check_output_folder(config.out, overwrite=True)  # a file, or an unwritable parent: said before any work
-    with output_lock(config.out):  # one command at a time in a run folder
+    processes = Processes.from_environment()
+    # one command at a time in a run folder; of several training processes, process 0 writes it
+    with output_lock(config.out) if processes.is_main else nullcontext():
         if not resume and not overwrite:
             _refuse_existing_run(Path(config.out))
-        return _train(config, resume, quiet)
+        try:
+            return _train(config, resume, quiet, processes)
+        finally:
+            stop(processes)
 
 
-def _train(config: TrainConfig, resume: bool, quiet: bool) -> TrainResult:
+def _train(config: TrainConfig, resume: bool, quiet: bool, processes: Any) -> TrainResult:
     from medmeta.allocator import keep_freed_memory
     from medmeta.training.calibration import calibrate_best, print_calibration, print_heads
     from medmeta.training.config_file import write_config_file
@@ -190,14 +231,18 @@ def _train(config: TrainConfig, resume: bool, quiet: bool) -> TrainResult:
 
     keep_freed_memory()
     torch.manual_seed(config.seed)
-    run = Run(config, quiet=quiet)
+    run = Run(config, quiet=quiet, processes=processes)
     run.out.mkdir(parents=True, exist_ok=True)
-    write_config_file(run.config, run.out)  # with what the protocol decided filled in
+    if processes.is_main:
+        write_config_file(run.config, run.out)  # with what the protocol decided filled in
     _announce(run)
     run.load_images()
     _start(run, resume)
     meta_train(run)
     save_state(run)
+    if not processes.is_main:  # process 0 calibrates and reports
+        return TrainResult(out=run.out, checkpoint=run.out / "best.json", best_val=run.best_val, calibration=None,
+                           episodes_done=run.episode, episodes_per_second=run.episodes_per_second)
     record = calibrate_best(run)
     if not quiet:
         best = run.best_val
@@ -231,7 +276,8 @@ def _announce(run: Run) -> None:
     console.print(
         f"Training [bold]{run.config.method}[/] on {run.protocol.name}: {len(classes['train'])} train / "
         f"{len(classes['val'])} val / {len(classes['test'])} test classes, "
-        f"{run.way}-way {run.shot}-shot {run.query}-query, device {run.device}"
+        f"{run.way}-way {run.shot}-shot {run.query}-query, device {run.device}, {run.precision}"
+        + (f", {run.processes.world_size} processes" if run.processes.distributed else "")
     )
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from medmeta.progress import make_progress
+from medmeta.training.distributed import PretrainForward, wrap
 from medmeta.training.contrastive import ProjectionHead, nt_xent
 from medmeta.training.distill import (
     DISTILL_WEIGHT,
@@ -47,6 +48,7 @@ def start_pretraining(run: "Run") -> None:
     if run.generation and run.teacher is None:  # resumed in a later generation: loaded next
         run.teacher = frozen_teacher(run)
     run.optimizer = torch.optim.SGD(params, lr=cfg.pretrain_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    run.step_module = wrap(PretrainForward(run.learner.backbone, run.head, run.projection), run.processes, run.device)
     run.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=max(1, cfg.pretrain_epochs))
 
 
@@ -88,7 +90,7 @@ def _epoch(run: "Run", records: list, labels: torch.Tensor, n_batches: int, repo
     order = np.random.default_rng([run.config.seed, 7, run.epoch]).permutation(len(records))
     correct = seen = 0
     for b in range(n_batches):
-        idx = order[b * batch : (b + 1) * batch]
+        idx = order[b * batch : (b + 1) * batch][run.processes.rank :: run.processes.world_size]  # this process's share
         raw = run.store.stack([records[i] for i in idx])
         images = run.batch_to_device(run.augment(raw, step=(run.epoch + 1) * 1_000_000 + b))
         target = labels[idx].to(run.device)
@@ -96,18 +98,16 @@ def _epoch(run: "Run", records: list, labels: torch.Tensor, n_batches: int, repo
         if run.projection is not None:  # a second view of the same images, seeded apart from the first
             second = run.augment(raw, step=(run.epoch + 1) * 1_000_000 + CONTRASTIVE_VIEW_OFFSET + b)
             batch_views = torch.cat([images, run.batch_to_device(second)])
-        features = run.learner.backbone(batch_views)
-        logits = run.head(features[: len(idx)])
-        loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)
-        if run.teacher is not None:
-            soft = distillation_loss(logits, teacher_logits(run.teacher, images))
-            loss = (1 - DISTILL_WEIGHT) * loss + DISTILL_WEIGHT * soft
-        if run.projection is not None:
-            z = run.projection(features)
-            loss = loss + run.config.pretrain_contrastive * nt_xent(z[: len(idx)], z[len(idx) :])
+        with run.autocast():
+            logits, z = run.step_module(batch_views, len(idx))
+            loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)
+            if run.teacher is not None:
+                soft = distillation_loss(logits, teacher_logits(run.teacher, images))
+                loss = (1 - DISTILL_WEIGHT) * loss + DISTILL_WEIGHT * soft
+            if z is not None:
+                loss = loss + run.config.pretrain_contrastive * nt_xent(z[: len(idx)], z[len(idx) :])
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
+        run.optimiser_step(loss)
         correct += int((logits.argmax(1) == target).sum())
         seen += len(idx)
         report(f"epoch {run.epoch + 1} loss {loss.item():.3f} acc {correct / seen:.3f}")

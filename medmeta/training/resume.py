@@ -30,7 +30,9 @@ STATE_KEY = "medmeta_train_state"
 
 def save_state(run: "Run") -> None:
     """Write the run's resume state into its folder: one atomic ``last.safetensors`` holding
-    tensors and state, then its readable copy ``last.json``."""
+    tensors and state, then its readable copy ``last.json`` (process 0 only, when there are several)."""
+    if not run.processes.is_main:
+        return
     assert run.optimizer is not None
     tensors = {f"model.{k}": v for k, v in run.learner.state_dict().items()}
     if run.head is not None:
@@ -54,6 +56,7 @@ def save_state(run: "Run") -> None:
         "train_seconds": run.train_seconds,
         "optimizer": optim_rest,
         "scheduler": run.scheduler.state_dict(),
+        "grad_scaler": run.scaler.state_dict(),
         "best_val": run.best_val,
         "history": run.history,
     }
@@ -104,11 +107,13 @@ def load_state(run: "Run") -> None:
     assert run.optimizer is not None
     run.optimizer.load_state_dict(optimizer_from_tensors(tensors, state["optimizer"], "optim"))
     run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("grad_scaler") and run.scaler.is_enabled():  # fp16 then, and now: its loss scale continues
+        run.scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(tensors["rng.torch"])
 
 
-# What a resumed run may change: its budget, where it runs, and where it is (a moved folder).
-RESUME_MAY_CHANGE = ("episodes", "device", "max_minutes", "out")
+# What a resumed run may change: its budget, where and how it runs, and where it is (a moved folder).
+RESUME_MAY_CHANGE = ("episodes", "device", "precision", "compile", "max_minutes", "out")
 
 
 def _stored_config(out: str | Path) -> TrainConfig:
@@ -126,6 +131,7 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
     always written where ``config.out`` says (the folder may have been moved)."""
     merged = _stored_config(config.out)
     merged.episodes, merged.device, merged.max_minutes = config.episodes, config.device, config.max_minutes
+    merged.precision, merged.compile = config.precision, config.compile
     merged.out = config.out
     return merged
 

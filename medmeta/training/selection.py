@@ -19,7 +19,13 @@ def validate(run: "Run", label: str) -> None:
     """Score the model on ``val_episodes`` val-class episodes (the same ones every time), add
     the result to the history and save the checkpoint when it is the best so far. When the run
     keeps a moving average of its weights (``ema_decay``), the average is scored the same way
-    and is a candidate of its own (history entries say ``"weights": "average"``)."""
+    and is a candidate of its own (history entries say ``"weights": "average"``). With several
+    training processes, process 0 validates and the others wait for it."""
+    from medmeta.training.distributed import barrier
+
+    if not run.processes.is_main:
+        barrier(run.processes)
+        return
     cfg = run.config
     scores = [_score(run, label, "current")]
     if run.has_average:
@@ -28,6 +34,7 @@ def validate(run: "Run", label: str) -> None:
     if not run.quiet:
         shown = "; weight average ".join(scores)
         console.print(f"Validation {label}: accuracy {shown} ({cfg.val_episodes} {run.val_way}-way {run.shot}-shot episodes on val classes)")
+    barrier(run.processes)
 
 
 def _score(run: "Run", label: str, weights: str) -> str:
@@ -69,6 +76,8 @@ def checkpoint_meta(run: "Run") -> dict[str, Any]:
             "best_val": run.best_val,
             "history": run.history,
             "device": str(run.device),
+            "precision": run.precision,
+            "processes": run.processes.world_size,
         },
         "calibration": CalibrationRecord().to_dict(),
     }
