@@ -129,3 +129,21 @@ def test_a_failed_process_is_a_clear_error(tmp_path, sample_protocol, monkeypatc
     with pytest.raises(MedmetaError, match="training on 2 processes failed"):
         launch(_config(sample_protocol, tmp_path / "bad", episodes=5), 2, overwrite=True, quiet=True)
     assert not (tmp_path / "bad" / "best.json").exists()
+
+
+def test_train_nproc_hands_the_checked_settings_to_the_launch(tmp_path, sample_protocol, monkeypatch):
+    from typer.testing import CliRunner
+
+    from medmeta.cli.main import app
+
+    launched = []
+    monkeypatch.setattr("medmeta.training.launch.launch", lambda config, nproc, **kw: launched.append((config, nproc, kw)))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["train", "--protocol", str(sample_protocol), "--out", str(out), "--meta-batch", "4", "--nproc", "2", "--overwrite"]
+    )
+    assert result.exit_code == 0, result.output
+    ((config, nproc, options),) = launched
+    assert (nproc, config.meta_batch, config.out, options["overwrite"], options["resume"]) == (2, 4, str(out), True, False)
+    refused = CliRunner().invoke(app, ["train", "--protocol", str(sample_protocol), "--out", str(out), "--nproc", "0"])
+    assert refused.exit_code != 0 and "--nproc" in refused.output

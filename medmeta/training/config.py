@@ -138,7 +138,7 @@ class TrainConfig:
         "Arithmetic of the training steps: fp32, bf16 (autocast), fp16 (autocast with loss scaling; GPU only) or auto "
         "(the best measured at equal accuracy: fp32 for now, see docs/training.md). Validation, calibration and adapt stay fp32.",
     )
-    compile: bool = _setting(False, "Compile the backbone with torch.compile (slow first steps; then faster on a GPU).")
+    compile: bool = _setting(False, "Compile the backbone with torch.compile (slow first steps; not for second-order MAML).")
     max_minutes: float | None = _setting(None, "Stop episodic training after this many training minutes.")
     init_from: str | None = _setting(None, "Start the backbone from this checkpoint's backbone (same architecture).")
     backbone_weights: str | None = _setting(
