@@ -3,6 +3,7 @@ the same weights as one process with the same meta-batch, for every method; resu
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -116,7 +117,7 @@ def test_the_launch_runs_torchrun_with_the_settings_file(monkeypatch):
     assert command[command.index("-m", 3) + 1 :] == ["medmeta.cli", "--quiet", "train", "--config", "/tmp/c.yaml", "--resume"]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads = int(process_environment(2)["OMP_NUM_THREADS"])
-    assert threads >= 1 and threads * 2 <= max(2, len(__import__("os").sched_getaffinity(0)))
+    assert threads >= 1 and threads * 2 <= max(2, len(os.sched_getaffinity(0)))
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     assert process_environment(2)["OMP_NUM_THREADS"] == "7"  # the user's setting stands
 

@@ -127,12 +127,12 @@ def _stored_config(out: str | Path) -> TrainConfig:
 
 
 def resumed_config(config: TrainConfig) -> TrainConfig:
-    """On resume the stored configuration wins, except the budget and the device; the run is
-    always written where ``config.out`` says (the folder may have been moved)."""
+    """On resume the stored configuration wins, except what :data:`RESUME_MAY_CHANGE` names (the
+    budget, the device and precision); the run is always written where ``config.out`` says (the
+    folder may have been moved)."""
     merged = _stored_config(config.out)
-    merged.episodes, merged.device, merged.max_minutes = config.episodes, config.device, config.max_minutes
-    merged.precision, merged.compile = config.precision, config.compile
-    merged.out = config.out
+    for name in RESUME_MAY_CHANGE:
+        setattr(merged, name, getattr(config, name))
     return merged
 
 
