@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                       # training table, 64 and 84 px, every method
     python benchmarks/speed.py --adapt-cases 1000    # and adapt on 1,000 DICOM files
+    python benchmarks/speed.py --only-adapt --adapt-cases 1000 --adapt-cases 10000   # adapt alone, memory growth
     python benchmarks/speed.py --method protonet --size 84 --steps 20 --json runs/speed.json
 
 **Training** (one row per method, size and precision): episodes/s and images/s of meta-training
@@ -19,7 +20,10 @@ and read the load average printed at the top.
 **Adapt** (``--adapt-cases N``): N synthetic 16-bit DICOM files (256 x 256) as the query of a
 cases folder; ``medmeta adapt``'s cases/s (discovery, decoding, adaptation, diagnosis, reports)
 against a bare loop that only decodes the same files with pydicom (``dcmread`` + ``pixel_array``),
-and adapt's peak resident memory.
+and adapt's peak resident memory. Given several N, each runs in a fresh process on the first N of
+one set of files, and the marginal rate between the smallest and largest N is printed too: it
+leaves out the fixed start (Python, torch, the checkpoint, the support), which dominates a small
+batch.
 
 easyfsl is a benchmark-only extra: ``pip install --no-deps "easyfsl==1.5.0"``.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import resource
 import subprocess
 import sys
@@ -227,28 +232,49 @@ def bare_decode_rate(files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
-def adapt_rate(n_cases: int, checkpoint: str | None) -> dict:
+def adapt_rates(counts: list[int], checkpoint: str | None) -> list[dict]:
+    """``medmeta adapt`` on ``n`` synthetic DICOM cases for each ``n`` of ``counts`` (hard links
+    to one set of files), each in a fresh process: its wall time, cases/s and peak RSS, beside
+    the bare pydicom loop's files/s on the same files. With two counts or more, the marginal
+    rate between the smallest and the largest leaves out what does not grow with the batch
+    (starting Python and torch, loading the checkpoint, reading the support)."""
     with tempfile.TemporaryDirectory(prefix="medmeta-speed-") as tmp:
         tmp = Path(tmp)
-        cases = write_dicom_cases(tmp / "cases", n_cases)
-        files = sorted((cases / "query").iterdir())
-        bare = bare_decode_rate(files)
+        full = write_dicom_cases(tmp / "all", max(counts))
+        files = sorted((full / "query").iterdir())
+        bare = bare_decode_rate(files[: min(counts)])
         if checkpoint is None:
             checkpoint = str(tmp / "run")
             subprocess.run(
                 [sys.executable, "-m", "medmeta.cli", "-q", "train", "--config", "sample_data/demo-budget.yaml",
                  "--out", checkpoint], check=True,
             )
-        command = [sys.executable, "-m", "medmeta.cli", "-q", "adapt", "--checkpoint", checkpoint, "--cases", str(cases), "--out", str(tmp / "report")]
-        started = time.perf_counter()
-        child = subprocess.Popen(command)
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory
-        seconds = time.perf_counter() - started
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit("adapt failed (its error is above)")
-        peak_kib = usage.ru_maxrss
-    return {"cases": n_cases, "bare_decode_per_s": bare, "adapt_cases_per_s": n_cases / seconds, "adapt_seconds": seconds,
-            "adapt_share_of_bare": n_cases / seconds / bare, "adapt_peak_rss_mib": peak_kib / 1024}
+        rows = []
+        for n in counts:
+            cases = tmp / f"cases{n}"
+            shutil.copytree(full / "support", cases / "support")
+            (cases / "query").mkdir()
+            for path in files[:n]:
+                os.link(path, cases / "query" / path.name)
+            command = [sys.executable, "-m", "medmeta.cli", "-q", "adapt", "--checkpoint", checkpoint, "--cases", str(cases),
+                       "--out", str(tmp / f"report{n}")]
+            started = time.perf_counter()
+            child = subprocess.Popen(command)
+            _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory
+            seconds = time.perf_counter() - started
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit("adapt failed (its error is above)")
+            rows.append({"cases": n, "bare_decode_per_s": bare, "adapt_seconds": seconds, "adapt_cases_per_s": n / seconds,
+                         "adapt_share_of_bare": n / seconds / bare, "adapt_peak_rss_mib": usage.ru_maxrss / 1024})
+            shutil.rmtree(cases)
+            shutil.rmtree(tmp / f"report{n}")
+        if len(rows) > 1:
+            first, last = rows[0], rows[-1]
+            marginal = (last["cases"] - first["cases"]) / (last["adapt_seconds"] - first["adapt_seconds"])
+            for row in rows:
+                row["marginal_cases_per_s"] = marginal
+                row["marginal_share_of_bare"] = marginal / bare
+    return rows
 
 
 def main() -> None:
@@ -259,7 +285,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true", help="leave out easyfsl")
-    parser.add_argument("--adapt-cases", type=int, default=0, help="also time adapt on this many DICOM cases")
+    parser.add_argument("--adapt-cases", type=int, action="append", default=None,
+                        help="also time adapt on this many DICOM cases (repeatable: e.g. 1000 and 10000 for memory growth)")
+    parser.add_argument("--only-adapt", action="store_true", help="leave out the training table")
     parser.add_argument("--checkpoint", default=None, help="run folder for adapt [default: train the demo budget on sample_data]")
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--_row", nargs=6, help=argparse.SUPPRESS)
@@ -276,6 +304,24 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}, "
           f"native bfloat16: {cpu_has_native_bf16()}")
+    report: dict = {"load_average": os.getloadavg()}
+    if not args.only_adapt:
+        report.update(_training_report(args, list_methods))
+    if args.adapt_cases:
+        report["adapt"] = adapt_rates(sorted(args.adapt_cases), args.checkpoint)
+        for a in report["adapt"]:
+            print(f"adapt on {a['cases']} DICOM cases: {a['adapt_seconds']:.1f} s, {a['adapt_cases_per_s']:.1f} cases/s "
+                  f"({100 * a['adapt_share_of_bare']:.0f}% of bare pydicom's {a['bare_decode_per_s']:.0f} files/s), "
+                  f"peak RSS {a['adapt_peak_rss_mib']:.0f} MiB")
+        if "marginal_cases_per_s" in report["adapt"][0]:
+            a = report["adapt"][0]
+            print(f"adapt, marginal rate: {a['marginal_cases_per_s']:.1f} cases/s ({100 * a['marginal_share_of_bare']:.0f}% of bare)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+def _training_report(args, list_methods) -> dict:
     peaks = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
     print(f"matmul peak: float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
     rows = training_table(args.method or list_methods(), args.size or list(SIZES), args.precision or ["fp32", "auto"],
@@ -287,15 +333,7 @@ def main() -> None:
         ours = [r for r in rows if r["size"] == size and r["method"] == "protonet" and r["kind"] == "medmeta"]
         for row in ours if peer else []:
             print(f"{size}px: medmeta ProtoNet ({row['precision']}) {row['images_per_s'] / peer[0]['images_per_s']:.2f}x easyfsl's images/s")
-    report = {"load_average": os.getloadavg(), "matmul_peak_gflops": peaks, "training": rows}
-    if args.adapt_cases:
-        report["adapt"] = adapt_rate(args.adapt_cases, args.checkpoint)
-        a = report["adapt"]
-        print(f"adapt on {a['cases']} DICOM cases: {a['adapt_cases_per_s']:.1f} cases/s, bare pydicom decode {a['bare_decode_per_s']:.1f} "
-              f"files/s ({100 * a['adapt_share_of_bare']:.0f}%), peak RSS {a['adapt_peak_rss_mib']:.0f} MiB")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    return {"matmul_peak_gflops": peaks, "training": rows}
 
 
 if __name__ == "__main__":

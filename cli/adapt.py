@@ -35,9 +35,11 @@ def adapt(
     max_pixels: Annotated[int, typer.Option(min=1, help="Reject, without decoding it, a scan whose header declares more pixels than this (rows x columns x frames x channels), or whose file (a deflated DICOM: once inflated) holds more than 8 bytes per pixel of it plus 64 MiB.")] = MAX_PIXELS,
     allow_unfinished: Annotated[bool, typer.Option(help="Use a checkpoint whose training stopped before calibration (uncalibrated probabilities).")] = False,
     head: Annotated[Optional[str], typer.Option(help="What is fitted on the support: method (the trained method's own adaptation), prototype (nearest class mean) or logistic (logistic regression) on normalised embeddings, or finetune (the backbone's last block and a classifier fine-tuned on the support) [default: the checkpoint's, chosen on val classes].")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Processes that read the cases in parallel (0: in this process) [default: one per core, at most 8].")] = None,
+    chunk_cases: Annotated[Optional[int], typer.Option(min=1, help="Cases diagnosed together; memory holds one chunk whatever the batch size [default: 64 MiB of pixels, at most 512].")] = None,
     transductive: Annotated[Optional[str], typer.Option(help="Refine an embedding head's predictions with the whole batch of cases: soft_kmeans (robust to an imbalanced batch), alpha_tim, or bd_cspn / tim_gd (these assume a balanced batch). Needs a calibration for it in the checkpoint: training stores prototype+soft_kmeans; `medmeta calibrate --head prototype+alpha_tim` adds others.")] = None,
 ) -> None:
-    """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html, rejected.csv."""
+    """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html (thumbnails/ beside it), rejected.csv."""
     out_dir = out or cases / "medmeta-report"
     with user_errors():
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
@@ -48,24 +50,29 @@ def adapt(
             check_choice(transductive, TRANSDUCTIVE_NAMES, "--transductive")
         from medmeta.errors import CasesError
         from medmeta.output_folder import OutputFolder
-        from medmeta.reports import write_reports
 
         if not cases.is_dir():  # before the default --out inside it is claimed
             raise CasesError(f"{cases}: cases folder not found")
         with OutputFolder(out_dir, overwrite) as folder:  # checked and locked before any work
             result = _run(checkpoint, cases, labels, device, folder, stability=stability, conformal_source=conformal_source,
                           temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels,
-                          allow_unfinished=allow_unfinished, head=head, transductive=transductive)
-            write_reports(result, folder)
+                          allow_unfinished=allow_unfinished, head=head, transductive=transductive, workers=workers,
+                          chunk_cases=chunk_cases)
     _print_summary(result, out_dir)
 
 
 def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, folder, **options):
+    """Adapt and write the reports into the claimed folder's temporary twin: thumbnails as the
+    cases are diagnosed, the other files at the end; it replaces ``--out`` only when complete."""
     from medmeta.adaptation import adapt as run_adapt
     from medmeta.errors import CasesError
+    from medmeta.reports import write_report_files
 
     try:
-        return run_adapt(checkpoint, cases, labels=labels, device=device, **options)
+        with folder.writing() as tmp:
+            result = run_adapt(checkpoint, cases, labels=labels, device=device, thumbnail_dir=tmp / "thumbnails", **options)
+            write_report_files(result, tmp)
+        return result
     except CasesError as exc:
         for path, reason in exc.rejected:
             warn(f"{path}: {reason}", "rejected")

@@ -24,7 +24,11 @@ from medmeta.training.config_file import parse_key_values
 _DEFAULTS = TrainConfig()
 # fields whose option is not simply --field-name (see TrainConfig's metadata)
 RENAMED_OPTIONS = {"train_shots": "--train-shot", "method_kwargs": "--method-option", "backbone_kwargs": "--backbone-option"}
-_FLAGS = {"class_conditional": "--class-conditional/--marginal", "compile": "--compile/--no-compile"}
+_FLAGS = {
+    "class_conditional": "--class-conditional/--marginal",
+    "compile": "--compile/--no-compile",
+    "cache_in_memory": "--cache-in-memory/--no-cache-in-memory",
+}
 
 
 def train(ctx: typer.Context, **values: Any) -> None:

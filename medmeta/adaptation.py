@@ -39,7 +39,7 @@ from medmeta.calibration import (
 )
 from medmeta.leave_one_out import leave_one_out
 from medmeta.pipeline import AdaptationPipeline, Diagnosis, LearnerHead, Task
-from medmeta.pipeline.cases import CaseBatch, cases_from_arrays, discover_cases, read_cases, read_labels
+from medmeta.pipeline.cases import CaseSource, cases_from_arrays, discover_cases, open_cases, read_labels, stream_queries
 from medmeta.run import as_run
 
 __all__ = ["AdaptResult", "CaseResult", "adapt", "adapt_arrays", "discover_cases", "read_labels", "score"]
@@ -58,7 +58,8 @@ class CaseResult:
     probabilities: list[float]
     sha256: str
     distance: float
-    image: torch.Tensor = field(repr=False)
+    #: the preprocessed scan, kept when no thumbnail folder was given (else None: streamed)
+    image: torch.Tensor | None = field(repr=False)
     label: str | None = None
     prediction_set: list[str] | None = None
     refer: bool = False
@@ -66,6 +67,8 @@ class CaseResult:
     stability_max_change: float | None = None
     #: a volume's stored shape, voxel spacing (mm) and orientation; ``None`` for an image
     volume: dict[str, Any] | None = None
+    #: the thumbnail's path relative to the report folder, when written as the case was diagnosed
+    thumbnail: str | None = None
 
 
 @dataclass
@@ -100,8 +103,20 @@ def adapt(
     allow_unfinished: bool = False,
     head: str | None = None,
     transductive: str | None = None,
+    thumbnail_dir: str | Path | None = None,
+    chunk_cases: int | None = None,
+    workers: int | None = None,
 ) -> AdaptResult:
     """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``.
+
+    The cases are read by ``workers`` processes (None: one per core, at most 8) and diagnosed
+    ``chunk_cases`` at a time (None: as many as fit in :data:`CHUNK_BYTES` of pixels, at most
+    :data:`MAX_CHUNK_CASES`), so memory stays flat however many cases there are. With
+    ``thumbnail_dir`` each case's thumbnail is written there (``NNNNNN.png``) as it is diagnosed
+    and its pixels are dropped (``CaseResult.image`` is None); without it every case keeps its
+    pixels. Results do not depend on the chunks: everything fitted is fitted on the support
+    alone. A ``transductive`` refiner uses the whole batch together, so it reads every case
+    into one chunk.
 
     ``head`` says what is fitted on the support (:mod:`medmeta.heads`): ``"method"`` (the
     trained method's own adaptation), ``"prototype"`` or ``"logistic"`` on the normalised
@@ -131,11 +146,19 @@ def adapt(
     (default :data:`medmeta.data.reading.MAX_PIXELS`; only when ``checkpoint`` is a path).
     ``allow_unfinished`` accepts a checkpoint whose training stopped before calibration.
     """
+    from medmeta.data.loading import auto_decode_workers
+
     options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma, head, transductive)
     label_map = read_labels(labels) if labels else None  # a bad labels file fails before any work
     run = as_run(checkpoint, device, max_pixels=max_pixels, allow_unfinished=allow_unfinished)
-    batch = read_cases(cases_dir, run.reader)
-    result = _diagnose(run, batch, options, cases_dir=str(Path(cases_dir).resolve()))
+    source = open_cases(cases_dir, run.reader)
+    chunk = None if transductive else (chunk_cases or auto_chunk_cases(source.support_images[0]))
+    workers = auto_decode_workers() if workers is None else workers
+    chunks = (
+        _Chunk([q.path for q in scans], [q.sha256 for q in scans], [q.image for q in scans], [q.volume for q in scans])
+        for scans in stream_queries(source, run.reader, chunk, workers)
+    )
+    result = _diagnose(run, source, chunks, options, str(Path(cases_dir).resolve()), thumbnail_dir)
     if label_map is not None:
         _attach_labels(result, label_map)
     return result
@@ -159,7 +182,11 @@ def adapt_arrays(
         raise medmeta.MedmetaError(f"{len(labels)} labels for {len(query)} cases")
     run = as_run(checkpoint, device)
     batch = cases_from_arrays(support, query, run.reader, names)
-    result = _diagnose(run, batch, _Options(**options), cases_dir=None)
+    task = batch.task
+    source = CaseSource(task.support_images, task.support_labels, task.conditions, batch.support, [], [], [], Path("."))
+    volumes = batch.query_volumes or [None] * len(batch.query_paths)
+    chunk = _Chunk(batch.query_paths, batch.query_sha256, list(task.query_images), volumes)
+    result = _diagnose(run, source, [chunk], _Options(**options), None, None)
     if labels is not None:
         _attach_labels(result, dict(zip(batch.query_paths, labels)))
     return result
@@ -180,36 +207,71 @@ class _Options:
         check_temperature_source(self.temperature_source)
 
 
-def _diagnose(run, batch: CaseBatch, options: _Options, cases_dir: str | None) -> AdaptResult:
+#: Pixels (as float32 bytes) of the cases diagnosed together, and the most cases in a chunk.
+CHUNK_BYTES = 64 << 20
+MAX_CHUNK_CASES = 512
+
+
+def auto_chunk_cases(scan: torch.Tensor) -> int:
+    """Cases per chunk for scans shaped like ``scan``: :data:`CHUNK_BYTES` of them, at most
+    :data:`MAX_CHUNK_CASES`."""
+    return max(1, min(MAX_CHUNK_CASES, CHUNK_BYTES // (4 * scan.numel())))
+
+
+@dataclass
+class _Chunk:
+    """Cases read together: their names, digests, ``(C, *spatial)`` images and volume records."""
+
+    paths: list[str]
+    sha256: list[str]
+    images: list[torch.Tensor]
+    volumes: list[dict | None]
+
+
+def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str | None, thumbnail_dir) -> AdaptResult:
+    """Diagnose the cases chunk by chunk against the support of ``source``; with
+    ``thumbnail_dir`` write each case's thumbnail there and drop its pixels."""
+    from medmeta.reports.thumbnails import write_thumbnail
+
     pipeline = AdaptationPipeline.from_run(
         run, options.temperature_source, options.conformal_source, options.prior_sigma, options.stability, options.batch_size,
         head=options.head, transductive=options.transductive,
     )
-    diagnosis = pipeline(batch.task)
-    task, conditions = batch.task, batch.task.conditions
-    sets = diagnosis.sets.sets
-    cases = [
-        CaseResult(
-            path=path, predicted=conditions[int(p.argmax())], probabilities=[float(x) for x in p], sha256=digest,
-            distance=float(d), image=image,
-            prediction_set=[c for c, inside in zip(conditions, sets[i]) if inside] if sets is not None else None,
-            refer=bool(diagnosis.referral.refer[i]), refer_reason=diagnosis.referral.reasons[i],
-            stability_max_change=float(diagnosis.logits.max_change[i]) if diagnosis.logits.max_change is not None else None,
-            volume=batch.query_volumes[i] if batch.query_volumes else None,
-        )
-        for i, (path, digest, image, p, d) in enumerate(
-            zip(batch.query_paths, batch.query_sha256, task.query_images, diagnosis.probabilities.query, diagnosis.logits.distances)
-        )
-    ]
-    metadata = _metadata(run, pipeline, batch, diagnosis, options, cases_dir)
-    return AdaptResult(list(conditions), cases, batch.rejected, batch.support, metadata, probabilities=diagnosis.probabilities.query)
+    conditions = source.conditions
+    cases: list[CaseResult] = []
+    probabilities: list[np.ndarray] = []
+    diagnosis = None
+    for chunk in chunks:
+        task = Task(source.support_images, source.support_labels, torch.stack(chunk.images), conditions)
+        diagnosis = pipeline(task)
+        sets = diagnosis.sets.sets
+        for i, (path, digest, image, volume) in enumerate(zip(chunk.paths, chunk.sha256, chunk.images, chunk.volumes)):
+            p = diagnosis.probabilities.query[i]
+            case = CaseResult(
+                path=path, predicted=conditions[int(p.argmax())], probabilities=[float(x) for x in p], sha256=digest,
+                distance=float(diagnosis.logits.distances[i]), image=image,
+                prediction_set=[c for c, inside in zip(conditions, sets[i]) if inside] if sets is not None else None,
+                refer=bool(diagnosis.referral.refer[i]), refer_reason=diagnosis.referral.reasons[i],
+                stability_max_change=float(diagnosis.logits.max_change[i]) if diagnosis.logits.max_change is not None else None,
+                volume=volume,
+            )
+            if thumbnail_dir is not None:
+                name = f"{len(cases):06d}.png"
+                write_thumbnail(Path(thumbnail_dir) / name, image, oriented=(volume or {}).get("orientation") != "as stored")
+                case.thumbnail, case.image = f"{Path(thumbnail_dir).name}/{name}", None
+            cases.append(case)
+        probabilities.append(diagnosis.probabilities.query)
+        del task, chunk
+    assert diagnosis is not None  # stream_queries raises when no case could be read
+    metadata = _metadata(run, pipeline, source, diagnosis, options, cases_dir)
+    return AdaptResult(list(conditions), cases, source.rejected, source.support, metadata, probabilities=np.concatenate(probabilities))
 
 
-def _metadata(run, pipeline, batch: CaseBatch, diagnosis: Diagnosis, options: _Options, cases_dir: str | None) -> dict[str, Any]:
+def _metadata(run, pipeline, batch: CaseSource, diagnosis: Diagnosis, options: _Options, cases_dir: str | None) -> dict[str, Any]:
     calibration, probs, sets = pipeline.calibration, diagnosis.probabilities, diagnosis.sets
     # the validation temperature for this support's shot (see CalibrationRecord.temperature_for)
     val_temperature = probs.val_temperature if probs.val_temperature is not None else calibration.temperature
-    refits = len(batch.task.support_labels) if diagnosis.logits.max_change is not None else 0
+    refits = len(batch.support_labels) if diagnosis.logits.max_change is not None else 0
     return {
         "medmeta_version": medmeta.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -252,9 +314,9 @@ def _normalisation(run, head: str) -> str:
     return normaliser.kind if normaliser is not None else "none"
 
 
-def _notes(batch: CaseBatch, diagnosis: Diagnosis, options: _Options, temperature: float) -> list[str]:
+def _notes(batch: CaseSource, diagnosis: Diagnosis, options: _Options, temperature: float) -> list[str]:
     """What the report must say about how this batch was calibrated and what was not computed."""
-    n_support, notes = len(batch.task.support_labels), list(batch.notes)
+    n_support, notes = len(batch.support_labels), list(batch.notes)
     single = ", ".join(c for c, scans in batch.support.items() if len(scans) < 2)
     probs, sets = diagnosis.probabilities, diagnosis.sets
     if probs.source == "support":

@@ -53,7 +53,7 @@ def test_adapt_on_sample_data_writes_all_the_reports(trained_run, cases, tmp_pat
     out = tmp_path / "report"
     result = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--out", out, "--labels", cases / "labels.csv")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "rejected.csv", "report.html", "report.json", "support.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "rejected.csv", "report.html", "report.json", "support.csv", "thumbnails"]
     rows = read_csv(out / "predictions.csv")
     assert len(rows) == 30
     conditions = ["concentric_rings", "gradient_halo", "triangle_mass"]
@@ -86,7 +86,7 @@ def test_adapt_on_sample_data_writes_all_the_reports(trained_run, cases, tmp_pat
     assert 0 <= report["metrics"]["coverage"] <= 1 and 0 <= report["metrics"]["referral_rate"] <= 1
     html = (out / "report.html").read_text()
     assert "http://" not in html and "https://" not in html
-    assert html.count("data:image/png;base64,") == 30
+    assert html.count('src="thumbnails/') == 30 and len(list((out / "thumbnails").glob("*.png"))) == 30
     assert "Prediction set" in html and "stability: up to" in html
     assert html.count('class="refer"') == sum(r["refer"] == "true" for r in rows)
     assert read_csv(out / "rejected.csv") == []

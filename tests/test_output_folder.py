@@ -179,7 +179,7 @@ def test_two_adapts_into_one_folder_never_both_succeed(trained_run, cases, tmp_p
     refused = outputs[[p.returncode for p in processes].index(2)]
     assert "another medmeta command is writing this folder" in refused or "not empty" in refused
     assert "Traceback" not in refused
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "rejected.csv", "report.html", "report.json", "support.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "rejected.csv", "report.html", "report.json", "support.csv", "thumbnails"]
     # no temporary folder is left; the empty lock file stays on purpose (see medmeta.output_folder)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".report")) == [".report.medmeta-lock"]
 

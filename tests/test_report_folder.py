@@ -23,7 +23,7 @@ def invoke(*args):
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -81,7 +81,10 @@ def test_failed_rerun_leaves_the_previous_reports_byte_identical(trained_run, ca
     first = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--out", out, "--no-stability")
     assert first.exit_code == 0, first.output
     before = digests(out)
-    assert set(before) == {"predictions.csv", "support.csv", "report.json", "report.html", "rejected.csv"}
+    assert {name for name in before if not name.startswith("thumbnails/")} == {
+        "predictions.csv", "support.csv", "report.json", "report.html", "rejected.csv"
+    }
+    assert sum(name.startswith("thumbnails/") for name in before) == 30  # one per case, kept byte for byte too
     for path in (cases / "query").rglob("*"):
         if path.is_file():
             path.write_bytes(b"not a scan any more")
@@ -97,7 +100,7 @@ def test_overwrite_replaces_the_whole_folder(trained_run, cases, tmp_path):
     (out / "stale.txt").write_text("from an older run")
     result = invoke("adapt", "--checkpoint", trained_run, "--cases", cases, "--out", out, "--overwrite", "--no-stability")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "rejected.csv", "report.html", "report.json", "support.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "rejected.csv", "report.html", "report.json", "support.csv", "thumbnails"]
 
 
 def test_labels_that_name_no_condition_or_no_case_are_warned_about(trained_run, cases, tmp_path):

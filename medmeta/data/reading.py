@@ -286,7 +286,7 @@ class ScanReader:
 
     def __post_init__(self) -> None:
         from monai.data import NibabelReader, PILReader, PydicomReader
-        from monai.transforms import LoadImage, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
+        from monai.transforms import LoadImage, Resize, ScaleIntensityRange
 
         p = self.preprocessing
         self._volume_reader = None
@@ -296,9 +296,6 @@ class ScanReader:
         level, width = p.ct_window
 
         self._ct_window = ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True)
-        self._robust = ScaleIntensityRangePercentiles(
-            lower=p.percentiles[0], upper=p.percentiles[1], b_min=0.0, b_max=1.0, clip=True, channel_wise=False
-        )
         self._shrink = Resize(spatial_size=(p.image_size, p.image_size), mode="area")
         self._enlarge = Resize(spatial_size=(p.image_size, p.image_size), mode="bilinear", align_corners=False)
 
@@ -407,7 +404,7 @@ class ScanReader:
                 raise ScanReadError(label, _reason("blank"))
             with warnings.catch_warnings():  # MONAI warns when the percentiles coincide (a mostly uniform scan)
                 warnings.simplefilter("ignore")
-                scaled = self._foreground_percentiles(array) if p.intensity == "mr" else self._robust(array)
+                scaled = self._foreground_percentiles(array) if p.intensity == "mr" else self._robust_percentiles(array)
         tensor = torch.as_tensor(np.asarray(scaled), dtype=torch.float32)
         if p.spatial_dims == 3:
             resized = torch.as_tensor(self._volumes.to_cube(tensor)).as_subclass(torch.Tensor)
@@ -415,6 +412,31 @@ class ScanReader:
             resize = self._shrink if min(tensor.shape[1:]) >= p.image_size else self._enlarge
             resized = torch.as_tensor(resize(tensor)).as_subclass(torch.Tensor)  # plain tensor, no MONAI metadata
         return resized.to(torch.float32).clamp_(0.0, 1.0).contiguous()
+
+    def _robust_percentiles(self, array: np.ndarray) -> np.ndarray:
+        """The robust percentiles of every pixel map to ``[0, 1]``, clipped: MONAI's
+        ``ScaleIntensityRangePercentiles``, bit for bit, with the two order statistics each
+        percentile interpolates found by one ``np.partition`` (a partial sort) instead of the
+        full sorts of two ``torch.quantile`` calls (19 of the 26 ms a 256 x 256 DICOM took to
+        read). The interpolation is torch's own: ``q`` in float32, ranks ``q * (n - 1)``,
+        ``lerp`` of the neighbours; arrays of over a million values go through ``np.percentile``
+        as in MONAI."""
+        from monai.transforms import ScaleIntensityRange
+
+        flat = array.reshape(-1)
+        image = torch.as_tensor(array)
+        if flat.size > 1_000_000:  # MONAI's own switch to numpy
+            bounds = [torch.as_tensor(np.percentile(flat, q), dtype=image.dtype) for q in self.preprocessing.percentiles]
+        else:
+            ranks = [torch.tensor(q / 100.0, dtype=image.dtype) * (flat.size - 1) for q in self.preprocessing.percentiles]
+            below = [int(r) for r in ranks]
+            above = [int(torch.ceil(r)) for r in ranks]
+            picked = np.partition(flat, sorted(set(below + above)))
+            bounds = [
+                torch.lerp(torch.as_tensor(picked[b]), torch.as_tensor(picked[a]), r - b) for r, b, a in zip(ranks, below, above)
+            ]
+        low, high = bounds
+        return np.asarray(ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image))
 
     def _foreground_percentiles(self, array: np.ndarray) -> np.ndarray:
         """MR scaling: the robust percentiles of the non-zero voxels map to ``[0, 1]`` (MONAI

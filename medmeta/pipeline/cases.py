@@ -14,7 +14,8 @@ and hidden files); one bad scan never stops a batch.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,10 @@ from medmeta.io import sha256_file
 from medmeta.pipeline.discovery import CaseFiles, discover_cases, display_path
 from medmeta.pipeline.task import Task
 
-__all__ = ["CaseBatch", "CaseFiles", "cases_from_arrays", "discover_cases", "display_path", "read_cases", "read_labels"]
+__all__ = [
+    "CaseBatch", "CaseFiles", "CaseSource", "QueryScan", "cases_from_arrays", "discover_cases", "display_path", "open_cases",
+    "read_cases", "read_labels", "stream_queries",
+]
 
 
 @dataclass
@@ -67,56 +71,156 @@ def read_labels(path: str | Path) -> dict[str, str]:
     return {Path(r["path"].strip()).as_posix(): r["label"].strip() for r in rows if r.get("path")}
 
 
-def read_cases(cases_dir: str | Path, reader) -> CaseBatch:
-    """Read ``cases_dir`` with ``reader`` (a :class:`~medmeta.data.ScanReader`). Stops with a
-    :class:`CasesError` (carrying the rejected files) only when a condition has no readable
-    support scan or no case can be read.
+@dataclass
+class QueryScan:
+    """One case as read: ``image`` ``(C, *spatial)`` and no ``reason``, or no image and the
+    ``reason`` it could not be read; ``path`` as reports name it; ``volume`` a volume's stored
+    shape, spacing and orientation (None for an image)."""
+
+    path: str
+    image: torch.Tensor | None
+    reason: str | None = None
+    sha256: str = ""
+    volume: dict | None = None
+
+
+@dataclass
+class CaseSource:
+    """A cases folder with its support read and its query cases still to read.
+
+    Attributes:
+        support_images: ``(n_support, C, *spatial)``; ``support_labels`` ``(n_support,)``.
+        conditions: the support folders' names; label ``i`` is ``conditions[i]``.
+        support: ``{condition: [{"path", "sha256"}]}`` of the support scans read.
+        rejected: ``(path, reason)`` of the paths not read so far (the support's, and anything
+            discovery refused); :func:`stream_queries` adds the unreadable cases as it meets them.
+        notes: what the report should say about how the cases were found.
+        query: the case files (or series folders) to read, in order.
+    """
+
+    support_images: torch.Tensor
+    support_labels: torch.Tensor
+    conditions: list[str]
+    support: dict[str, list[dict[str, str]]]
+    rejected: list[tuple[str, str]]
+    notes: list[str]
+    query: list[Path]
+    root: Path
+    volumes: bool = False
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the cases folder, as reports name it."""
+        return display_path(path.relative_to(self.root))
+
+
+def open_cases(cases_dir: str | Path, reader) -> CaseSource:
+    """Find the scans of ``cases_dir`` and read its support with ``reader`` (a
+    :class:`~medmeta.data.ScanReader`); the cases are read later, by :func:`stream_queries`.
+    Stops with a :class:`CasesError` (carrying the rejected files) when a condition has no
+    readable support scan.
 
     For a reader of volumes (``spatial_dims`` 3) a case is a volume file (NIfTI, multi-frame
     DICOM) or a folder of DICOM slices (a series, :func:`~medmeta.data.volumes.group_series`),
     named by the folder's path."""
-    from medmeta.data.volumes import group_series, volume_sha256
+    from medmeta.data.volumes import group_series
 
     found = discover_cases(cases_dir)
-    root = found.root
-    rejected = found.rejected
-    rel = found.relative
     volumes = getattr(getattr(reader, "preprocessing", None), "spatial_dims", 2) == 3
     scans = group_series if volumes else list
-    infos: dict[Path, dict] = {}
-
-    def read(path: Path) -> torch.Tensor | None:
-        try:
-            image, info = reader.read(path)
-        except ScanReadError as exc:
-            rejected.append((rel(path), exc.reason))
-            return None
-        if info is not None:
-            infos[path] = info.to_dict()
-        return image
-
-    digest = volume_sha256 if volumes else sha256_file
+    rejected = found.rejected
     images, labels, support = [], [], {}
     for index, (condition, files) in enumerate(found.support.items()):
         support[condition] = []
         for path in scans(files):
-            image = read(path)
-            if image is not None:
-                images.append(image)
-                labels.append(index)
-                support[condition].append({"path": rel(path), "sha256": digest(path)})
-    unusable = [c for c, scans in support.items() if not scans]
+            scan = _read_scan(path, reader, found.relative, volumes)
+            if scan.reason is not None:
+                rejected.append((scan.path, scan.reason))
+                continue
+            images.append(scan.image)
+            labels.append(index)
+            support[condition].append({"path": scan.path, "sha256": scan.sha256})
+    unusable = [c for c, read in support.items() if not read]
     if unusable:
-        raise CasesError(f"{root / 'support'}: no readable scan for condition(s) {', '.join(unusable)}", rejected)
-    candidates = scans(found.query)
-    queries = [(path, image) for path in candidates if (image := read(path)) is not None]
-    if not queries:
-        what = "case(s)" if volumes else "case file(s)"
-        raise CasesError(f"{root / 'query'}: none of the {len(candidates)} {what} could be read", rejected)
-    task = Task(torch.stack(images), torch.tensor(labels), torch.stack([img for _, img in queries]), list(found.support))
+        raise CasesError(f"{found.root / 'support'}: no readable scan for condition(s) {', '.join(unusable)}", rejected)
+    return CaseSource(
+        torch.stack(images), torch.tensor(labels), list(found.support), support, rejected, _link_notes(found),
+        scans(found.query), found.root, volumes,
+    )
+
+
+def _read_scan(path: Path, reader, relative, volumes: bool) -> QueryScan:
+    """Read one scan (a case or a support scan) and its digest; an unreadable one carries why."""
+    from medmeta.data.volumes import volume_sha256
+
+    name = relative(path)
+    try:
+        image, info = reader.read(path)
+    except ScanReadError as exc:
+        return QueryScan(name, None, exc.reason)
+    digest = volume_sha256(path) if volumes else sha256_file(path)
+    return QueryScan(name, image, None, digest, info.to_dict() if info is not None else None)
+
+
+class _QueryFiles(torch.utils.data.Dataset):
+    """Item ``i``: the :class:`QueryScan` of ``source.query[i]`` (read in a loader worker)."""
+
+    def __init__(self, source: CaseSource, reader):
+        self.source, self.reader = source, reader
+
+    def __len__(self) -> int:
+        return len(self.source.query)
+
+    def __getitem__(self, index: int) -> QueryScan:
+        return _read_scan(self.source.query[index], self.reader, self.source.relative, self.source.volumes)
+
+
+def stream_queries(source: CaseSource, reader, chunk_cases: int | None = None, workers: int = 0) -> Iterator[list[QueryScan]]:
+    """The readable cases of ``source`` in order, ``chunk_cases`` at a time (None: all in one
+    list), read by ``workers`` processes ahead of the consumer (0: here). Each unreadable case
+    is added to ``source.rejected`` as it is met. Raises :class:`CasesError` at the end when no
+    case could be read. Memory holds at most a chunk plus the workers' read-ahead."""
+    from torch.utils.data import DataLoader
+
+    from medmeta.data.loading import PREFETCH, _as_is
+
+    dataset = _QueryFiles(source, reader)
+    if workers > 0 and len(dataset) > 1:
+        context = "fork" if sys.platform.startswith("linux") else None
+        scans = DataLoader(
+            dataset, batch_size=None, num_workers=min(workers, len(dataset)), collate_fn=_as_is,
+            prefetch_factor=PREFETCH, multiprocessing_context=context,
+        )
+    else:
+        scans = (dataset[i] for i in range(len(dataset)))
+    chunk: list[QueryScan] = []
+    n_read = 0
+    for scan in scans:
+        if scan.reason is not None:
+            source.rejected.append((scan.path, scan.reason))
+            continue
+        chunk.append(scan)
+        n_read += 1
+        if chunk_cases is not None and len(chunk) >= chunk_cases:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+    if not n_read:
+        what = "case(s)" if source.volumes else "case file(s)"
+        raise CasesError(f"{source.root / 'query'}: none of the {len(dataset)} {what} could be read", source.rejected)
+
+
+def read_cases(cases_dir: str | Path, reader) -> CaseBatch:
+    """Read ``cases_dir`` with ``reader`` whole: :func:`open_cases`, then every case in memory
+    (:func:`stream_queries` reads them a chunk at a time instead). Stops with a
+    :class:`CasesError` (carrying the rejected files) only when a condition has no readable
+    support scan or no case can be read."""
+    source = open_cases(cases_dir, reader)
+    queries = [scan for chunk in stream_queries(source, reader) for scan in chunk]
+    task = Task(source.support_images, source.support_labels, torch.stack([q.image for q in queries]), source.conditions)
     return CaseBatch(
-        task, [rel(p) for p, _ in queries], [digest(p) for p, _ in queries], support, rejected, _link_notes(found),
-        query_volumes=[infos[p] for p, _ in queries] if volumes else [],
+        task, [q.path for q in queries], [q.sha256 for q in queries], source.support, source.rejected, source.notes,
+        query_volumes=[q.volume for q in queries] if source.volumes else [],
     )
 
 

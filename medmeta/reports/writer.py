@@ -9,8 +9,10 @@ Every path under the cases folder's ``query/`` is in exactly one of ``prediction
 The batch's files are written into a temporary folder that replaces ``--out`` only when all of
 them are complete (:func:`medmeta.io.atomic_folder`), under the output folder's lock
 (:mod:`medmeta.output_folder`): a run never mixes with an older one, and
-a failed run leaves older reports exactly as they were. The HTML page is self-contained (thumbnails inlined as PNG
-data URIs, no external URLs) and rendered by Jinja2 with autoescaping on.
+a failed run leaves older reports exactly as they were. The HTML page uses no external URLs and is rendered by
+Jinja2 with autoescaping on. ``medmeta adapt`` writes each case's thumbnail as a PNG file into ``thumbnails/``
+beside it as the case is diagnosed (so memory does not grow with the batch); a result whose cases kept their
+pixels (``adapt`` without ``thumbnail_dir``) has them inlined as PNG data URIs instead.
 
 ``predictions.csv`` columns: ``path``, ``predicted``, one ``p_<condition>`` per condition,
 ``prediction_set`` (conditions joined by ``;``, empty for an empty set; absent when the
@@ -55,14 +57,17 @@ def write_reports(result: AdaptResult, out_dir: "str | Path | OutputFolder", ove
 
     if isinstance(out_dir, OutputFolder):
         with out_dir.writing() as tmp:
-            _write_all(result, tmp)
+            write_report_files(result, tmp)
         return {name: out_dir.path / name for name in REPORT_FILES}
     with OutputFolder(out_dir, overwrite) as folder, folder.writing() as tmp:
-        _write_all(result, tmp)
+        write_report_files(result, tmp)
     return {name: Path(out_dir) / name for name in REPORT_FILES}
 
 
-def _write_all(result: AdaptResult, out: Path) -> None:
+def write_report_files(result: AdaptResult, out: Path) -> None:
+    """Write the report files into the folder ``out`` (already claimed: the temporary folder of
+    :meth:`OutputFolder.writing <medmeta.output_folder.OutputFolder.writing>`, where ``adapt``
+    wrote the thumbnails as it went)."""
     paths = {name: out / name for name in REPORT_FILES}
     write_rejected(out, result.rejected)
     atomic_write_csv(
@@ -132,7 +137,8 @@ def render_html(result: AdaptResult) -> str:
             "predicted": case.predicted,
             "confidence": max(case.probabilities),
             "probabilities": list(zip(result.conditions, case.probabilities)),
-            "thumbnail": thumbnail_data_uri(case.image, oriented=(case.volume or {}).get("orientation") != "as stored"),
+            "thumbnail": case.thumbnail
+            or thumbnail_data_uri(case.image, oriented=(case.volume or {}).get("orientation") != "as stored"),
             "volume": case.volume,
             "label": case.label,
             "correct": None if case.label is None else case.label == case.predicted,

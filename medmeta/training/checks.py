@@ -13,13 +13,14 @@ import numbers
 import os
 import types
 import typing
+from pathlib import Path
 from dataclasses import fields
 from typing import Any, Callable
 
 from medmeta.errors import CalibrationError
 from medmeta.training.config import ConfigError, TrainConfig
 
-PATH_FIELDS = ("protocol", "out", "init_from", "backbone_weights")
+PATH_FIELDS = ("protocol", "out", "init_from", "backbone_weights", "cache_dir")
 
 
 class CalibrationSettingError(ConfigError, CalibrationError):
@@ -160,6 +161,14 @@ def check_values(config: TrainConfig) -> None:
 
     if config.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {config.precision!r}; use {', '.join(PRECISIONS)}", "precision")
+    if config.workers is not None and config.workers < 0:
+        raise ConfigError(f"workers must be 0 or more, got {config.workers}", "workers")
+    if not config.cache_in_memory and not config.cache_dir:
+        raise ConfigError(
+            "--no-cache-in-memory keeps the decoded scans only in the cache folder: give --cache-dir", "cache_in_memory"
+        )
+    if config.cache_dir and Path(config.cache_dir).exists() and not Path(config.cache_dir).is_dir():
+        raise ConfigError(f"--cache-dir {config.cache_dir}: not a folder", "cache_dir")
 
 
 def check_names(config: TrainConfig) -> None:

@@ -138,6 +138,22 @@ class TrainConfig:
         "Arithmetic of the training steps: fp32, bf16 (autocast), fp16 (autocast with loss scaling; GPU only) or auto "
         "(the best measured at equal accuracy: fp32 for now, see docs/training.md). Validation, calibration and adapt stay fp32.",
     )
+    workers: int | None = _setting(
+        None,
+        "Data-loader worker processes that decode the scans before training and augment the next batches while a "
+        "step trains (0: all in the training process) [default: decoding on every core (at most 8); batches on the "
+        "cores the training processes leave (at most 4), none on 2 cores].",
+    )
+    cache_dir: str | None = _setting(
+        None,
+        "Keep the decoded, resized scans in this folder (MONAI PersistentDataset, keyed by file content and "
+        "preprocessing) so that later runs on the same scans skip decoding [default: none].",
+    )
+    cache_in_memory: bool = _setting(
+        True,
+        "Hold the decoded scans in memory; --no-cache-in-memory (with --cache-dir) reads them from the cache "
+        "folder at every use, for a data set larger than memory.",
+    )
     compile: bool = _setting(False, "Compile the backbone with torch.compile (slow first steps; not for second-order MAML).")
     max_minutes: float | None = _setting(None, "Stop episodic training after this many training minutes.")
     init_from: str | None = _setting(None, "Start the backbone from this checkpoint's backbone (same architecture).")

@@ -82,11 +82,17 @@ class Processes:
         return device
 
 
-def check_distributed(processes: Processes, meta_batch: int, episodes: int) -> None:
-    """Refuse a meta-batch that cannot be split evenly across the processes."""
+def check_distributed(processes: Processes, meta_batch: int, episodes: int, pretrain_batch_size: int | None = None) -> None:
+    """Refuse a meta-batch that cannot be split evenly across the processes, and a
+    pre-training batch that would leave a process without images (DDP would wait for it)."""
     if not processes.distributed:
         return
     n = processes.world_size
+    if pretrain_batch_size is not None and pretrain_batch_size < n:
+        raise ConfigError(
+            f"--pretrain-batch-size {pretrain_batch_size} cannot be split across {n} processes: each process needs "
+            f"images of every batch; use at least {n}", "pretrain_batch_size",
+        )
     if meta_batch % n:
         raise ConfigError(
             f"--meta-batch {meta_batch} cannot be split across {n} processes: use a multiple of {n} "

@@ -80,10 +80,11 @@ def meta_train(run: "Run") -> None:
     with make_progress(disable=run.quiet) as progress:
         run.progress = progress
         task = progress.add_task("Meta-training", total=cfg.episodes, completed=run.episode, status="")
+        episodes = iter(run.episode_loader())
         while run.episode < cfg.episodes:
             if _out_of_time(run):
                 break
-            batch = _meta_step(run, recent)
+            batch = _meta_step(run, recent, episodes)
             episodes_this_session += len(batch)
             window = slice(-50, None)
             status = f"loss {np.mean(recent['loss'][window]):.3f} acc {np.mean(recent['acc'][window]):.3f}"
@@ -108,8 +109,9 @@ def _out_of_time(run: "Run") -> bool:
     return True
 
 
-def _meta_step(run: "Run", recent: dict[str, list[float]]) -> range:
-    """One optimiser step on the mean loss of the next meta-batch of episodes; returns the batch.
+def _meta_step(run: "Run", recent: dict[str, list[float]], episodes) -> range:
+    """One optimiser step on the mean loss of the next meta-batch of episodes (taken from the
+    iterator ``episodes`` of :meth:`Run.episode_loader`); returns the batch.
     With several processes each trains its share of the batch, and DDP averages the gradients
     (:mod:`medmeta.training.distributed`): each loss is scaled so that the average is the
     gradient of the whole batch's mean loss."""
@@ -122,12 +124,13 @@ def _meta_step(run: "Run", recent: dict[str, list[float]]) -> range:
     share = len(batch) / run.processes.world_size  # episodes per process
     run.optimizer.zero_grad(set_to_none=True)
     for position, index in enumerate(mine):
-        ep = run.train_episode(index)
+        ep = next(episodes)
+        assert ep.index == index, f"the loader gave episode {ep.index} where {index} was due"
         # what a method draws from torch's generator (MANN's label slots) is the episode's own,
         # whichever process trains it
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, EPISODE_RNG_STREAM, index]).generate_state(1)[0]))
-        images = run.batch_to_device(run.augment(run.store.stack(ep.support + ep.query), step=index))
-        support, query = images[: len(ep.support)], images[len(ep.support) :]
+        images = run.batch_to_device(ep.images)
+        support, query = images[: ep.n_support], images[ep.n_support :]
         with no_sync(run.step_module, last=position == len(mine) - 1):
             with run.autocast():
                 loss, logits = run.step_module(support, ep.support_labels.to(run.device), query, ep.query_labels.to(run.device))

@@ -39,6 +39,7 @@ class Run:
 
     def __init__(self, config: TrainConfig, quiet: bool = False, processes: Any = None):
         from medmeta.data.augment import Augmenter
+        from medmeta.data.loading import auto_decode_workers, auto_workers
         from medmeta.data.protocol import load_protocol
         from medmeta.data.reading import ScanReader
         from medmeta.data.store import ImageStore
@@ -58,11 +59,13 @@ class Run:
         if min(self.train_shots) < 1:
             raise ConfigError(f"train_shots must be positive, got {config.train_shots}", "train_shots")
         self.protocol.check_counts(max(self.shot, *self.train_shots), self.query, splits=("train",))
-        check_distributed(self.processes, config.meta_batch, config.episodes)
+        check_distributed(self.processes, config.meta_batch, config.episodes, config.pretrain_batch_size if config.pretrain_epochs else None)
         start(self.processes, self.device)
         self.val_way = min(self.way, len(self.protocol.classes["val"]))
         self.preprocessing = run_preprocessing(config, self.protocol)
-        self.store = ImageStore(ScanReader(self.preprocessing))
+        self.store = ImageStore(ScanReader(self.preprocessing), cache_dir=config.cache_dir, in_memory=config.cache_in_memory)
+        self.workers = auto_workers(self.processes.world_size) if config.workers is None else config.workers
+        self.decode_workers = auto_decode_workers(self.processes.world_size) if config.workers is None else config.workers
         self.learner = build_learner(config)
         # batches are (n, C, H, W), or (n, C, D, H, W) for volumes
         self.memory_format = training_memory_format(self.device, image_ndim=2 + config.spatial_dims)
@@ -101,7 +104,7 @@ class Run:
         records = [r for s in ("train", "val") for c in self.protocol.classes[s] for r in self.protocol.records[c]]
         with make_progress(transient=True, disable=self.quiet) as progress:
             task = progress.add_task("Decoding scans", total=len(records), status="")
-            _, bad = self.store.warm(records, on_progress=lambda: progress.advance(task))
+            _, bad = self.store.warm(records, on_progress=lambda: progress.advance(task), workers=self.decode_workers)
         if bad:
             self._drop_unreadable(bad)
         train, val, seed = self.protocol.split_records("train"), self.protocol.split_records("val"), self.config.seed
@@ -115,6 +118,16 @@ class Run:
         for name in list(self.protocol.records):
             self.protocol.records[name] = [r for r in self.protocol.records[name] if r.key not in bad_keys]
         self.protocol.check_counts(max(self.shot, *self.train_shots), self.query, splits=("train",))
+
+    def episode_loader(self):
+        """Training episodes ``episode .. episodes - 1`` (this process's share of each
+        meta-batch) as :class:`~medmeta.data.loading.EpisodeBatch` items, built by
+        :attr:`workers` processes ahead of the step (:mod:`medmeta.data.loading`)."""
+        from medmeta.data.loading import EpisodeImages, MetaBatchIndices, make_loader
+
+        cfg = self.config
+        indices = MetaBatchIndices(self.episode, cfg.episodes, cfg.meta_batch, self.processes)
+        return make_loader(EpisodeImages(self.train_episode, self.store, self.augment), indices, self.workers, cfg.seed)
 
     def autocast(self):
         """The mixed-precision context of a training step's forward pass (:mod:`medmeta.precision`)."""

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from medmeta.data.loading import PretrainImages, PretrainOrder, make_loader
 from medmeta.progress import make_progress
 from medmeta.training.distributed import PretrainForward, wrap
 from medmeta.training.contrastive import ProjectionHead, nt_xent
@@ -67,6 +67,11 @@ def pretrain(run: "Run") -> None:
     n_batches = max(1, len(records) // cfg.pretrain_batch_size)
     run.learner.train()
     assert run.head is not None and run.optimizer is not None
+    dataset = PretrainImages(
+        records, labels, run.store, run.augment, cfg.seed, cfg.pretrain_batch_size, run.processes.rank, run.processes.world_size,
+        second_view_offset=CONTRASTIVE_VIEW_OFFSET if cfg.pretrain_contrastive > 0 else None,
+    )
+    batches = iter(make_loader(dataset, PretrainOrder(run.epoch, total_epochs, n_batches), run.workers, cfg.seed))
     with make_progress(disable=run.quiet) as progress:
         task = progress.add_task("Pre-training", total=total_epochs * n_batches, completed=run.epoch * n_batches, status="")
         while run.epoch < total_epochs:
@@ -76,7 +81,7 @@ def pretrain(run: "Run") -> None:
                 begin_generation(run, generation)
                 run.learner.train()
             started = time.perf_counter()
-            _epoch(run, records, labels, n_batches, lambda status: progress.update(task, advance=1, status=status))
+            _epoch(run, batches, n_batches, lambda status: progress.update(task, advance=1, status=status))
             run.scheduler.step()
             run.train_seconds += time.perf_counter() - started
             run.epoch += 1
@@ -84,30 +89,27 @@ def pretrain(run: "Run") -> None:
     validate(run, label="after pre-training" + (f" generation {run.generation + 1}" if cfg.pretrain_generations > 1 else ""))
 
 
-def _epoch(run: "Run", records: list, labels: torch.Tensor, n_batches: int, report) -> None:
-    """One pass over the train images in the seeded order of epoch ``run.epoch``."""
-    batch = run.config.pretrain_batch_size
-    order = np.random.default_rng([run.config.seed, 7, run.epoch]).permutation(len(records))
+def _epoch(run: "Run", batches, n_batches: int, report) -> None:
+    """One pass over the train images in the seeded order of epoch ``run.epoch``, its
+    :class:`~medmeta.data.loading.PretrainBatch` items taken from the iterator ``batches``."""
     correct = seen = 0
     for b in range(n_batches):
-        idx = order[b * batch : (b + 1) * batch][run.processes.rank :: run.processes.world_size]  # this process's share
-        raw = run.store.stack([records[i] for i in idx])
-        images = run.batch_to_device(run.augment(raw, step=(run.epoch + 1) * 1_000_000 + b))
-        target = labels[idx].to(run.device)
-        batch_views = images
-        if run.projection is not None:  # a second view of the same images, seeded apart from the first
-            second = run.augment(raw, step=(run.epoch + 1) * 1_000_000 + CONTRASTIVE_VIEW_OFFSET + b)
-            batch_views = torch.cat([images, run.batch_to_device(second)])
+        item = next(batches)
+        assert (item.epoch, item.batch) == (run.epoch, b), f"the loader gave batch {item.batch} of epoch {item.epoch + 1}"
+        images = run.batch_to_device(item.images)
+        target = item.targets.to(run.device)
+        n = len(target)
+        batch_views = images if item.second is None else torch.cat([images, run.batch_to_device(item.second)])
         with run.autocast():
-            logits, z = run.step_module(batch_views, len(idx))
+            logits, z = run.step_module(batch_views, n)
             loss = F.cross_entropy(logits, target, label_smoothing=run.config.pretrain_label_smoothing)
             if run.teacher is not None:
                 soft = distillation_loss(logits, teacher_logits(run.teacher, images))
                 loss = (1 - DISTILL_WEIGHT) * loss + DISTILL_WEIGHT * soft
             if z is not None:
-                loss = loss + run.config.pretrain_contrastive * nt_xent(z[: len(idx)], z[len(idx) :])
+                loss = loss + run.config.pretrain_contrastive * nt_xent(z[:n], z[n:])
         run.optimizer.zero_grad(set_to_none=True)
         run.optimiser_step(loss)
         correct += int((logits.argmax(1) == target).sum())
-        seen += len(idx)
+        seen += n
         report(f"epoch {run.epoch + 1} loss {loss.item():.3f} acc {correct / seen:.3f}")

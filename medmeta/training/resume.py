@@ -113,7 +113,7 @@ def load_state(run: "Run") -> None:
 
 
 # What a resumed run may change: its budget, where and how it runs, and where it is (a moved folder).
-RESUME_MAY_CHANGE = ("episodes", "device", "precision", "compile", "max_minutes", "out")
+RESUME_MAY_CHANGE = ("episodes", "device", "precision", "compile", "workers", "cache_dir", "cache_in_memory", "max_minutes", "out")
 
 
 def _stored_config(out: str | Path) -> TrainConfig:
