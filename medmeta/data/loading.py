@@ -169,10 +169,11 @@ class PretrainImages(Dataset):
         return PretrainBatch(epoch, b, self.augment(raw, step=step), second, self.targets[torch.from_numpy(idx)])
 
 
-def make_loader(dataset: Dataset, sampler: Sampler, workers: int, seed: int) -> DataLoader:
-    """A loader of single prepared items (``batch_size=None``) from ``sampler``'s keys, with
-    ``workers`` processes (0: in this process). Workers are forked on Linux, so they share the
-    decoded images already in memory instead of copying them."""
+def make_loader(dataset: Dataset, sampler: Sampler | None, workers: int, seed: int = 0) -> DataLoader:
+    """A loader of single prepared items (``batch_size=None``) from ``sampler``'s keys (None:
+    ``0 .. len(dataset) - 1``), in order, with ``workers`` processes (0: in this process). Workers
+    are forked on Linux, so they share the decoded images already in memory instead of copying
+    them."""
     context = "fork" if workers > 0 and sys.platform.startswith("linux") else None
     return DataLoader(
         dataset, sampler=sampler, batch_size=None, num_workers=workers, collate_fn=_as_is,

@@ -81,29 +81,21 @@ class ImageStore:
         pending = [r for r in records if r.key not in self._cache and r.key not in self._failed]
         if workers > 0 and len(pending) > 1:
             self._warm_in_workers(pending, workers, on_progress)
-            on_progress = None if on_progress is None else (lambda: None)  # counted already
-            if not self.in_memory:  # the entries are on disk; what failed is known
-                return self._sorted(records, on_progress)
-        good, bad = [], []
-        for record in records:
-            try:
-                self.get_half(record)
-                good.append(record)
-            except ScanReadError as exc:
-                bad.append((record, exc.reason))
-            if on_progress is not None:
-                on_progress()
-        return good, bad
-
-    def _sorted(self, records, on_progress) -> tuple[list[ImageRecord], list[tuple[ImageRecord, str]]]:
+        else:
+            for record in records:
+                try:
+                    self.get_half(record)
+                except ScanReadError:
+                    pass  # noted in _failed
+                if on_progress is not None:
+                    on_progress()
         good = [r for r in records if r.key not in self._failed]
         return good, [(r, self._failed[r.key]) for r in records if r.key in self._failed]
 
     def _warm_in_workers(self, records: list[ImageRecord], workers: int, on_progress) -> None:
-        from torch.utils.data import DataLoader
+        from medmeta.data.loading import make_loader
 
-        loader = DataLoader(_Decoding(self, records), batch_size=None, num_workers=workers, prefetch_factor=8)
-        for index, image, reason, decoded in loader:
+        for index, image, reason, decoded in make_loader(_Decoding(self, records), None, workers):
             record = records[index]
             self._decoded_here += decoded
             if reason is not None:

@@ -14,7 +14,6 @@ and hidden files); one bad scan never stops a batch.
 from __future__ import annotations
 
 import csv
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,19 +178,10 @@ def stream_queries(source: CaseSource, reader, chunk_cases: int | None = None, w
     list), read by ``workers`` processes ahead of the consumer (0: here). Each unreadable case
     is added to ``source.rejected`` as it is met. Raises :class:`CasesError` at the end when no
     case could be read. Memory holds at most a chunk plus the workers' read-ahead."""
-    from torch.utils.data import DataLoader
-
-    from medmeta.data.loading import PREFETCH, _as_is
+    from medmeta.data.loading import make_loader
 
     dataset = _QueryFiles(source, reader)
-    if workers > 0 and len(dataset) > 1:
-        context = "fork" if sys.platform.startswith("linux") else None
-        scans = DataLoader(
-            dataset, batch_size=None, num_workers=min(workers, len(dataset)), collate_fn=_as_is,
-            prefetch_factor=PREFETCH, multiprocessing_context=context,
-        )
-    else:
-        scans = (dataset[i] for i in range(len(dataset)))
+    scans = make_loader(dataset, None, workers if len(dataset) > 1 else 0)
     chunk: list[QueryScan] = []
     n_read = 0
     for scan in scans:
