@@ -155,8 +155,9 @@ def adapt(
     chunk = None if transductive else (chunk_cases or auto_chunk_cases(source.support_images[0]))
     workers = auto_decode_workers() if workers is None else workers
     chunks = (
-        _Chunk([q.path for q in scans], [q.sha256 for q in scans], [q.image for q in scans], [q.volume for q in scans])
-        for scans in stream_queries(source, run.reader, chunk, workers)
+        _Chunk([q.path for q in scans], [q.sha256 for q in scans], [q.image for q in scans], [q.volume for q in scans],
+               [q.thumbnail for q in scans])
+        for scans in stream_queries(source, run.reader, chunk, workers, thumbnails=thumbnail_dir is not None)
     )
     result = _diagnose(run, source, chunks, options, str(Path(cases_dir).resolve()), thumbnail_dir)
     if label_map is not None:
@@ -220,19 +221,19 @@ def auto_chunk_cases(scan: torch.Tensor) -> int:
 
 @dataclass
 class _Chunk:
-    """Cases read together: their names, digests, ``(C, *spatial)`` images and volume records."""
+    """Cases read together: their names, digests, ``(C, *spatial)`` images, volume records and
+    thumbnails (PNG bytes, made where they were read; None when not asked for)."""
 
     paths: list[str]
     sha256: list[str]
     images: list[torch.Tensor]
     volumes: list[dict | None]
+    thumbnails: list[bytes | None] | None = None
 
 
 def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str | None, thumbnail_dir) -> AdaptResult:
     """Diagnose the cases chunk by chunk against the support of ``source``; with
     ``thumbnail_dir`` write each case's thumbnail there and drop its pixels."""
-    from medmeta.reports.thumbnails import write_thumbnail
-
     pipeline = AdaptationPipeline.from_run(
         run, options.temperature_source, options.conformal_source, options.prior_sigma, options.stability, options.batch_size,
         head=options.head, transductive=options.transductive,
@@ -245,7 +246,10 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
         task = Task(source.support_images, source.support_labels, torch.stack(chunk.images), conditions)
         diagnosis = pipeline(task)
         sets = diagnosis.sets.sets
-        for i, (path, digest, image, volume) in enumerate(zip(chunk.paths, chunk.sha256, chunk.images, chunk.volumes)):
+        thumbnails = chunk.thumbnails or [None] * len(chunk.paths)
+        for i, (path, digest, image, volume, png) in enumerate(
+            zip(chunk.paths, chunk.sha256, chunk.images, chunk.volumes, thumbnails)
+        ):
             p = diagnosis.probabilities.query[i]
             case = CaseResult(
                 path=path, predicted=conditions[int(p.argmax())], probabilities=[float(x) for x in p], sha256=digest,
@@ -257,7 +261,7 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
             )
             if thumbnail_dir is not None:
                 name = f"{len(cases):06d}.png"
-                write_thumbnail(Path(thumbnail_dir) / name, image, oriented=(volume or {}).get("orientation") != "as stored")
+                _write_thumbnail(Path(thumbnail_dir) / name, png)
                 case.thumbnail, case.image = f"{Path(thumbnail_dir).name}/{name}", None
             cases.append(case)
         probabilities.append(diagnosis.probabilities.query)
@@ -265,6 +269,14 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
     assert diagnosis is not None  # stream_queries raises when no case could be read
     metadata = _metadata(run, pipeline, source, diagnosis, options, cases_dir)
     return AdaptResult(list(conditions), cases, source.rejected, source.support, metadata, probabilities=np.concatenate(probabilities))
+
+
+def _write_thumbnail(path: Path, png: bytes) -> None:
+    """A case's thumbnail file. Written plainly: it goes into the report's temporary folder,
+    which replaces the report folder whole (:func:`medmeta.io.atomic_folder`) only once every
+    file is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png)
 
 
 def _metadata(run, pipeline, batch: CaseSource, diagnosis: Diagnosis, options: _Options, cases_dir: str | None) -> dict[str, Any]:

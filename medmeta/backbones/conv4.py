@@ -13,6 +13,10 @@ from medmeta.backbones.registry import register_backbone
 class Conv4(nn.Module):
     """Four blocks of [conv3x3-``hidden``, norm, ReLU, maxpool2], then global average pooling.
 
+    Each block runs the max-pool before the ReLU: the same function (ReLU is monotone, so it
+    commutes with a maximum; values and gradients are identical, and so are the parameter names),
+    with the ReLU and its backward pass on a quarter of the values.
+
     Args:
         in_channels: image channels (1 or 3).
         spatial_dims: 2 for images, 3 for volumes.
@@ -31,8 +35,8 @@ class Conv4(nn.Module):
             blocks += [
                 conv(spatial_dims, channels, hidden, bias=norm_kind != "batch"),
                 norm(norm_kind, spatial_dims, hidden),
-                nn.ReLU(inplace=True),
                 max_pool(spatial_dims),
+                nn.ReLU(inplace=True),
             ]
             channels = hidden
         self.features = nn.Sequential(*blocks)

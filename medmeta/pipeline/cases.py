@@ -74,13 +74,15 @@ def read_labels(path: str | Path) -> dict[str, str]:
 class QueryScan:
     """One case as read: ``image`` ``(C, *spatial)`` and no ``reason``, or no image and the
     ``reason`` it could not be read; ``path`` as reports name it; ``volume`` a volume's stored
-    shape, spacing and orientation (None for an image)."""
+    shape, spacing and orientation (None for an image); ``thumbnail`` the PNG bytes of its
+    thumbnail when asked for (made where the case was read)."""
 
     path: str
     image: torch.Tensor | None
     reason: str | None = None
     sha256: str = ""
     volume: dict | None = None
+    thumbnail: bytes | None = None
 
 
 @dataclass
@@ -161,26 +163,36 @@ def _read_scan(path: Path, reader, relative, volumes: bool) -> QueryScan:
 
 
 class _QueryFiles(torch.utils.data.Dataset):
-    """Item ``i``: the :class:`QueryScan` of ``source.query[i]`` (read in a loader worker)."""
+    """Item ``i``: the :class:`QueryScan` of ``source.query[i]`` (read in a loader worker), with
+    its thumbnail when ``thumbnails``. The image comes back through torch's shared memory: handing
+    it over as a pickled numpy array was 10% faster but let the main process's memory grow with
+    the batch (682 -> 755 MiB from 1,000 to 6,000 cases, against 691 -> 689 MiB)."""
 
-    def __init__(self, source: CaseSource, reader):
-        self.source, self.reader = source, reader
+    def __init__(self, source: CaseSource, reader, thumbnails: bool):
+        self.source, self.reader, self.thumbnails = source, reader, thumbnails
 
     def __len__(self) -> int:
         return len(self.source.query)
 
     def __getitem__(self, index: int) -> QueryScan:
-        return _read_scan(self.source.query[index], self.reader, self.source.relative, self.source.volumes)
+        from medmeta.reports.thumbnails import thumbnail_png
+
+        scan = _read_scan(self.source.query[index], self.reader, self.source.relative, self.source.volumes)
+        if scan.image is not None and self.thumbnails:
+            scan.thumbnail = thumbnail_png(scan.image, oriented=(scan.volume or {}).get("orientation") != "as stored")
+        return scan
 
 
-def stream_queries(source: CaseSource, reader, chunk_cases: int | None = None, workers: int = 0) -> Iterator[list[QueryScan]]:
+def stream_queries(
+    source: CaseSource, reader, chunk_cases: int | None = None, workers: int = 0, thumbnails: bool = False
+) -> Iterator[list[QueryScan]]:
     """The readable cases of ``source`` in order, ``chunk_cases`` at a time (None: all in one
     list), read by ``workers`` processes ahead of the consumer (0: here). Each unreadable case
     is added to ``source.rejected`` as it is met. Raises :class:`CasesError` at the end when no
     case could be read. Memory holds at most a chunk plus the workers' read-ahead."""
     from medmeta.data.loading import make_loader
 
-    dataset = _QueryFiles(source, reader)
+    dataset = _QueryFiles(source, reader, thumbnails)
     scans = make_loader(dataset, None, workers if len(dataset) > 1 else 0)
     chunk: list[QueryScan] = []
     n_read = 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from medmeta.embedded import OnEmbeddings, adapts_on_embeddings
 from medmeta.leave_one_out import leave_one_out
 from medmeta.pipeline.task import Task
 
@@ -49,23 +50,27 @@ class LearnerHead:
     def __call__(self, task: Task, held_out: bool = False, stability: bool = False, temperature: float = 1.0) -> Logits:
         """``held_out``: also the support's leave-one-out logits; ``stability``: also each
         case's leave-one-out stability. Both need two support scans per condition and are
-        left None otherwise."""
-        support = task.support_images.to(self.device)
+        left None otherwise.
+
+        A learner that adapts on embeddings (:mod:`medmeta.embedded`) sees each scan through the
+        backbone once: the fit, the cases' logits and the leave-one-out refits share the
+        embeddings (before, the refits embedded the cases a second time)."""
+        learner, support, query = self.learner, task.support_images.to(self.device), task.query_images
         labels = task.support_labels.to(self.device)
-        self.learner.fit_support(support, labels)
-        size = self.batch_size or max(1, len(task.query_images))
+        size = self.batch_size or max(1, len(query))
+        if adapts_on_embeddings(learner):
+            learner = OnEmbeddings(learner)
+            support = learner.embed_all(support, self.device, max(1, len(support)))  # one pass, as fit_support's
+            query = learner.embed_all(query, self.device, size)
+        learner.fit_support(support, labels)
         logits, distances = [], []
-        for start in range(0, len(task.query_images), size):
-            batch = task.query_images[start : start + size].to(self.device)
-            batch_logits, batch_distances = self.learner.predict_with_distance(batch)
+        for start in range(0, len(query), size):
+            batch_logits, batch_distances = learner.predict_with_distance(query[start : start + size].to(self.device))
             logits.append(batch_logits.double().cpu())
             distances.append(batch_distances.double().cpu())
         out = Logits(torch.cat(logits).numpy(), torch.cat(distances).numpy())
         if (held_out or stability) and task.has_two_per_condition():
-            loo = leave_one_out(
-                self.learner, support, labels, task.query_images if stability else None, temperature, self.device,
-                self.batch_size or max(1, len(task.query_images)),
-            )
+            loo = leave_one_out(learner, support, labels, query if stability else None, temperature, self.device, size)
             out.support_held_out = loo.support_logits if held_out else None
             out.max_change = loo.max_change
         return out

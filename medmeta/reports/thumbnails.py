@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,14 +50,6 @@ def montage(planes: list[np.ndarray], gap: int = PLANE_GAP) -> np.ndarray:
 def thumbnail_data_uri(image: torch.Tensor, oriented: bool = True) -> str:
     """``(C, H, W)`` or a volume ``(C, X, Y, Z)`` in ``[0, 1]`` -> ``data:image/png;base64,...``."""
     return "data:image/png;base64," + base64.b64encode(thumbnail_png(image, oriented)).decode("ascii")
-
-
-def write_thumbnail(path: Path, image: torch.Tensor, oriented: bool = True) -> None:
-    """The thumbnail of ``image`` as the PNG file ``path`` (its folder is created). Written
-    plainly: it goes into the report's temporary folder, which replaces the report folder whole
-    (:func:`medmeta.io.atomic_folder`) only once every file is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(thumbnail_png(image, oriented))
 
 
 def thumbnail_png(image: torch.Tensor, oriented: bool = True) -> bytes:
