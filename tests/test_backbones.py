@@ -52,3 +52,24 @@ def test_output_shapes(name, kwargs, input_shape, expected_shape):
 def test_unknown_backbone_names_the_choices():
     with pytest.raises(ValueError, match="conv4"):
         create_backbone("vgg99")
+
+
+@pytest.mark.parametrize("spatial_dims, input_shape", [(2, (6, 3, 33, 33)), (3, (3, 1, 17, 17, 17))])
+def test_conv4_pooling_before_relu_is_the_papers_block_bit_for_bit(spatial_dims, input_shape):
+    """conv4 max-pools before its ReLU (cheaper); the papers' order (ReLU, then max-pool) gives
+    the same outputs and gradients exactly, because ReLU commutes with a maximum."""
+    torch.manual_seed(0)
+    ours = create_backbone("conv4", spatial_dims=spatial_dims, in_channels=input_shape[1], hidden=8)
+    papers = create_backbone("conv4", spatial_dims=spatial_dims, in_channels=input_shape[1], hidden=8)
+    papers.load_state_dict(ours.state_dict())
+    layers = list(papers.features)
+    for i in range(0, len(layers), 4):  # [conv, norm, pool, relu] -> [conv, norm, relu, pool]
+        layers[i + 2], layers[i + 3] = layers[i + 3], layers[i + 2]
+    papers.features = torch.nn.Sequential(*layers)
+    assert isinstance(papers.features[2], torch.nn.ReLU) and not isinstance(ours.features[2], torch.nn.ReLU)
+    x = torch.randn(input_shape)
+    a, b = ours(x), papers(x)
+    (a**2).sum().backward()
+    (b**2).sum().backward()
+    assert torch.equal(a, b)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours.parameters(), papers.parameters()))

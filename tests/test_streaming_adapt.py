@@ -117,3 +117,16 @@ def test_cli_writes_thumbnail_files(trained_run, tmp_path):
     assert len(list((out / "thumbnails").glob("*.png"))) == 30
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary folder became the report
     assert Path(out / "predictions.csv").read_text().count("\n") == 31
+
+
+def test_each_case_goes_through_the_backbone_once(loaded):
+    """The embedding head's prediction and its leave-one-out refits share one embedding of each
+    scan: 15 support scans and 30 cases are 45 images through the backbone."""
+    seen = []
+    hook = loaded.learner.backbone.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    try:
+        result = adapt(loaded, CASES, workers=0, head="prototype")
+    finally:
+        hook.remove()
+    assert result.cases[0].stability_max_change is not None
+    assert sum(seen) == 15 + 30
