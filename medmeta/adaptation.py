@@ -146,19 +146,12 @@ def adapt(
     (default :data:`medmeta.data.reading.MAX_PIXELS`; only when ``checkpoint`` is a path).
     ``allow_unfinished`` accepts a checkpoint whose training stopped before calibration.
     """
-    from medmeta.data.loading import auto_decode_workers
-
     options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma, head, transductive)
     label_map = read_labels(labels) if labels else None  # a bad labels file fails before any work
     run = as_run(checkpoint, device, max_pixels=max_pixels, allow_unfinished=allow_unfinished)
     source = open_cases(cases_dir, run.reader)
     chunk = None if transductive else (chunk_cases or auto_chunk_cases(source.support_images[0]))
-    workers = auto_decode_workers() if workers is None else workers
-    chunks = (
-        _Chunk([q.path for q in scans], [q.sha256 for q in scans], [q.image for q in scans], [q.volume for q in scans],
-               [q.thumbnail for q in scans])
-        for scans in stream_queries(source, run.reader, chunk, workers, thumbnails=thumbnail_dir is not None)
-    )
+    chunks = _case_chunks(source, run.reader, chunk, workers, thumbnails=thumbnail_dir is not None)
     result = _diagnose(run, source, chunks, options, str(Path(cases_dir).resolve()), thumbnail_dir)
     if label_map is not None:
         _attach_labels(result, label_map)
@@ -229,6 +222,17 @@ class _Chunk:
     images: list[torch.Tensor]
     volumes: list[dict | None]
     thumbnails: list[bytes | None] | None = None
+
+
+def _case_chunks(source: CaseSource, reader, chunk: int | None, workers: int | None, thumbnails: bool):
+    """The cases of ``source`` as :class:`_Chunk` s of ``chunk`` cases (None: one), read by
+    ``workers`` processes (None: one per core, at most 8), with their thumbnails if asked for."""
+    from medmeta.data.loading import auto_decode_workers
+
+    workers = auto_decode_workers() if workers is None else workers
+    for scans in stream_queries(source, reader, chunk, workers, thumbnails=thumbnails):
+        yield _Chunk([q.path for q in scans], [q.sha256 for q in scans], [q.image for q in scans], [q.volume for q in scans],
+                     [q.thumbnail for q in scans])
 
 
 def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str | None, thumbnail_dir) -> AdaptResult:

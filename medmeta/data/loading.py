@@ -12,7 +12,6 @@ one does not move torch's global random state.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from medmeta.cores import available_cores
 from medmeta.data.episodes import Episode
 from medmeta.data.records import ImageRecord
 from medmeta.data.store import ImageStore
@@ -34,7 +34,7 @@ def auto_workers(processes: int = 1) -> int:
     by the training processes, at most 4; none on a machine with two cores or fewer per
     process, where a worker only takes a core from the step (``docs/training.md``,
     "Input pipeline", has the measurement)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     per_process = cores // max(1, processes)
     return 0 if per_process <= 2 else min(4, per_process - 2)
 
@@ -44,7 +44,7 @@ def auto_decode_workers(processes: int = 1) -> int:
     core the training processes share (at most 8), none with a single core. Decoding, unlike
     the training step, has no threads of its own: two workers on two cores decoded derm-rare's
     scans in 56 s against 101 s in the training process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     per_process = cores // max(1, processes)
     return 0 if per_process < 2 else min(8, per_process)
 

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from medmeta.cores import available_cores
 from medmeta.errors import MedmetaError
 from medmeta.training.config import TrainConfig
 
@@ -30,7 +31,7 @@ def process_environment(nproc: int) -> dict[str, str]:
     """The environment of the processes: this one's, with the CPU cores shared between them
     (``OMP_NUM_THREADS``, unless set; torchrun's own default is 1 thread per process)."""
     env = dict(os.environ)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
     return env
 
