@@ -53,13 +53,15 @@ def thumbnail_data_uri(image: torch.Tensor, oriented: bool = True) -> str:
 
 
 def thumbnail_png(image: torch.Tensor, oriented: bool = True) -> bytes:
-    """``(C, H, W)`` or a volume ``(C, X, Y, Z)`` in ``[0, 1]`` -> the bytes of a PNG file."""
+    """``(C, H, W)`` or a volume ``(C, X, Y, Z)`` in ``[0, 1]`` -> the bytes of a PNG file: one
+    gray channel when the scan is grayscale (its three channels equal), else RGB."""
     from PIL import Image
 
     array = (image.detach().cpu().float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     if array.ndim == 4:
         array = montage(volume_planes(array, oriented))
-    pil = Image.fromarray(array[0]) if array.shape[0] == 1 else Image.fromarray(np.ascontiguousarray(np.moveaxis(array[:3], 0, -1)))
+    gray = array.shape[0] == 1 or (array[0] == array[1]).all() and (array[0] == array[2]).all()
+    pil = Image.fromarray(array[0]) if gray else Image.fromarray(np.ascontiguousarray(np.moveaxis(array[:3], 0, -1)))
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
     return buffer.getvalue()
