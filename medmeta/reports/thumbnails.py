@@ -60,7 +60,7 @@ def thumbnail_png(image: torch.Tensor, oriented: bool = True) -> bytes:
     array = (image.detach().cpu().float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     if array.ndim == 4:
         array = montage(volume_planes(array, oriented))
-    gray = array.shape[0] == 1 or (array[0] == array[1]).all() and (array[0] == array[2]).all()
+    gray = array.shape[0] == 1 or bool((array[0] == array[1]).all() and (array[0] == array[2]).all())
     pil = Image.fromarray(array[0]) if gray else Image.fromarray(np.ascontiguousarray(np.moveaxis(array[:3], 0, -1)))
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
