@@ -4,6 +4,7 @@
     python benchmarks/speed.py --adapt-cases 1000    # and adapt on 1,000 DICOM files
     python benchmarks/speed.py --only-adapt --adapt-cases 1000 --adapt-cases 10000   # adapt alone, memory growth
     python benchmarks/speed.py --method protonet --size 84 --steps 20 --json runs/speed.json
+    python benchmarks/speed.py --device cuda --no-peer   # the training table on a GPU
 
 **Training** (one row per method, size and precision): episodes/s and images/s of meta-training
 steps (forward, backward, Adam step) on 5-way 5-shot 15-query episodes of random tensors, as
@@ -25,6 +26,11 @@ one set of files, and the marginal rate between the smallest and largest N is pr
 leaves out the fixed start (Python, torch, the checkpoint, the support), which dominates a small
 batch.
 
+``--device cuda`` runs the training table (and the matmul peak, 8192^3) on the GPU, timed to
+the end of each row's last kernel, with each row's peak GPU memory; the default layout (not
+``channels_last``) and ``auto`` precision as ``medmeta train`` uses them there. Scaling over
+several GPUs or processes: ``benchmarks/ddp_scaling.py``.
+
 easyfsl is a benchmark-only extra: ``pip install --no-deps "easyfsl==1.5.0"``.
 """
 
@@ -45,17 +51,18 @@ WAY, SHOT, QUERY = 5, 5, 15
 SIZES = (64, 84)
 
 
-def _episode(size: int):
+def _episode(size: int, device: str = "cpu"):
     """Random images ``(100, 3, size, size)`` of a 5-way 5-shot 15-query episode, and its
-    support and query labels."""
+    support and query labels, on ``device``."""
     import torch
 
     torch.manual_seed(0)
     images = torch.randn(WAY * (SHOT + QUERY), 3, size, size)
-    return images, torch.arange(WAY).repeat_interleave(SHOT), torch.arange(WAY).repeat_interleave(QUERY)
+    labels = torch.arange(WAY).repeat_interleave(SHOT), torch.arange(WAY).repeat_interleave(QUERY)
+    return images.to(device), labels[0].to(device), labels[1].to(device)
 
 
-def _easyfsl_step(size: int):
+def _easyfsl_step(size: int, device: str = "cpu"):
     """easyfsl's training step: ``process_support_set``, ``forward``, cross-entropy, Adam."""
     import torch
     from torch.nn import functional as F
@@ -65,9 +72,9 @@ def _easyfsl_step(size: int):
     sys.path.insert(0, str(Path(__file__).parent))
     from easyfsl_peer import prototypical_networks
 
-    images, support_labels, query_labels = _episode(size)
+    images, support_labels, query_labels = _episode(size, device)
     n_support = len(support_labels)
-    model = prototypical_networks()(create_backbone("conv4"))
+    model = prototypical_networks()(create_backbone("conv4")).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step():
@@ -79,7 +86,7 @@ def _easyfsl_step(size: int):
     return step
 
 
-def _medmeta_step(method: str, size: int, precision: str):
+def _medmeta_step(method: str, size: int, precision: str, device_name: str = "cpu"):
     """medmeta's training step as the episodic loop runs it: the training memory layout, the
     precision's autocast with float32 features, ``episode_loss``, Adam."""
     import torch
@@ -89,12 +96,12 @@ def _medmeta_step(method: str, size: int, precision: str):
     from medmeta.methods.registry import create_method
     from medmeta.precision import autocast, float32_features
 
-    device = torch.device("cpu")
-    images, support_labels, query_labels = _episode(size)
+    device = torch.device(device_name)
+    images, support_labels, query_labels = _episode(size, device_name)
     n_support = len(support_labels)
     learner = create_method(method, create_backbone("conv4"))
     layout = training_memory_format(device, image_ndim=4)
-    learner.to(memory_format=layout)
+    learner.to(device, memory_format=layout)
     float32_features(learner.backbone, precision)
     batch = images.contiguous(memory_format=layout)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
@@ -109,8 +116,9 @@ def _medmeta_step(method: str, size: int, precision: str):
     return step
 
 
-def _row(kind: str, method: str, size: int, precision: str, steps: int, warmup: int) -> dict:
-    """One training row, in this (fresh) process: FLOPs of a step, then the timed steps."""
+def _row(kind: str, method: str, size: int, precision: str, steps: int, warmup: int, device: str = "cpu") -> dict:
+    """One training row, in this (fresh) process: FLOPs of a step, then the timed steps (on a
+    GPU, timed to the end of the last kernel, with the peak GPU memory allocated)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -118,36 +126,53 @@ def _row(kind: str, method: str, size: int, precision: str, steps: int, warmup: 
     from medmeta.precision import resolve_precision
 
     keep_freed_memory()  # as medmeta train does
-    resolved = "fp32" if kind == "easyfsl" else resolve_precision(precision, torch.device("cpu"))
-    step = _easyfsl_step(size) if kind == "easyfsl" else _medmeta_step(method, size, resolved)
+    resolved = "fp32" if kind == "easyfsl" else resolve_precision(precision, torch.device(device))
+    step = _easyfsl_step(size, device) if kind == "easyfsl" else _medmeta_step(method, size, resolved, device)
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
     for _ in range(warmup):
         step()
+    _synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
+    _synchronize(device)
     seconds = (time.perf_counter() - started) / steps
     n_images = WAY * (SHOT + QUERY)
-    return {
-        "kind": kind, "method": method, "size": size, "precision": resolved, "episodes_per_s": 1 / seconds,
+    row = {
+        "kind": kind, "method": method, "size": size, "precision": resolved, "device": device, "episodes_per_s": 1 / seconds,
         "images_per_s": n_images / seconds, "gflop_per_step": flops / 1e9, "gflops": flops / seconds / 1e9,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if device.startswith("cuda"):
+        row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
 
 
-def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of an ``n``^3 matrix product on this machine's cores, in ``dtype_name``."""
+def _synchronize(device: str) -> None:
+    """Wait for the GPU's queued kernels (a CUDA call returns before its work is done)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
+    """GFLOP/s of an ``n``^3 matrix product on this machine's cores (or GPU), in ``dtype_name``."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    if device.startswith("cuda"):
+        n, repeats = 8192, 50  # enough work to fill a GPU
+    a, b = torch.randn(n, n).to(device, dtype), torch.randn(n, n).to(device, dtype)
     for _ in range(2):
         torch.mm(a, b)
+    _synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
+    _synchronize(device)
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
@@ -158,15 +183,17 @@ def _in_fresh_process(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def training_table(methods: list[str], sizes: list[int], precisions: list[str], steps: int, warmup: int, peer: bool) -> list[dict]:
+def training_table(
+    methods: list[str], sizes: list[int], precisions: list[str], steps: int, warmup: int, peer: bool, device: str = "cpu"
+) -> list[dict]:
     rows = []
     for size in sizes:
         if peer:
-            rows.append(_in_fresh_process("easyfsl", "protonet", str(size), "fp32", str(steps), str(warmup)))
+            rows.append(_in_fresh_process("easyfsl", "protonet", str(size), "fp32", str(steps), str(warmup), device))
             _print_row(rows[-1])
         for method in methods:
             for precision in precisions:
-                rows.append(_in_fresh_process("medmeta", method, str(size), precision, str(steps), str(warmup)))
+                rows.append(_in_fresh_process("medmeta", method, str(size), precision, str(steps), str(warmup), device))
                 _print_row(rows[-1])
     return rows
 
@@ -175,7 +202,8 @@ def _print_row(row: dict) -> None:
     name = "easyfsl PrototypicalNetworks" if row["kind"] == "easyfsl" else f"medmeta {row['method']}"
     print(
         f"{name:>30} {row['size']:>4}px {row['precision']:>5} {row['episodes_per_s']:8.2f} ep/s {row['images_per_s']:8.0f} img/s "
-        f"{row['gflop_per_step']:7.2f} GFLOP/step {row['gflops']:7.1f} GFLOP/s {row['peak_rss_mib']:7.0f} MiB",
+        f"{row['gflop_per_step']:7.2f} GFLOP/step {row['gflops']:7.1f} GFLOP/s {row['peak_rss_mib']:7.0f} MiB"
+        + (f" (GPU {row['peak_gpu_mib']:.0f} MiB)" if "peak_gpu_mib" in row else ""),
         flush=True,
     )
 
@@ -289,12 +317,13 @@ def main() -> None:
                         help="also time adapt on this many DICOM cases (repeatable: e.g. 1000 and 10000 for memory growth)")
     parser.add_argument("--only-adapt", action="store_true", help="leave out the training table")
     parser.add_argument("--checkpoint", default=None, help="run folder for adapt [default: train the demo budget on sample_data]")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the training table runs [default: cpu]")
     parser.add_argument("--json", default=None, help="write the figures here")
-    parser.add_argument("--_row", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--_row", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._row:
-        kind, method, size, precision, steps, warmup = args._row
-        print(json.dumps(_row(kind, method, int(size), precision, int(steps), int(warmup))))
+        kind, method, size, precision, steps, warmup, device = args._row
+        print(json.dumps(_row(kind, method, int(size), precision, int(steps), int(warmup), device)))
         return
 
     import torch
@@ -322,10 +351,16 @@ def main() -> None:
 
 
 def _training_report(args, list_methods) -> dict:
-    peaks = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
-    print(f"matmul peak: float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU here")
+        print(f"GPU: {torch.cuda.get_device_name()}", flush=True)
+    peaks = {name: matmul_peak(name, device=args.device) for name in ("float32", "bfloat16")}
+    print(f"matmul peak ({args.device}): float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
     rows = training_table(args.method or list_methods(), args.size or list(SIZES), args.precision or ["fp32", "auto"],
-                          args.steps, args.warmup, peer=not args.no_peer)
+                          args.steps, args.warmup, peer=not args.no_peer, device=args.device)
     for row in rows:
         row["share_of_matmul_peak"] = row["gflops"] / peaks["bfloat16" if row["precision"] == "bf16" else "float32"]
     for size in sorted({r["size"] for r in rows}):
