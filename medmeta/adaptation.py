@@ -316,9 +316,33 @@ def _metadata(run, pipeline, batch: CaseSource, diagnosis: Diagnosis, options: _
             "refits": refits,
         },
         "notes": calibration.notes(run.method) + _notes(batch, diagnosis, options, val_temperature),
+        "validation_evidence": validation_evidence(calibration),
         "preprocessing": run.preprocessing.to_dict(),
         "cases_dir": cases_dir,
         "device": str(run.device),
+    }
+
+
+def validation_evidence(calibration) -> dict[str, Any] | None:
+    """What the checkpoint measured for this head on held-out episodes of its validation
+    conditions (never the batch's own cases): accuracy, expected calibration error before and
+    after temperature scaling, the prediction sets' coverage against their target and mean
+    size, the share referred. ``None`` for a checkpoint that was never calibrated; a figure it
+    did not record is ``None``."""
+    if not calibration.fitted:
+        return None
+    evidence = calibration.conformal_evidence or {}
+    return {
+        "fitted_on": calibration.fitted_on,
+        "n_bins": calibration.n_bins,
+        "accuracy": calibration.accuracy_val,
+        "ece_before_temperature": calibration.ece_before_val,
+        "ece_after_temperature": calibration.ece_after_val,
+        "target_coverage": calibration.conformal.coverage if calibration.conformal is not None else None,
+        "coverage": evidence.get("coverage_val"),
+        "mean_set_size": evidence.get("mean_set_size_val"),
+        "n_calibration_cases": calibration.conformal.n_calibration_ if calibration.conformal is not None else None,
+        "referral_rate": calibration.referral.referral_rate_val if calibration.referral is not None else None,
     }
 
 

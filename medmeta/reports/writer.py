@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 
 from medmeta.adaptation import AdaptResult
 from medmeta.io import atomic_write_csv, atomic_write_json, atomic_write_text, json_safe
 from medmeta.reports.thumbnails import thumbnail_data_uri
+from medmeta.reports.worklist import script, script_source, worklist_ranks
 
 if TYPE_CHECKING:
     from medmeta.output_folder import OutputFolder
@@ -102,7 +104,9 @@ def write_report_files(result: AdaptResult, out: Path) -> None:
 
 
 def report_dict(result: AdaptResult) -> dict[str, Any]:
-    """The content of ``report.json`` (standard JSON: NaN and infinities become null)."""
+    """The content of ``report.json`` (standard JSON: NaN and infinities become null): the cases
+    in the cases folder's order, each with its ``worklist_rank``."""
+    ranks = worklist_ranks(result.cases)
     return json_safe({
         "metadata": result.metadata,
         "conditions": result.conditions,
@@ -118,10 +122,11 @@ def report_dict(result: AdaptResult) -> dict[str, Any]:
                 "stability_max_change": case.stability_max_change,
                 "distance_to_support": case.distance,
                 "sha256": case.sha256,
+                "worklist_rank": rank,
                 **({"volume": case.volume} if case.volume is not None else {}),
                 **({"label": case.label} if case.label is not None else {}),
             }
-            for case in result.cases
+            for case, rank in zip(result.cases, ranks)
         ],
         "rejected": [{"path": p, "reason": r} for p, r in result.rejected],
         "metrics": result.metrics,
@@ -129,10 +134,15 @@ def report_dict(result: AdaptResult) -> dict[str, Any]:
 
 
 def render_html(result: AdaptResult) -> str:
+    """``report.html``: the cases in worklist order (:mod:`medmeta.reports.worklist`), each row
+    carrying what the page's script sorts and filters by."""
     env = Environment(loader=PackageLoader("medmeta.reports", "templates"), autoescape=select_autoescape(default=True))
     template = env.get_template("report.html.j2")
+    ranks = worklist_ranks(result.cases)
     cases = [
         {
+            "row": row,
+            "rank": ranks[row],
             "path": case.path,
             "predicted": case.predicted,
             "confidence": max(case.probabilities),
@@ -147,11 +157,15 @@ def render_html(result: AdaptResult) -> str:
             "refer_reasons": case.refer_reason.split("; ") if case.refer_reason else [],
             "stability": case.stability_max_change,
         }
-        for case in result.cases
+        for row, case in enumerate(result.cases)
     ]
+    cases.sort(key=lambda case: case["rank"])
     counts = {c: sum(1 for case in result.cases if case.predicted == c) for c in result.conditions}
     referred = sum(1 for case in result.cases if case.refer)
+    code = script()
     return template.render(
+        script=Markup(code),
+        script_source=script_source(code),
         meta=result.metadata,
         conditions=result.conditions,
         support=result.support,
