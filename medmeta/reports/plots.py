@@ -5,11 +5,12 @@ Each figure is written atomically as a PNG; nothing here opens a window.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
 
-from medmeta.calibration import reliability_bins
+from medmeta.calibration import expected_calibration_error, reliability_bins
 from medmeta.io import atomic_path
 
 
@@ -39,13 +40,23 @@ def reliability_diagram(
 ) -> Path:
     """One panel per entry of ``probs`` (e.g. ``{"before": p, "after temperature scaling": q}``,
     each ``(n, n_way)``; ``labels`` ``(n,)``): accuracy per confidence bin against the diagonal,
-    with the gap to the bin's mean confidence shaded and the share of cases per bin below."""
+    with the gap to the bin's mean confidence shaded, the panel's expected calibration error
+    (ECE, ``n_bins`` bins) in its title, and the share of cases per bin below."""
+    return _save(reliability_figure(probs, labels, n_bins, title), path)
+
+
+def reliability_figure(probs: dict[str, np.ndarray], labels: np.ndarray, n_bins: int = 15, title: str = ""):
+    """The figure of :func:`reliability_diagram`, not yet saved. Laid out by matplotlib's
+    constrained layout with the y axes shared along each row (labelled once, on the left) and long
+    panel names wrapped, so that no label overlaps another (tested)."""
     plt = _pyplot()
     fig, axes = plt.subplots(
-        2, len(probs), figsize=(4.2 * len(probs), 5.2), squeeze=False, gridspec_kw={"height_ratios": [3, 1]}, sharex=True
+        2, len(probs), figsize=(4.6 * len(probs), 5.6), squeeze=False, gridspec_kw={"height_ratios": [3, 1]},
+        sharex=True, sharey="row", layout="constrained",
     )
     for column, (name, p) in enumerate(probs.items()):
         bins = reliability_bins(p, labels, n_bins)
+        ece = expected_calibration_error(p, labels, n_bins=n_bins)
         centres = (bins["edges"][:-1] + bins["edges"][1:]) / 2
         width = 1.0 / n_bins
         filled = bins["count"] > 0
@@ -58,16 +69,18 @@ def reliability_diagram(
         )
         top.set_xlim(0, 1)
         top.set_ylim(0, 1)
-        top.set_ylabel("accuracy")
-        top.set_title(name)
-        if column == 0:
-            top.legend(loc="upper left", fontsize=8)
+        top.set_title(f"{textwrap.fill(name, 38)}\nECE {ece:.3f}", fontsize=10)
         bottom.bar(centres, bins["count"] / max(1.0, bins["count"].sum()), width=width, color="#8aa4bf")
         bottom.set_xlabel("confidence (largest probability)")
-        bottom.set_ylabel("share of cases")
+        if column == 0:
+            top.set_ylabel("accuracy")
+            top.legend(loc="upper left", fontsize=8)
+            bottom.set_ylabel("share of cases")
+    # room between one panel's edge tick labels and the next panel's, across and down
+    fig.get_layout_engine().set(w_pad=0.08, wspace=0.06, h_pad=0.1, hspace=0.06)
     if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+        fig.suptitle(textwrap.fill(title, 40 * len(probs)), fontsize=11)
+    return fig
 
 
 def risk_coverage_plot(path: str | Path, coverage: np.ndarray, risk: np.ndarray, aurc: float, title: str = "") -> Path:
