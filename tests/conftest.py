@@ -66,6 +66,19 @@ def trained_run(tmp_path_factory, sample_protocol) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def report(trained_run, tmp_path_factory) -> Path:
+    """The report folder of ``trained_run`` adapted to sample_data's cases with their labels."""
+    from medmeta import load_run
+    from medmeta.adaptation import adapt
+    from medmeta.reports.writer import write_reports
+
+    out = tmp_path_factory.mktemp("report") / "out"
+    result = adapt(load_run(trained_run), SAMPLE_DATA / "cases", labels=SAMPLE_DATA / "cases" / "labels.csv")
+    write_reports(result, out)
+    return out
+
+
 class CountingBackbone(torch.nn.Module):
     """Wraps a backbone and counts the images it embeds (``images_seen``)."""
 

@@ -58,7 +58,7 @@ def test_adapt_on_sample_data_writes_all_the_reports(trained_run, cases, tmp_pat
     assert len(rows) == 30
     conditions = ["concentric_rings", "gradient_halo", "triangle_mass"]
     assert list(rows[0]) == [
-        "path", "predicted", *[f"p_{c}" for c in conditions],
+        "path", "patient", "predicted", *[f"p_{c}" for c in conditions],
         "prediction_set", "refer", "refer_reason", "stability_max_change", "label",
     ]
     for row in rows:

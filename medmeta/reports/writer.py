@@ -14,7 +14,8 @@ Jinja2 with autoescaping on. ``medmeta adapt`` writes each case's thumbnail as a
 beside it as the case is diagnosed (so memory does not grow with the batch); a result whose cases kept their
 pixels (``adapt`` without ``thumbnail_dir``) has them inlined as PNG data URIs instead.
 
-``predictions.csv`` columns: ``path``, ``predicted``, one ``p_<condition>`` per condition,
+``predictions.csv`` columns: ``path``, ``patient`` (the patient folder under ``query/``, empty for
+a case outside one: :mod:`medmeta.reports.patients`), ``predicted``, one ``p_<condition>`` per condition,
 ``prediction_set`` (conditions joined by ``;``, empty for an empty set; absent when the
 checkpoint has no conformal calibration), ``refer`` (``true``/``false``) and ``refer_reason``
 (reasons joined by ``; ``; both absent when the checkpoint has no referral calibration),
@@ -33,6 +34,7 @@ from markupsafe import Markup
 
 from medmeta.adaptation import AdaptResult
 from medmeta.io import atomic_write_csv, atomic_write_json, atomic_write_text, json_safe
+from medmeta.reports.patients import patient_of, patient_summaries
 from medmeta.reports.thumbnails import thumbnail_data_uri
 from medmeta.reports.worklist import script, script_source, worklist_ranks
 
@@ -78,7 +80,7 @@ def write_report_files(result: AdaptResult, out: Path) -> None:
     )
     has_sets = result.metadata.get("conformal") is not None
     has_referral = result.metadata.get("referral") is not None
-    header = ["path", "predicted", *[f"p_{c}" for c in result.conditions]]
+    header = ["path", "patient", "predicted", *[f"p_{c}" for c in result.conditions]]
     if has_sets:
         header.append("prediction_set")
     if has_referral:
@@ -89,7 +91,7 @@ def write_report_files(result: AdaptResult, out: Path) -> None:
         header.append("label")
     rows = []
     for case in result.cases:
-        row = [case.path, case.predicted, *[f"{p:.6f}" for p in case.probabilities]]
+        row = [case.path, patient_of(case.path) or "", case.predicted, *[f"{p:.6f}" for p in case.probabilities]]
         if has_sets:
             row.append(";".join(case.prediction_set or []))
         if has_referral:
@@ -114,6 +116,7 @@ def report_dict(result: AdaptResult) -> dict[str, Any]:
         "cases": [
             {
                 "path": case.path,
+                "patient": patient_of(case.path),
                 "predicted": case.predicted,
                 "probabilities": dict(zip(result.conditions, case.probabilities)),
                 "prediction_set": case.prediction_set,
@@ -128,6 +131,7 @@ def report_dict(result: AdaptResult) -> dict[str, Any]:
             }
             for case, rank in zip(result.cases, ranks)
         ],
+        "patients": [summary.to_dict(result.conditions) for summary in patient_summaries(result.cases, result.conditions)],
         "rejected": [{"path": p, "reason": r} for p, r in result.rejected],
         "metrics": result.metrics,
     })
@@ -139,11 +143,15 @@ def render_html(result: AdaptResult) -> str:
     env = Environment(loader=PackageLoader("medmeta.reports", "templates"), autoescape=select_autoescape(default=True))
     template = env.get_template("report.html.j2")
     ranks = worklist_ranks(result.cases)
+    patients = patient_summaries(result.cases, result.conditions)
+    disagreeing = {summary.patient for summary in patients if summary.disagree}
     cases = [
         {
             "row": row,
             "rank": ranks[row],
             "path": case.path,
+            "patient": patient_of(case.path),
+            "patient_disagree": patient_of(case.path) in disagreeing,
             "predicted": case.predicted,
             "confidence": max(case.probabilities),
             "probabilities": list(zip(result.conditions, case.probabilities)),
@@ -170,6 +178,7 @@ def render_html(result: AdaptResult) -> str:
         conditions=result.conditions,
         support=result.support,
         cases=cases,
+        patients=sorted(patients, key=lambda s: (not s.disagree, -s.referred)),
         counts=counts,
         referred=referred,
         rejected=result.rejected,

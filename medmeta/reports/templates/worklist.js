@@ -7,6 +7,7 @@
   }
   var body = table.tBodies[0];
   var rows = Array.prototype.slice.call(body.rows);
+  var patient = document.getElementById("filter-patient");
   var condition = document.getElementById("filter-condition");
   var review = document.getElementById("filter-review");
   var label = document.getElementById("filter-label");
@@ -35,22 +36,23 @@
     });
     var count = 0;
     rows.forEach(function (row) {
-      var visible = keep(condition, row, "predicted") && keep(review, row, "refer") && keep(label, row, "label");
+      var visible = keep(patient, row, "patient") && keep(condition, row, "predicted") && keep(review, row, "refer") &&
+        keep(label, row, "label");
       row.hidden = !visible;
       count += visible ? 1 : 0;
       body.appendChild(row);
     });
     shown.textContent = count + " of " + rows.length + " case(s) shown";
   }
-  // a view can be linked to: report.html?condition=NAME&review=refer&label=wrong&order=folder
+  // a view can be linked to: report.html?patient=NAME&condition=NAME&review=refer&label=wrong&order=folder
   var params = new URLSearchParams(window.location.search);
-  [["condition", condition], ["review", review], ["label", label], ["order", order]].forEach(function (pair) {
+  [["patient", patient], ["condition", condition], ["review", review], ["label", label], ["order", order]].forEach(function (pair) {
     var value = params.get(pair[0]), select = pair[1];
     if (select && value !== null && Array.prototype.some.call(select.options, function (o) { return o.value === value; })) {
       select.value = value;
     }
   });
-  [condition, review, label, order].forEach(function (select) {
+  [patient, condition, review, label, order].forEach(function (select) {
     if (select) {
       select.addEventListener("change", update);
     }

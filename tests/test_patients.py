@@ -1,0 +1,61 @@
+"""Cases grouped by patient folder: the patient of a path, the per-patient summary (mean of the
+scans' probabilities, disagreement, referrals) and where the reports show them."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from medmeta.adaptation import CaseResult
+from medmeta.reports.patients import patient_of, patient_summaries
+
+
+@pytest.mark.parametrize(
+    "path, patient",
+    [
+        ("query/patient_07/scan_3.png", "patient_07"),
+        ("query/p 1/visit 2/scan.dcm", "p 1"),  # deeper folders: the one under query/
+        ("query/case_001.png", None),
+        ("query/series_a", None),  # a series folder is the case itself
+        ("support/a/x.png", None),
+    ],
+)
+def test_patient_of(path, patient):
+    assert patient_of(path) == patient
+
+
+def _case(path, probabilities, refer=False):
+    conditions = ["a", "b"]
+    return CaseResult(path=path, predicted=conditions[probabilities.index(max(probabilities))], probabilities=probabilities,
+                      sha256="", distance=0.0, image=None, refer=refer)
+
+
+def test_patient_summaries():
+    cases = [
+        _case("query/p1/s1.png", [0.9, 0.1]), _case("query/x.png", [0.2, 0.8]), _case("query/p1/s2.png", [0.3, 0.7], refer=True),
+        _case("query/p2/s1.png", [0.6, 0.4]), _case("query/p2/s2.png", [0.8, 0.2]),
+    ]
+    p1, p2 = patient_summaries(cases, ["a", "b"])
+    assert (p1.patient, p1.cases, p1.predicted) == ("p1", ["query/p1/s1.png", "query/p1/s2.png"], ["a", "b"])
+    assert p1.mean_probabilities == pytest.approx([0.6, 0.4]) and p1.predicted_patient == "a"
+    assert p1.disagree and p1.referred == 1
+    assert p2.mean_probabilities == pytest.approx([0.7, 0.3]) and not p2.disagree and p2.referred == 0
+    assert p1.to_dict(["a", "b"])["mean_probabilities"] == pytest.approx({"a": 0.6, "b": 0.4})
+
+
+def test_reports_group_sample_data_by_patient(report):
+    data = json.loads((report / "report.json").read_text())
+    with open(report / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["patient"] for r in rows] == [c["patient"] or "" for c in data["cases"]]
+    patients = {p["patient"]: p for p in data["patients"]}
+    assert sorted(patients) == ["patient_03", "patient_07", "patient_11", "patient_14"]
+    assert len(patients["patient_07"]["cases"]) == 3
+    for p in patients.values():
+        predicted = [c["predicted"] for c in data["cases"] if c["patient"] == p["patient"]]
+        assert p["predicted"] == predicted and p["disagree"] == (len(set(predicted)) > 1)
+    html = (report / "report.html").read_text()
+    assert 'id="patients"' in html and html.count('<tr class="patient') == 4
+    assert html.count("SCANS DISAGREE") == sum(p["disagree"] for p in patients.values())
