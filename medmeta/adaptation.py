@@ -271,8 +271,25 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
         probabilities.append(diagnosis.probabilities.query)
         del task, chunk
     assert diagnosis is not None  # stream_queries raises when no case could be read
+    _support_thumbnails(source, thumbnail_dir)
     metadata = _metadata(run, pipeline, source, diagnosis, options, cases_dir)
     return AdaptResult(list(conditions), cases, source.rejected, source.support, metadata, probabilities=np.concatenate(probabilities))
+
+
+def _support_thumbnails(source: CaseSource, thumbnail_dir) -> None:
+    """Each support scan's thumbnail as the model saw it, under the scan's ``thumbnail`` key: a
+    PNG file in ``thumbnail_dir/support/`` (the key holds its path relative to the report
+    folder), or with no ``thumbnail_dir`` a data URI for a page that keeps its images inline."""
+    from medmeta.reports.thumbnails import thumbnail_data_uri, thumbnail_png
+
+    scans = [scan for condition in source.conditions for scan in source.support[condition]]
+    for index, (scan, image) in enumerate(zip(scans, source.support_images)):
+        if thumbnail_dir is None:
+            scan["thumbnail"] = thumbnail_data_uri(image)
+            continue
+        name = f"support/{index:04d}.png"
+        _write_thumbnail(Path(thumbnail_dir) / name, thumbnail_png(image))
+        scan["thumbnail"] = f"{Path(thumbnail_dir).name}/{name}"
 
 
 def _write_thumbnail(path: Path, png: bytes) -> None:

@@ -68,14 +68,17 @@ def trained_run(tmp_path_factory, sample_protocol) -> Path:
 
 @pytest.fixture(scope="session")
 def report(trained_run, tmp_path_factory) -> Path:
-    """The report folder of ``trained_run`` adapted to sample_data's cases with their labels."""
-    from medmeta import load_run
-    from medmeta.adaptation import adapt
-    from medmeta.reports.writer import write_reports
+    """The report folder ``medmeta adapt`` writes for ``trained_run`` on sample_data's cases with
+    their labels (thumbnails as files beside report.html)."""
+    from typer.testing import CliRunner
+
+    from medmeta.cli.main import app
 
     out = tmp_path_factory.mktemp("report") / "out"
-    result = adapt(load_run(trained_run), SAMPLE_DATA / "cases", labels=SAMPLE_DATA / "cases" / "labels.csv")
-    write_reports(result, out)
+    cases = SAMPLE_DATA / "cases"
+    done = CliRunner().invoke(app, ["adapt", "--checkpoint", str(trained_run), "--cases", str(cases), "--out", str(out),
+                                    "--labels", str(cases / "labels.csv")])
+    assert done.exit_code == 0, done.output
     return out
 
 

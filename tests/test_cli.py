@@ -86,7 +86,8 @@ def test_adapt_on_sample_data_writes_all_the_reports(trained_run, cases, tmp_pat
     assert 0 <= report["metrics"]["coverage"] <= 1 and 0 <= report["metrics"]["referral_rate"] <= 1
     html = (out / "report.html").read_text()
     assert "http://" not in html and "https://" not in html
-    assert html.count('src="thumbnails/') == 30 and len(list((out / "thumbnails").glob("*.png"))) == 30
+    assert html.count('class="thumb" src="thumbnails/') == 30 and len(list((out / "thumbnails").glob("*.png"))) == 30
+    assert html.count('class="support-thumb" src="thumbnails/support/') == 15 == len(list((out / "thumbnails" / "support").glob("*.png")))
     assert "Prediction set" in html and "stability: up to" in html
     assert html.count('class="refer"') == sum(r["refer"] == "true" for r in rows)
     assert read_csv(out / "rejected.csv") == []

@@ -59,3 +59,24 @@ def test_reports_group_sample_data_by_patient(report):
     html = (report / "report.html").read_text()
     assert 'id="patients"' in html and html.count('<tr class="patient') == 4
     assert html.count("SCANS DISAGREE") == sum(p["disagree"] for p in patients.values())
+
+
+def test_report_shows_every_support_scan_by_condition(report):
+    data = json.loads((report / "report.json").read_text())
+    html = (report / "report.html").read_text()
+    thumbnails = [scan["thumbnail"] for scans in data["support"].values() for scan in scans]
+    assert len(thumbnails) == 15 and all(t.startswith("thumbnails/support/") for t in thumbnails)
+    assert all((report / t).stat().st_size > 0 for t in thumbnails)
+    assert html.count('class="support-thumb"') == 15 and 'id="support-scans"' in html
+
+
+def test_inline_report_keeps_support_thumbnails_out_of_the_json(trained_run):
+    from medmeta import load_run
+    from medmeta.adaptation import adapt
+    from medmeta.reports.writer import render_html, report_dict
+
+    from conftest import SAMPLE_DATA
+
+    result = adapt(load_run(trained_run), SAMPLE_DATA / "cases", stability=False)  # no thumbnail folder: images inline
+    assert render_html(result).count('class="support-thumb" src="data:image/png;base64,') == 15
+    assert "data:" not in json.dumps(report_dict(result))

@@ -45,8 +45,9 @@ def test_chunks_and_workers_give_the_whole_batch_results(loaded, head):
 
 def test_thumbnails_are_written_as_cases_are_diagnosed(loaded, tmp_path):
     result = adapt(loaded, CASES, chunk_cases=4, workers=0, thumbnail_dir=tmp_path / "thumbnails")
-    files = sorted(p.name for p in (tmp_path / "thumbnails").iterdir())
+    files = sorted(p.name for p in (tmp_path / "thumbnails").glob("*.png"))
     assert files == [f"{i:06d}.png" for i in range(30)]
+    assert len(list((tmp_path / "thumbnails" / "support").glob("*.png"))) == 15  # and the support scans' (once)
     assert all(c.image is None for c in result.cases)
     assert [c.thumbnail for c in result.cases] == [f"thumbnails/{name}" for name in files]
     kept = adapt(loaded, CASES, workers=0)
@@ -113,7 +114,7 @@ def test_cli_writes_thumbnail_files(trained_run, tmp_path):
     )
     assert result.exit_code == 0, result.output
     html = (out / "report.html").read_text()
-    assert html.count('src="thumbnails/') == 30 and "data:image/png" not in html
+    assert html.count('class="thumb" src="thumbnails/') == 30 and "data:image/png" not in html
     assert len(list((out / "thumbnails").glob("*.png"))) == 30
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary folder became the report
     assert Path(out / "predictions.csv").read_text().count("\n") == 31

@@ -112,7 +112,10 @@ def report_dict(result: AdaptResult) -> dict[str, Any]:
     return json_safe({
         "metadata": result.metadata,
         "conditions": result.conditions,
-        "support": result.support,
+        "support": {  # thumbnails kept inline in the page (data URIs) are left out here
+            condition: [{k: v for k, v in scan.items() if not (k == "thumbnail" and str(v).startswith("data:"))} for scan in scans]
+            for condition, scans in result.support.items()
+        },
         "cases": [
             {
                 "path": case.path,
