@@ -69,6 +69,10 @@ class CaseResult:
     volume: dict[str, Any] | None = None
     #: the thumbnail's path relative to the report folder, when written as the case was diagnosed
     thumbnail: str | None = None
+    #: the support scans nearest the case, nearest first: ``(condition, index within the
+    #: condition's support scans, distance)`` (see :attr:`medmeta.pipeline.head.Logits.nearest`);
+    #: empty for a method that does not adapt on embeddings
+    nearest_support: list[tuple[str, int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -251,6 +255,7 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
         diagnosis = pipeline(task)
         sets = diagnosis.sets.sets
         thumbnails = chunk.thumbnails or [None] * len(chunk.paths)
+        nearest = _nearest_support(diagnosis.logits, source)
         for i, (path, digest, image, volume, png) in enumerate(
             zip(chunk.paths, chunk.sha256, chunk.images, chunk.volumes, thumbnails)
         ):
@@ -261,7 +266,7 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
                 prediction_set=[c for c, inside in zip(conditions, sets[i]) if inside] if sets is not None else None,
                 refer=bool(diagnosis.referral.refer[i]), refer_reason=diagnosis.referral.reasons[i],
                 stability_max_change=float(diagnosis.logits.max_change[i]) if diagnosis.logits.max_change is not None else None,
-                volume=volume,
+                volume=volume, nearest_support=nearest[i],
             )
             if thumbnail_dir is not None:
                 name = f"{len(cases):06d}.png"
@@ -274,6 +279,18 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
     _support_thumbnails(source, thumbnail_dir)
     metadata = _metadata(run, pipeline, source, diagnosis, options, cases_dir)
     return AdaptResult(list(conditions), cases, source.rejected, source.support, metadata, probabilities=np.concatenate(probabilities))
+
+
+def _nearest_support(logits, source: CaseSource) -> list[list[tuple[str, int, float]]]:
+    """Per case, its nearest support scans as ``(condition, index among the condition's scans,
+    distance)``; empty lists when the head named none."""
+    if logits.nearest is None:
+        return [[] for _ in range(len(logits.query))]
+    place = [(condition, j) for condition in source.conditions for j in range(len(source.support[condition]))]
+    return [
+        [(*place[int(s)], float(d)) for s, d in zip(indices, distances)]
+        for indices, distances in zip(logits.nearest, logits.nearest_distances)
+    ]
 
 
 def _support_thumbnails(source: CaseSource, thumbnail_dir) -> None:

@@ -11,6 +11,10 @@ import pytest
 from medmeta.adaptation import CaseResult
 from medmeta.reports.patients import patient_of, patient_summaries
 
+from conftest import SAMPLE_DATA
+
+SAMPLE_DATA_CASES = SAMPLE_DATA / "cases"
+
 
 @pytest.mark.parametrize(
     "path, patient",
@@ -75,8 +79,31 @@ def test_inline_report_keeps_support_thumbnails_out_of_the_json(trained_run):
     from medmeta.adaptation import adapt
     from medmeta.reports.writer import render_html, report_dict
 
-    from conftest import SAMPLE_DATA
-
     result = adapt(load_run(trained_run), SAMPLE_DATA / "cases", stability=False)  # no thumbnail folder: images inline
     assert render_html(result).count('class="support-thumb" src="data:image/png;base64,') == 15
     assert "data:" not in json.dumps(report_dict(result))
+
+
+def test_each_case_names_its_nearest_support_scans(report, trained_run):
+    import numpy as np
+    import torch
+
+    from medmeta import load_run
+    from medmeta.pipeline.cases import read_cases
+
+    data = json.loads((report / "report.json").read_text())
+    html = (report / "report.html").read_text()
+    assert all(len(c["nearest_support"]) == 3 for c in data["cases"])
+    assert html.count('class="nearest-thumb"') == 90
+    # the distances are those between the embeddings ProtoNet compares (its backbone's), recomputed here
+    run = load_run(trained_run)
+    batch = read_cases(SAMPLE_DATA_CASES, run.reader)
+    with torch.no_grad():
+        support = run.learner.embed(batch.task.support_images).double()
+        query = run.learner.embed(batch.task.query_images).double()
+    distances = torch.cdist(query, support).numpy()
+    flat = [(c, s["path"]) for c, scans in data["support"].items() for s in scans]
+    for i, case in enumerate(data["cases"]):
+        order = np.argsort(distances[i], kind="stable")[:3]
+        assert [(n["condition"], n["path"]) for n in case["nearest_support"]] == [flat[j] for j in order]
+        assert [n["distance"] for n in case["nearest_support"]] == pytest.approx(distances[i][order], abs=1e-6)

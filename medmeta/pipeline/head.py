@@ -24,12 +24,22 @@ class Logits:
             condition with one scan).
         max_change: ``(n_query,)`` leave-one-out stability of each case (largest change of any
             probability at ``temperature``), or None.
+        nearest: ``(n_query, k)`` the support scans nearest each case, by index into the
+            support, nearest first: Euclidean distance between the embeddings the head compares
+            (after the run's normalisation, if any); None for a learner that does not adapt on
+            embeddings. ``nearest_distances`` ``(n_query, k)`` those distances.
     """
 
     query: np.ndarray
     distances: np.ndarray
     support_held_out: np.ndarray | None = None
     max_change: np.ndarray | None = None
+    nearest: np.ndarray | None = None
+    nearest_distances: np.ndarray | None = None
+
+
+#: How many support scans :attr:`Logits.nearest` names per case.
+NEAREST_SUPPORT = 3
 
 
 class LearnerHead:
@@ -69,8 +79,25 @@ class LearnerHead:
             logits.append(batch_logits.double().cpu())
             distances.append(batch_distances.double().cpu())
         out = Logits(torch.cat(logits).numpy(), torch.cat(distances).numpy())
+        if isinstance(learner, OnEmbeddings):
+            out.nearest, out.nearest_distances = nearest_support(query, support, self.device, size)
         if (held_out or stability) and task.has_two_per_condition():
             loo = leave_one_out(learner, support, labels, query if stability else None, temperature, self.device, size)
             out.support_held_out = loo.support_logits if held_out else None
             out.max_change = loo.max_change
         return out
+
+
+def nearest_support(query: torch.Tensor, support: torch.Tensor, device, batch_size: int, k: int = NEAREST_SUPPORT):
+    """``(n_query, d)`` and ``(n_support, d)`` embeddings -> the indices ``(n_query, k)`` of each
+    case's ``k`` nearest support embeddings (Euclidean, nearest first; fewer when the support is
+    smaller) and their distances ``(n_query, k)``."""
+    k = min(k, len(support))
+    support = support.to(device).double()
+    indices, distances = [], []
+    for start in range(0, len(query), batch_size):
+        d = torch.cdist(query[start : start + batch_size].to(device).double(), support)
+        found = d.topk(k, dim=1, largest=False)
+        indices.append(found.indices.cpu())
+        distances.append(found.values.cpu())
+    return torch.cat(indices).numpy(), torch.cat(distances).numpy()

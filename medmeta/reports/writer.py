@@ -127,6 +127,9 @@ def report_dict(result: AdaptResult) -> dict[str, Any]:
                 "refer_reason": case.refer_reason,
                 "stability_max_change": case.stability_max_change,
                 "distance_to_support": case.distance,
+                "nearest_support": [
+                    {"condition": c, "path": result.support[c][j]["path"], "distance": d} for c, j, d in case.nearest_support
+                ],
                 "sha256": case.sha256,
                 "worklist_rank": rank,
                 **({"volume": case.volume} if case.volume is not None else {}),
@@ -167,6 +170,7 @@ def render_html(result: AdaptResult) -> str:
             "refer": case.refer,
             "refer_reasons": case.refer_reason.split("; ") if case.refer_reason else [],
             "stability": case.stability_max_change,
+            "nearest": [{"condition": c, "distance": d, **result.support[c][j]} for c, j, d in case.nearest_support],
         }
         for row, case in enumerate(result.cases)
     ]
@@ -181,6 +185,7 @@ def render_html(result: AdaptResult) -> str:
         conditions=result.conditions,
         support=result.support,
         cases=cases,
+        has_nearest=any(case["nearest"] for case in cases),
         patients=sorted(patients, key=lambda s: (not s.disagree, -s.referred)),
         counts=counts,
         referred=referred,
