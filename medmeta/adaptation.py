@@ -91,6 +91,9 @@ class AdaptResult:
     metrics: dict[str, Any] | None = None
     probabilities: np.ndarray | None = field(default=None, repr=False)
     unmatched_labels: list[str] = field(default_factory=list)
+    #: ``(n_support, C, *spatial)`` the support scans as read, in ``support``'s order, kept when
+    #: no thumbnail folder was given (for a page with its images inline); else None
+    support_images: torch.Tensor | None = field(default=None, repr=False)
 
 
 def adapt(
@@ -246,6 +249,7 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
         run, options.temperature_source, options.conformal_source, options.prior_sigma, options.stability, options.batch_size,
         head=options.head, transductive=options.transductive,
     )
+    pipeline.nearest = True
     conditions = source.conditions
     cases: list[CaseResult] = []
     probabilities: list[np.ndarray] = []
@@ -276,9 +280,13 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
         probabilities.append(diagnosis.probabilities.query)
         del task, chunk
     assert diagnosis is not None  # stream_queries raises when no case could be read
-    _support_thumbnails(source, thumbnail_dir)
+    if thumbnail_dir is not None:
+        _support_thumbnails(source, thumbnail_dir)
     metadata = _metadata(run, pipeline, source, diagnosis, options, cases_dir)
-    return AdaptResult(list(conditions), cases, source.rejected, source.support, metadata, probabilities=np.concatenate(probabilities))
+    return AdaptResult(
+        list(conditions), cases, source.rejected, source.support, metadata, probabilities=np.concatenate(probabilities),
+        support_images=None if thumbnail_dir is not None else source.support_images,
+    )
 
 
 def _nearest_support(logits, source: CaseSource) -> list[list[tuple[str, int, float]]]:
@@ -294,19 +302,20 @@ def _nearest_support(logits, source: CaseSource) -> list[list[tuple[str, int, fl
 
 
 def _support_thumbnails(source: CaseSource, thumbnail_dir) -> None:
-    """Each support scan's thumbnail as the model saw it, under the scan's ``thumbnail`` key: a
-    PNG file in ``thumbnail_dir/support/`` (the key holds its path relative to the report
-    folder), or with no ``thumbnail_dir`` a data URI for a page that keeps its images inline."""
-    from medmeta.reports.thumbnails import thumbnail_data_uri, thumbnail_png
+    """Each support scan's thumbnail as the model saw it, a PNG file in ``thumbnail_dir/support/``;
+    the scan's ``thumbnail`` key holds its path relative to the report folder."""
+    from medmeta.reports.thumbnails import thumbnail_png
 
     scans = [scan for condition in source.conditions for scan in source.support[condition]]
     for index, (scan, image) in enumerate(zip(scans, source.support_images)):
-        if thumbnail_dir is None:
-            scan["thumbnail"] = thumbnail_data_uri(image)
-            continue
         name = f"support/{index:04d}.png"
-        _write_thumbnail(Path(thumbnail_dir) / name, thumbnail_png(image))
+        _write_thumbnail(Path(thumbnail_dir) / name, thumbnail_png(image, oriented=_oriented(scan.get("volume"))))
         scan["thumbnail"] = f"{Path(thumbnail_dir).name}/{name}"
+
+
+def _oriented(volume: dict | None) -> bool:
+    """Whether a scan's thumbnail shows radiological planes (False: a volume's axes as stored)."""
+    return (volume or {}).get("orientation") != "as stored"
 
 
 def _write_thumbnail(path: Path, png: bytes) -> None:

@@ -41,6 +41,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_write_pieces(path: str | os.PathLike, pieces: Iterable[str]) -> None:
+    """Text written piece by piece (a rendered template's stream), never whole in memory;
+    atomically, as :func:`atomic_write_bytes`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(pieces)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
 def json_text(obj: Any, indent: int | None = 2) -> str:
     """``obj`` as JSON text (paths as strings, numpy scalars and arrays as numbers and lists)."""
     return json.dumps(obj, indent=indent, sort_keys=False, default=_json_default)

@@ -82,6 +82,21 @@ def test_inline_report_keeps_support_thumbnails_out_of_the_json(trained_run):
     result = adapt(load_run(trained_run), SAMPLE_DATA / "cases", stability=False)  # no thumbnail folder: images inline
     assert render_html(result).count('class="support-thumb" src="data:image/png;base64,') == 15
     assert "data:" not in json.dumps(report_dict(result))
+    assert all("thumbnail" not in scan for scans in result.support.values() for scan in scans)  # the API's result stays lean
+
+
+def test_nearest_support_scans_only_when_asked(trained_run):
+    from medmeta import load_run
+    from medmeta.pipeline.cases import read_cases
+    from medmeta.pipeline.head import LearnerHead
+
+    run = load_run(trained_run)
+    task = read_cases(SAMPLE_DATA_CASES, run.reader).task
+    head = LearnerHead(run.head_learner(run.default_head, None), run.device)
+    assert head(task).nearest is None
+    found = head(task, nearest=True)
+    assert found.nearest.shape == found.nearest_distances.shape == (30, 3)
+    assert (found.nearest_distances[:, :-1] <= found.nearest_distances[:, 1:]).all()
 
 
 def test_each_case_names_its_nearest_support_scans(report, trained_run):

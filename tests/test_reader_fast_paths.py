@@ -32,7 +32,7 @@ from medmeta.backbones.layers import MaxPool, strided_max
 from medmeta.data.reading import Preprocessing, ScanReader
 from medmeta.errors import ScanReadError
 from medmeta.pipeline import cases as cases_module
-from medmeta.pipeline.cases import open_cases, read_cases, stream_queries
+from medmeta.pipeline.cases import open_cases, stream_queries
 from medmeta.reports.thumbnails import thumbnail_png
 
 from conftest import SAMPLE_DATA
@@ -104,7 +104,9 @@ def test_dicom_read_directly_equals_monai_loadimage(dicom_files, settings, monke
 
     monkeypatch.setattr(reading, "_plain_dicom_pixels", counted)
     got = {path: _outcome(fast, path) for path in dicom_files}
-    monkeypatch.setattr(reading, "_plain_dicom_pixels", lambda dataset: None)  # every file through LoadImage
+    # the code before the fast path: the header read alone, then every file through LoadImage
+    monkeypatch.setattr(reading, "_read_whole_dicom", lambda path: None)
+    monkeypatch.setattr(reading, "_plain_dicom_pixels", lambda dataset: None)
     slow = ScanReader(Preprocessing(**settings))
     expected = {path: _outcome(slow, path) for path in dicom_files}
     differ = [path.name for path in dicom_files if not _same(got[path], expected[path])]
@@ -164,9 +166,19 @@ def test_order_statistics_equal_a_partial_sort(name):
     assert {k: float(v) for k, v in found.items()} == {k: float(expected[k]) for k in positions}
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # loader workers read with one thread
 @pytest.mark.parametrize("size", [16, 24, 80])  # shrunk, shrunk by a non-integer factor, enlarged
 @pytest.mark.parametrize("name", ["uint16", "fractions", "rgb"])
-def test_reader_equals_monai_transforms_with_metadata(name, size):
+def test_reader_equals_monai_transforms_with_metadata(name, size, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _compare_reader_with_monai(name, size)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compare_reader_with_monai(name: str, size: int):
     from monai.transforms import Resize
 
     array = _arrays()[name]
@@ -245,18 +257,38 @@ def test_grayscale_thumbnail_is_one_channel():
         assert image.mode == "RGB"
 
 
+@pytest.mark.parametrize(
+    "n_cases, workers, scan_bytes, expected",
+    [
+        (10_000, 2, 3 * 64 * 64 * 4, 16),  # 48 KiB scans: the count cap
+        (10_000, 2, 3 * 1024 * 1024 * 4, 1),  # 12 MiB scans: one at a time
+        (10_000, 8, 64**3 * 4, 4),  # 1 MiB volumes: 4 MiB a group
+        (20, 8, 100, 3),  # a small batch: every worker gets a group
+        (1, 0, 100, 1),
+    ],
+)
+def test_query_group_size(n_cases, workers, scan_bytes, expected):
+    assert cases_module.query_group(n_cases, workers, scan_bytes) == expected
+
+
 def test_groups_of_cases_from_workers_keep_order_and_rejections(tmp_path, monkeypatch):
     cases = tmp_path / "cases"
     shutil.copytree(SAMPLE_DATA / "cases", cases)
     queries = sorted((cases / "query").rglob("*.png"))
     (queries[4].parent / "broken.png").write_bytes(b"not an image")
+    for i in range(3):  # a whole group of unreadable files
+        (cases / "query" / f"zz_broken_{i}.png").write_bytes(b"junk")
     reader = ScanReader(Preprocessing(image_size=16))
     monkeypatch.setattr(cases_module, "QUERY_GROUP", 3)
     source = open_cases(cases, reader)
-    chunks = list(stream_queries(source, reader, chunk_cases=5, workers=2))
-    monkeypatch.setattr(cases_module, "QUERY_GROUP", 1000)  # the whole batch as one group, in this process
-    whole = read_cases(cases, reader)
-    assert [q.path for c in chunks for q in c] == whole.query_paths
-    assert torch.equal(torch.stack([q.image for c in chunks for q in c]), whole.task.query_images)
-    assert [r for r in source.rejected if r[0].endswith("broken.png")] == [r for r in whole.rejected if r[0].endswith("broken.png")]
-    assert len([r for r in source.rejected if r[0].endswith("broken.png")]) == 1
+    assert len(source.query) == 34 and [p.name for p in source.query[-3:]] == [f"zz_broken_{i}.png" for i in range(3)]
+    chunks = list(stream_queries(source, reader, chunk_cases=5, workers=2))  # groups of 3: the last is 1 case
+    expected_images, expected_rejected = [], []
+    for path in source.query:  # each file read on its own, here
+        try:
+            expected_images.append((source.relative(path), reader(path)))
+        except ScanReadError as exc:
+            expected_rejected.append((source.relative(path), exc.reason))
+    assert [q.path for c in chunks for q in c] == [p for p, _ in expected_images]
+    assert torch.equal(torch.stack([q.image for c in chunks for q in c]), torch.stack([im for _, im in expected_images]))
+    assert source.rejected == expected_rejected and len(expected_rejected) == 4

@@ -104,6 +104,16 @@ def _open(page: str, *extra: str) -> tuple[str, str]:
 
 
 @pytest.mark.slow
+def test_browser_console_messages_are_seen(tmp_path):
+    """The check for console errors below can fail: a page that logs one is caught."""
+    page = tmp_path / "probe.html"
+    page.write_text("<html><body><script>console.error('probe'); missing();</script></body></html>")
+    _, log = _open("--dump-dom", page.as_uri())
+    assert any(":CONSOLE" in line and "probe" in line for line in log.splitlines())
+    assert any(":CONSOLE" in line and "missing is not defined" in line for line in log.splitlines())
+
+
+@pytest.mark.slow
 def test_browser_runs_the_page_without_errors_in_worklist_order(report, tmp_path):
     dom, log = _open("--dump-dom", (report / "report.html").as_uri())
     assert [line for line in log.splitlines() if ":CONSOLE" in line] == []  # no script error, no CSP refusal

@@ -41,7 +41,7 @@ class MaxPool(nn.Module):
     Without gradients, on a CPU tensor in the default (channels-first) layout, the output is the
     elementwise maximum of the ``kernel ** spatial_dims`` strided views of the input (an odd
     edge padded with -inf): the same values bit for bit (a maximum is exact, NaN propagates as
-    in torch's kernel), 6x faster than torch's CPU kernel for that layout (64 maps of 64 x 64 x
+    in torch's kernel), 4-6x faster than torch's CPU kernel for that layout (64 maps of 64 x 64 x
     64: 75-87 against 13-18 ms on one core), which made max pooling half of an embedding's time in
     ``adapt``. With gradients, and in other layouts or devices, torch's kernel: its gradient
     goes to one element of a tie, the views' would split it.

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import torch
-from monai.data import get_track_meta, set_track_meta
 from monai.transforms import RandomizableTransform
+
+from medmeta.data.plain_tensors import plain_tensors
 
 AUGMENTATIONS = ("none", "light", "strong")
 
@@ -74,7 +73,7 @@ class Augmenter:
         if self._transform is None:
             return images
         self._transform.set_random_state(seed=int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
-        with _plain_tensors():
+        with plain_tensors():
             out = torch.stack([torch.as_tensor(self._transform(img)) for img in images])
         return out.clamp_(0.0, 1.0).as_subclass(torch.Tensor)
 
@@ -90,19 +89,6 @@ def _compose(spatial: list, strong: bool, grayscale: float):
     if grayscale > 0:
         transforms.append(RandGrayscale(prob=grayscale))
     return Compose(transforms)
-
-
-@contextmanager
-def _plain_tensors():
-    """MONAI transforms on plain tensors, without wrapping each image in a MetaTensor: the
-    values are bit-identical, and the light augmentation of a batch takes half the time (its
-    per-image metadata bookkeeping was the other half)."""
-    tracking = get_track_meta()
-    set_track_meta(False)
-    try:
-        yield
-    finally:
-        set_track_meta(tracking)
 
 
 class RandGrayscale(RandomizableTransform):

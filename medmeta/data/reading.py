@@ -21,7 +21,6 @@ image_size)`` with intensities in ``[0, 1]``:
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import importlib.util
 import logging
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medmeta.data.plain_tensors import plain_tensors
 from medmeta.errors import ScanReadError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -410,13 +410,15 @@ class ScanReader:
         if not np.isfinite(array).all():
             raise ScanReadError(label, _reason("non_finite"))
         p = self.preprocessing
-        # Grayscale to 3 channels is repeated last: scaling and resizing act on each channel
-        # alone, and the percentiles are those of the repeated pixels, so the values are the
-        # same bit for bit at a third of the work.
-        repeat = 3 if p.channels == 3 and array.shape[0] == 1 and p.spatial_dims == 2 and p.intensity != "mr" else 1
+        # Grayscale to 3 channels is repeated last when the image is shrunk: scaling and area
+        # resizing act on each channel alone, and the percentiles are those of the repeated
+        # pixels, so the values are the same bit for bit at a third of the work. (Not when it is
+        # enlarged: torch's one-thread bilinear kernel rounds one channel differently from three.)
+        shrunk = min(array.shape[1:]) >= p.image_size
+        repeat = 3 if p.channels == 3 and array.shape[0] == 1 and p.spatial_dims == 2 and p.intensity != "mr" and shrunk else 1
         if repeat == 1:
             array = _to_channels(array, p.channels)
-        with _plain_tensors():
+        with plain_tensors():
             resized = self._scale_and_resize(array, is_ct, label, repeat)
         resized = resized.to(torch.float32).clamp_(0.0, 1.0)
         return resized.repeat(repeat, 1, 1) if repeat > 1 else resized.contiguous()
@@ -485,21 +487,6 @@ class ScanReader:
         return np.asarray(ScaleIntensityRange(a_min=float(low), a_max=float(high), b_min=0.0, b_max=1.0, clip=True)(array))
 
 
-@contextlib.contextmanager
-def _plain_tensors():
-    """MONAI transforms give plain tensors inside: the metadata they would track (none of which a
-    scan keeps here) took two thirds of the time of scaling and resizing a 64 px image. MONAI's
-    setting is global; the one before is restored after."""
-    from monai.data import get_track_meta, set_track_meta
-
-    before = get_track_meta()
-    set_track_meta(False)
-    try:
-        yield
-    finally:
-        set_track_meta(before)
-
-
 #: The most histogram bins :func:`_order_statistics` uses per pixel (beyond, it sorts partially).
 _BINS_PER_PIXEL = 4
 
@@ -507,12 +494,14 @@ _BINS_PER_PIXEL = 4
 def _order_statistics(flat: np.ndarray, positions: list[int]) -> dict[int, np.float32]:
     """``{k: the k-th smallest value of flat}`` (0-based) for each ``k`` of ``positions``: what
     ``np.partition(flat, positions)[k]`` holds, exactly. Pixels that are all whole numbers over a
-    range of at most ``_BINS_PER_PIXEL`` bins per pixel (any DICOM, 8/16-bit image) are counted
-    in a histogram, linear in the pixels (0.12 ms for a 256 x 256 image against 0.6 ms for the
-    partial sort); others go through one ``np.partition``."""
+    range of fewer than ``_BINS_PER_PIXEL`` bins per pixel plus 65,536 (any DICOM, 8/16-bit
+    image) are counted in a histogram, linear in the pixels (0.12 ms for a 256 x 256 image
+    against 0.6 ms for the partial sort); others (and any holding -0.0) go through one
+    ``np.partition``."""
     if flat.dtype == np.float32 and np.array_equal(flat, np.floor(flat)):
         low, high = int(flat.min()), int(flat.max())
-        if high - low < _BINS_PER_PIXEL * flat.size + (1 << 16):
+        signed_zero = low <= 0 <= high and bool(np.signbit(flat[flat == 0]).any())  # -0.0 is kept by the sort alone
+        if high - low < _BINS_PER_PIXEL * flat.size + (1 << 16) and not signed_zero:
             below_or_at = np.cumsum(np.bincount(flat.astype(np.int64) - low, minlength=high - low + 1))
             found = np.searchsorted(below_or_at, positions, side="right")  # first value with more than k below or at it
             return {k: np.float32(low + int(v)) for k, v in zip(positions, found)}
@@ -624,14 +613,16 @@ def _read_dicom_header(path: Path) -> Any:
 
 
 def _read_whole_dicom(path: Path) -> Any:
-    """The whole DICOM dataset, pixel data included (not decoded), or ``None`` when pydicom cannot
-    parse the file: :func:`_dicom_header` then reads the header alone and says what is wrong."""
+    """The DICOM dataset, parsed once, its values over 1 MB (the pixel data) left in the file
+    until used (so a scan refused for its declared size is never loaded), or ``None`` when
+    pydicom cannot parse the file: :func:`_dicom_header` then reads the header alone and says
+    what is wrong."""
     import pydicom
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, force=True)
+            return pydicom.dcmread(path, force=True, defer_size="1 MB")  # large values (the pixels) read on use
     except Exception:  # noqa: BLE001 - the header check and the decoder report the problem
         return None
 

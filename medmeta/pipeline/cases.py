@@ -139,7 +139,7 @@ def open_cases(cases_dir: str | Path, reader) -> CaseSource:
                 continue
             images.append(scan.image)
             labels.append(index)
-            support[condition].append({"path": scan.path, "sha256": scan.sha256})
+            support[condition].append({"path": scan.path, "sha256": scan.sha256, **({"volume": scan.volume} if scan.volume else {})})
     unusable = [c for c, read in support.items() if not read]
     if unusable:
         raise CasesError(f"{found.root / 'support'}: no readable scan for condition(s) {', '.join(unusable)}", rejected)
@@ -162,10 +162,19 @@ def _read_scan(path: Path, reader, relative, volumes: bool) -> QueryScan:
     return QueryScan(name, image, None, digest, info.to_dict() if info is not None else None)
 
 
-#: Cases a loader worker reads and hands over together: one shared-memory tensor per group
-#: instead of one per case (handing each case over alone took a third of the main process's
-#: time at 64 px).
+#: The most cases a loader worker reads and hands over together: one shared-memory tensor per
+#: group instead of one per case (handing each case over alone took a third of the main
+#: process's time at 64 px).
 QUERY_GROUP = 16
+#: ... and the most bytes of pixels in a group, so that large scans and volumes go one by one
+#: and the workers' read-ahead (4 groups each) stays small.
+QUERY_GROUP_BYTES = 4 << 20
+
+
+def query_group(n_cases: int, workers: int, scan_bytes: int) -> int:
+    """Cases per group: at most :data:`QUERY_GROUP` and :data:`QUERY_GROUP_BYTES` of pixels, and
+    few enough that every worker gets a group."""
+    return max(1, min(QUERY_GROUP, QUERY_GROUP_BYTES // max(1, scan_bytes), -(-n_cases // max(1, workers))))
 
 
 class _QueryGroups(torch.utils.data.Dataset):
@@ -175,8 +184,8 @@ class _QueryGroups(torch.utils.data.Dataset):
     was 10% faster but let the main process's memory grow with the batch (682 -> 755 MiB from
     1,000 to 6,000 cases, against 691 -> 689 MiB)."""
 
-    def __init__(self, source: CaseSource, reader, thumbnails: bool, group: int | None = None):
-        self.source, self.reader, self.thumbnails, self.group = source, reader, thumbnails, group or QUERY_GROUP
+    def __init__(self, source: CaseSource, reader, thumbnails: bool, group: int):
+        self.source, self.reader, self.thumbnails, self.group = source, reader, thumbnails, group
 
     def __len__(self) -> int:
         return -(-len(self.source.query) // self.group)
@@ -221,8 +230,9 @@ def stream_queries(
     case could be read. Memory holds at most a chunk plus the workers' read-ahead."""
     from medmeta.data.loading import make_loader
 
-    dataset = _QueryGroups(source, reader, thumbnails)
-    groups = make_loader(dataset, None, workers if len(dataset) > 1 else 0)
+    workers = workers if len(source.query) > 1 else 0
+    group = query_group(len(source.query), workers, _scan_bytes(source))
+    groups = make_loader(_QueryGroups(source, reader, thumbnails, group), None, workers)
     chunk: list[QueryScan] = []
     n_read = 0
     for group in groups:
@@ -240,6 +250,12 @@ def stream_queries(
     if not n_read:
         what = "case(s)" if source.volumes else "case file(s)"
         raise CasesError(f"{source.root / 'query'}: none of the {len(source.query)} {what} could be read", source.rejected)
+
+
+def _scan_bytes(source: CaseSource) -> int:
+    """Bytes of one read case: a support scan's (every scan comes out in the same shape)."""
+    image = source.support_images[0]
+    return image.numel() * image.element_size()
 
 
 def read_cases(cases_dir: str | Path, reader) -> CaseBatch:

@@ -57,10 +57,13 @@ class LearnerHead:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def __call__(self, task: Task, held_out: bool = False, stability: bool = False, temperature: float = 1.0) -> Logits:
+    def __call__(
+        self, task: Task, held_out: bool = False, stability: bool = False, temperature: float = 1.0, nearest: bool = False
+    ) -> Logits:
         """``held_out``: also the support's leave-one-out logits; ``stability``: also each
         case's leave-one-out stability. Both need two support scans per condition and are
-        left None otherwise.
+        left None otherwise. ``nearest``: also each case's nearest support scans (for a learner
+        that adapts on embeddings).
 
         A learner that adapts on embeddings (:mod:`medmeta.embedded`) sees each scan through the
         backbone once: the fit, the cases' logits and the leave-one-out refits share the
@@ -79,7 +82,7 @@ class LearnerHead:
             logits.append(batch_logits.double().cpu())
             distances.append(batch_distances.double().cpu())
         out = Logits(torch.cat(logits).numpy(), torch.cat(distances).numpy())
-        if isinstance(learner, OnEmbeddings):
+        if nearest and isinstance(learner, OnEmbeddings):
             out.nearest, out.nearest_distances = nearest_support(query, support, self.device, size)
         if (held_out or stability) and task.has_two_per_condition():
             loo = leave_one_out(learner, support, labels, query if stability else None, temperature, self.device, size)

@@ -58,6 +58,8 @@ class AdaptationPipeline:
         self.calibration = calibration
         #: the transductive refiner's name (``--transductive``), or None
         self.transductive: str | None = None
+        #: ask the head for each case's nearest support scans (``adapt``'s reports show them)
+        self.nearest = False
 
     @classmethod
     def from_run(
@@ -94,7 +96,9 @@ class AdaptationPipeline:
         return self.temperature.needs_held_out or self.sets.needs_held_out
 
     def __call__(self, task: Task) -> Diagnosis:
-        logits = self.head(task, held_out=self.needs_held_out, stability=self.stability, temperature=self.temperature.temperature)
+        logits = self.head(
+            task, held_out=self.needs_held_out, stability=self.stability, temperature=self.temperature.temperature, nearest=self.nearest
+        )
         return self.finish(task, logits)
 
     def finish(self, task: Task, logits: Logits) -> Diagnosis:

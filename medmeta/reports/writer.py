@@ -26,6 +26,8 @@ a carriage return, e.g. from a condition folder's name) is written with a leadin
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,10 +35,10 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from medmeta.adaptation import AdaptResult
-from medmeta.io import atomic_write_csv, atomic_write_json, atomic_write_text, json_safe
+from medmeta.io import atomic_write_csv, atomic_write_pieces, json_safe, json_text
 from medmeta.reports.patients import patient_of, patient_summaries
 from medmeta.reports.thumbnails import thumbnail_data_uri
-from medmeta.reports.worklist import script, script_source, worklist_ranks
+from medmeta.reports.worklist import script, script_source, worklist_order, worklist_ranks
 
 if TYPE_CHECKING:
     from medmeta.output_folder import OutputFolder
@@ -89,72 +91,92 @@ def write_report_files(result: AdaptResult, out: Path) -> None:
     has_labels = any(case.label is not None for case in result.cases)
     if has_labels:
         header.append("label")
-    rows = []
-    for case in result.cases:
-        row = [case.path, patient_of(case.path) or "", case.predicted, *[f"{p:.6f}" for p in case.probabilities]]
+
+    def row(case) -> list[str]:
+        cells = [case.path, patient_of(case.path) or "", case.predicted, *[f"{p:.6f}" for p in case.probabilities]]
         if has_sets:
-            row.append(";".join(case.prediction_set or []))
+            cells.append(";".join(case.prediction_set or []))
         if has_referral:
-            row += ["true" if case.refer else "false", case.refer_reason]
-        row.append("" if case.stability_max_change is None else f"{case.stability_max_change:.6f}")
+            cells += ["true" if case.refer else "false", case.refer_reason]
+        cells.append("" if case.stability_max_change is None else f"{case.stability_max_change:.6f}")
         if has_labels:
-            row.append(case.label or "")
-        rows.append(row)
-    atomic_write_csv(paths["predictions.csv"], header, rows)
-    atomic_write_json(paths["report.json"], report_dict(result))
-    atomic_write_text(paths["report.html"], render_html(result))
+            cells.append(case.label or "")
+        return cells
+
+    # each file is written row by row, case by case: a batch of any size is never whole in memory as text
+    atomic_write_csv(paths["predictions.csv"], header, (row(case) for case in result.cases))
+    atomic_write_pieces(paths["report.json"], json_pieces(result))
+    atomic_write_pieces(paths["report.html"], html_pieces(result))
 
 
 def report_dict(result: AdaptResult) -> dict[str, Any]:
     """The content of ``report.json`` (standard JSON: NaN and infinities become null): the cases
     in the cases folder's order, each with its ``worklist_rank``."""
-    ranks = worklist_ranks(result.cases)
-    return json_safe({
-        "metadata": result.metadata,
-        "conditions": result.conditions,
-        "support": {  # thumbnails kept inline in the page (data URIs) are left out here
-            condition: [{k: v for k, v in scan.items() if not (k == "thumbnail" and str(v).startswith("data:"))} for scan in scans]
-            for condition, scans in result.support.items()
-        },
-        "cases": [
-            {
-                "path": case.path,
-                "patient": patient_of(case.path),
-                "predicted": case.predicted,
-                "probabilities": dict(zip(result.conditions, case.probabilities)),
-                "prediction_set": case.prediction_set,
-                "refer": case.refer,
-                "refer_reason": case.refer_reason,
-                "stability_max_change": case.stability_max_change,
-                "distance_to_support": case.distance,
-                "nearest_support": [
-                    {"condition": c, "path": result.support[c][j]["path"], "distance": d} for c, j, d in case.nearest_support
-                ],
-                "sha256": case.sha256,
-                "worklist_rank": rank,
-                **({"volume": case.volume} if case.volume is not None else {}),
-                **({"label": case.label} if case.label is not None else {}),
-            }
-            for case, rank in zip(result.cases, ranks)
-        ],
+    return json.loads("".join(json_pieces(result)))
+
+
+def json_pieces(result: AdaptResult) -> Iterator[str]:
+    """``report.json`` piece by piece, one case at a time (see :func:`report_dict`)."""
+    head = {"metadata": result.metadata, "conditions": result.conditions, "support": result.support}
+    tail = {
         "patients": [summary.to_dict(result.conditions) for summary in patient_summaries(result.cases, result.conditions)],
         "rejected": [{"path": p, "reason": r} for p, r in result.rejected],
         "metrics": result.metrics,
-    })
+    }
+    yield "{\n"
+    for key, value in head.items():
+        yield f"  {json.dumps(key)}: {_indented(value)},\n"
+    yield '  "cases": ['
+    for index, (case, rank) in enumerate(zip(result.cases, worklist_ranks(result.cases))):
+        yield ("," if index else "") + "\n    " + _indented(_case_json(result, case, rank), "    ")
+    yield "\n  ],\n" if result.cases else "],\n"
+    yield ",\n".join(f"  {json.dumps(key)}: {_indented(value)}" for key, value in tail.items()) + "\n}\n"
+
+
+def _indented(value: Any, prefix: str = "  ") -> str:
+    """``value`` as indented standard JSON (NaN and infinities null), nested under ``prefix``."""
+    return json_text(json_safe(value)).replace("\n", "\n" + prefix)
+
+
+def _case_json(result: AdaptResult, case, rank: int) -> dict[str, Any]:
+    return {
+        "path": case.path,
+        "patient": patient_of(case.path),
+        "predicted": case.predicted,
+        "probabilities": dict(zip(result.conditions, case.probabilities)),
+        "prediction_set": case.prediction_set,
+        "refer": case.refer,
+        "refer_reason": case.refer_reason,
+        "stability_max_change": case.stability_max_change,
+        "distance_to_support": case.distance,
+        "nearest_support": [{"condition": c, "path": result.support[c][j]["path"], "distance": d} for c, j, d in case.nearest_support],
+        "sha256": case.sha256,
+        "worklist_rank": rank,
+        **({"volume": case.volume} if case.volume is not None else {}),
+        **({"label": case.label} if case.label is not None else {}),
+    }
 
 
 def render_html(result: AdaptResult) -> str:
-    """``report.html``: the cases in worklist order (:mod:`medmeta.reports.worklist`), each row
-    carrying what the page's script sorts and filters by."""
+    """``report.html`` as one string (:func:`html_pieces` joined)."""
+    return "".join(html_pieces(result))
+
+
+def html_pieces(result: AdaptResult) -> Iterator[str]:
+    """``report.html`` piece by piece: the cases in worklist order (:mod:`medmeta.reports.worklist`),
+    each row carrying what the page's script sorts and filters by. Each case's row is built as
+    it is rendered, so a batch of any size is never in memory as a page."""
     env = Environment(loader=PackageLoader("medmeta.reports", "templates"), autoescape=select_autoescape(default=True))
     template = env.get_template("report.html.j2")
-    ranks = worklist_ranks(result.cases)
     patients = patient_summaries(result.cases, result.conditions)
+    support = _support_with_thumbnails(result)
     disagreeing = {summary.patient for summary in patients if summary.disagree}
-    cases = [
-        {
-            "row": row,
-            "rank": ranks[row],
+
+    def row(index: int, rank: int) -> dict[str, Any]:
+        case = result.cases[index]
+        return {
+            "row": index,
+            "rank": rank,
             "path": case.path,
             "patient": patient_of(case.path),
             "patient_disagree": patient_of(case.path) in disagreeing,
@@ -170,25 +192,38 @@ def render_html(result: AdaptResult) -> str:
             "refer": case.refer,
             "refer_reasons": case.refer_reason.split("; ") if case.refer_reason else [],
             "stability": case.stability_max_change,
-            "nearest": [{"condition": c, "distance": d, **result.support[c][j]} for c, j, d in case.nearest_support],
+            "nearest": [{"condition": c, "distance": d, **support[c][j]} for c, j, d in case.nearest_support],
         }
-        for row, case in enumerate(result.cases)
-    ]
-    cases.sort(key=lambda case: case["rank"])
+
     counts = {c: sum(1 for case in result.cases if case.predicted == c) for c in result.conditions}
-    referred = sum(1 for case in result.cases if case.refer)
     code = script()
-    return template.render(
+    return template.generate(
         script=Markup(code),
         script_source=script_source(code),
         meta=result.metadata,
         conditions=result.conditions,
-        support=result.support,
-        cases=cases,
-        has_nearest=any(case["nearest"] for case in cases),
+        support=support,
+        cases=(row(index, rank) for rank, index in enumerate(worklist_order(result.cases))),
+        n_cases=len(result.cases),
+        has_nearest=any(case.nearest_support for case in result.cases),
         patients=sorted(patients, key=lambda s: (not s.disagree, -s.referred)),
         counts=counts,
-        referred=referred,
+        referred=sum(1 for case in result.cases if case.refer),
         rejected=result.rejected,
         metrics=result.metrics,
     )
+
+
+def _support_with_thumbnails(result: AdaptResult) -> dict[str, list[dict]]:
+    """``result.support`` with each scan's ``thumbnail``: the file ``adapt`` wrote, or a data URI
+    made here from ``result.support_images`` for a page that keeps its images inline."""
+    if result.support_images is None:
+        return result.support
+    images = iter(result.support_images)
+    return {
+        condition: [
+            {**scan, "thumbnail": thumbnail_data_uri(next(images), oriented=(scan.get("volume") or {}).get("orientation") != "as stored")}
+            for scan in scans
+        ]
+        for condition, scans in result.support.items()
+    }
