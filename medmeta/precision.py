@@ -11,9 +11,9 @@ trained it.
 
 ``auto`` (the default) is what was measured best on each device (:data:`AUTO`; see
 ``docs/benchmarks.md``): fp32 for now, on the CPU and on GPUs. bf16 trains a conv4 ProtoNet
-episode 1.8x faster on CPUs that compute bfloat16 natively (AMX), but its derm-rare runs tested
-4-5 points below the float32 run of the same seed (one seed, two bf16 runs), so it is not the
-default until more seeds show equal accuracy; on GPUs it was not measured. fp16 on a CPU is
+episode 1.8x faster on CPUs that compute bfloat16 natively (AMX), but over three derm-rare seeds
+it tested 1.4 points below fp32 on average (59.2 against 57.8 at 5-shot; per seed -5.4, +3.1,
+-1.9), not within the 0.5 points that would make it the default; on GPUs it was not measured. fp16 on a CPU is
 refused: there are no fast float16 kernels there (measured 80x slower than fp32).
 """
 
