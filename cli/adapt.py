@@ -38,8 +38,9 @@ def adapt(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Processes that read the cases in parallel (0: in this process) [default: one per core, at most 8].")] = None,
     chunk_cases: Annotated[Optional[int], typer.Option(min=1, help="Cases diagnosed together; memory holds one chunk whatever the batch size [default: 64 MiB of pixels, at most 512].")] = None,
     transductive: Annotated[Optional[str], typer.Option(help="Refine an embedding head's predictions with the whole batch of cases: soft_kmeans (robust to an imbalanced batch), alpha_tim, or bd_cspn / tim_gd (these assume a balanced batch). Needs a calibration for it in the checkpoint: training stores prototype+soft_kmeans; `medmeta calibrate --head prototype+alpha_tim` adds others.")] = None,
+    pdf: Annotated[bool, typer.Option(help="Also print report.html to report.pdf (needs headless Chromium: apt install chromium).")] = False,
 ) -> None:
-    """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html (thumbnails/ beside it), rejected.csv."""
+    """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html (thumbnails/ beside it), rejected.csv (and report.pdf with --pdf)."""
     out_dir = out or cases / "medmeta-report"
     with user_errors():
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
@@ -53,15 +54,19 @@ def adapt(
 
         if not cases.is_dir():  # before the default --out inside it is claimed
             raise CasesError(f"{cases}: cases folder not found")
+        if pdf:  # before any work: a missing browser is said in a second, not after the batch
+            from medmeta.reports.pdf import require_browser
+
+            require_browser()
         with OutputFolder(out_dir, overwrite) as folder:  # checked and locked before any work
             result = _run(checkpoint, cases, labels, device, folder, stability=stability, conformal_source=conformal_source,
                           temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels,
                           allow_unfinished=allow_unfinished, head=head, transductive=transductive, workers=workers,
-                          chunk_cases=chunk_cases)
+                          chunk_cases=chunk_cases, pdf=pdf)
     _print_summary(result, out_dir)
 
 
-def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, folder, **options):
+def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, folder, pdf: bool = False, **options):
     """Adapt and write the reports into the claimed folder's temporary twin: thumbnails as the
     cases are diagnosed, the other files at the end; it replaces ``--out`` only when complete."""
     from medmeta.adaptation import adapt as run_adapt
@@ -72,6 +77,10 @@ def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, fol
         with folder.writing() as tmp:
             result = run_adapt(checkpoint, cases, labels=labels, device=device, thumbnail_dir=tmp / "thumbnails", **options)
             write_report_files(result, tmp)
+            if pdf:
+                from medmeta.reports.pdf import write_pdf
+
+                write_pdf(tmp / "report.html", tmp / "report.pdf")
         return result
     except CasesError as exc:
         for path, reason in exc.rejected:
