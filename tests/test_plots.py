@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from medmeta.calibration import expected_calibration_error
-from medmeta.reports.plots import reliability_diagram, reliability_figure
+from medmeta.calibration import risk_coverage_curve
+from medmeta.reports.plots import reliability_diagram, reliability_figure, risk_coverage_figure
 
 
 def _probs(seed: int, n: int = 300, way: int = 3, temperature: float = 1.0) -> np.ndarray:
@@ -56,3 +57,13 @@ def test_each_panel_shows_its_ece(tmp_path):
     for (name, p), shown in zip(probs.items(), titles):
         assert shown == f"{name}\nECE {expected_calibration_error(p, labels, n_bins=15):.3f}"
     assert reliability_diagram(tmp_path / "r.png", probs, labels).stat().st_size > 10_000
+
+
+def test_risk_coverage_text_does_not_overlap():
+    rng = np.random.default_rng(3)
+    confidence, correct = rng.random(500), rng.random(500) < 0.7
+    coverage, risk = risk_coverage_curve(confidence, correct)
+    fig = risk_coverage_figure(coverage, risk, 0.123, title="maml on mri-new-modality, 600 4-way 1-shot test episodes")
+    texts = _texts(fig)
+    assert any(t == "AURC 0.123" for t, _ in texts)
+    assert [(a, b) for (a, box_a), (b, box_b) in itertools.combinations(texts, 2) if box_a.overlaps(box_b)] == []

@@ -86,8 +86,14 @@ def reliability_figure(probs: dict[str, np.ndarray], labels: np.ndarray, n_bins:
 def risk_coverage_plot(path: str | Path, coverage: np.ndarray, risk: np.ndarray, aurc: float, title: str = "") -> Path:
     """Risk (error rate of the kept cases) against coverage (share kept, most confident first);
     ``coverage`` and ``risk`` ``(n,)`` from :func:`medmeta.calibration.risk_coverage_curve`."""
+    return _save(risk_coverage_figure(coverage, risk, aurc, title), path)
+
+
+def risk_coverage_figure(coverage: np.ndarray, risk: np.ndarray, aurc: float, title: str = ""):
+    """The figure of :func:`risk_coverage_plot`, not yet saved (constrained layout, the title
+    wrapped: no label overlaps another, tested)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.0, 4.0))
+    fig, ax = plt.subplots(figsize=(5.0, 4.0), layout="constrained")
     ax.plot(coverage, risk, color="#1f4f8a", linewidth=1.5, label=f"AURC {aurc:.3f}")
     if len(risk):
         ax.axhline(risk[-1], color="#888888", linestyle="--", linewidth=1, label=f"error rate, all cases ({risk[-1]:.3f})")
@@ -97,5 +103,5 @@ def risk_coverage_plot(path: str | Path, coverage: np.ndarray, risk: np.ndarray,
     ax.set_ylabel("risk (error rate of kept cases)")
     ax.legend(loc="upper left", fontsize=8)
     if title:
-        ax.set_title(title)
-    return _save(fig, path)
+        ax.set_title(textwrap.fill(title, 48), fontsize=10)
+    return fig
