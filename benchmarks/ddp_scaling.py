@@ -35,16 +35,36 @@ def worker(method: str, size: int, meta_batch: int, steps: int, warmup: int, dev
     """This process's part of the timed steps; process 0 returns the row, the others ``None``."""
     import torch
 
-    from medmeta.backbones.registry import create_backbone
-    from medmeta.device import training_memory_format
-    from medmeta.methods.registry import create_method
-    from medmeta.precision import autocast, float32_features, resolve_precision
-    from medmeta.training.distributed import EpisodeLoss, Processes, no_sync, start, stop, wrap
+    from medmeta.precision import resolve_precision
+    from medmeta.training.distributed import Processes, start, stop
 
     processes = Processes.from_environment()
     device = processes.device(torch.device(device_name))
     start(processes, device)
     precision = resolve_precision(precision, device)
+    step = _training_step(method, size, meta_batch // processes.world_size, device, precision, processes)
+    seconds = _timed(step, steps, warmup, device, processes)
+    stop(processes)
+    if not processes.is_main:
+        return None
+    return {
+        "nproc": processes.world_size, "device": device_name, "method": method, "size": size, "precision": precision,
+        "meta_batch": meta_batch, "steps": steps, "seconds": seconds, "episodes_per_s": meta_batch * steps / seconds,
+        "threads_per_process": torch.get_num_threads(),
+    }
+
+
+def _training_step(method: str, size: int, share: int, device, precision: str, processes):
+    """One optimiser step of this process's ``share`` of the meta-batch, as the episodic loop
+    runs it: the device's training layout, the precision's autocast, DDP all-reducing once."""
+    import torch
+
+    from medmeta.backbones.registry import create_backbone
+    from medmeta.device import training_memory_format
+    from medmeta.methods.registry import create_method
+    from medmeta.precision import autocast, float32_features
+    from medmeta.training.distributed import EpisodeLoss, no_sync, wrap
+
     torch.manual_seed(0)
     learner = create_method(method, create_backbone("conv4"))
     layout = training_memory_format(device, image_ndim=4)
@@ -56,7 +76,6 @@ def worker(method: str, size: int, meta_batch: int, steps: int, warmup: int, dev
     support_labels = torch.arange(WAY).repeat_interleave(SHOT).to(device)
     query_labels = torch.arange(WAY).repeat_interleave(QUERY).to(device)
     n_support = len(support_labels)
-    share = meta_batch // processes.world_size
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -66,6 +85,14 @@ def worker(method: str, size: int, meta_batch: int, steps: int, warmup: int, dev
                     loss, _ = model(images[:n_support], support_labels, images[n_support:], query_labels)
                 (loss / share).backward()
         optimizer.step()
+
+    return step
+
+
+def _timed(step, steps: int, warmup: int, device, processes) -> float:
+    """Seconds of ``steps`` calls of ``step`` after ``warmup``: the slowest process's, every GPU
+    kernel finished."""
+    import torch
 
     def synchronize():
         if device.type == "cuda":
@@ -84,15 +111,7 @@ def worker(method: str, size: int, meta_batch: int, steps: int, warmup: int, dev
     if processes.distributed:
         elapsed = elapsed.to(device) if device.type == "cuda" else elapsed
         torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
-    stop(processes)
-    if not processes.is_main:
-        return None
-    seconds = float(elapsed.item())
-    return {
-        "nproc": processes.world_size, "device": device_name, "method": method, "size": size, "precision": precision,
-        "meta_batch": meta_batch, "steps": steps, "seconds": seconds, "episodes_per_s": meta_batch * steps / seconds,
-        "threads_per_process": torch.get_num_threads(),
-    }
+    return float(elapsed.item())
 
 
 def run_scaling(counts: list[int], args) -> list[dict]:

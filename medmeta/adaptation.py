@@ -304,18 +304,14 @@ def _nearest_support(logits, source: CaseSource) -> list[list[tuple[str, int, fl
 def _support_thumbnails(source: CaseSource, thumbnail_dir) -> None:
     """Each support scan's thumbnail as the model saw it, a PNG file in ``thumbnail_dir/support/``;
     the scan's ``thumbnail`` key holds its path relative to the report folder."""
-    from medmeta.reports.thumbnails import thumbnail_png
+    from medmeta.reports.thumbnails import oriented, thumbnail_png
 
     scans = [scan for condition in source.conditions for scan in source.support[condition]]
     for index, (scan, image) in enumerate(zip(scans, source.support_images)):
         name = f"support/{index:04d}.png"
-        _write_thumbnail(Path(thumbnail_dir) / name, thumbnail_png(image, oriented=_oriented(scan.get("volume"))))
+        _write_thumbnail(Path(thumbnail_dir) / name, thumbnail_png(image, oriented=oriented(scan.get("volume"))))
         scan["thumbnail"] = f"{Path(thumbnail_dir).name}/{name}"
 
-
-def _oriented(volume: dict | None) -> bool:
-    """Whether a scan's thumbnail shows radiological planes (False: a volume's axes as stored)."""
-    return (volume or {}).get("orientation") != "as stored"
 
 
 def _write_thumbnail(path: Path, png: bytes) -> None:

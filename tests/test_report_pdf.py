@@ -5,13 +5,12 @@ failing one leaves no partial reports."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from medmeta.cli.main import app
-from medmeta.reports.pdf import BROWSERS
+from medmeta.reports.pdf import find_browser
 
 from conftest import SAMPLE_DATA
 
@@ -25,7 +24,7 @@ def _adapt(trained_run, out, *extra):
 
 @pytest.mark.slow
 def test_pdf_is_the_printed_report(trained_run, tmp_path):
-    if not any(shutil.which(name) for name in BROWSERS):
+    if find_browser() is None:
         pytest.skip("headless Chromium is not installed (.ci/run installs the Debian package 'chromium')")
     out = tmp_path / "report"
     done = _adapt(trained_run, out, "--pdf")

@@ -10,13 +10,13 @@ import hashlib
 import html as html_text
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from medmeta.adaptation import CaseResult
+from medmeta.reports.pdf import find_browser
 from medmeta.reports.worklist import script, script_source, worklist_order, worklist_ranks
 
 
@@ -87,11 +87,10 @@ def test_page_explains_its_terms_use_and_calibration_evidence(report, trained_ru
 
 # -- in a real browser -------------------------------------------------------------------------
 def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.skip("headless Chromium is not installed (.ci/run installs the Debian package 'chromium')")
+    found = find_browser()
+    if found is None:
+        pytest.skip("headless Chromium is not installed (.ci/run installs the Debian package 'chromium')")
+    return found
 
 
 def _open(page: str, *extra: str) -> tuple[str, str]:

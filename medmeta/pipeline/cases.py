@@ -191,13 +191,13 @@ class _QueryGroups(torch.utils.data.Dataset):
         return -(-len(self.source.query) // self.group)
 
     def __getitem__(self, index: int) -> "_ScanGroup":
-        from medmeta.reports.thumbnails import thumbnail_png
+        from medmeta.reports.thumbnails import oriented, thumbnail_png
 
         scans = []
         for path in self.source.query[index * self.group : (index + 1) * self.group]:
             scan = _read_scan(path, self.reader, self.source.relative, self.source.volumes)
             if scan.image is not None and self.thumbnails:
-                scan.thumbnail = thumbnail_png(scan.image, oriented=(scan.volume or {}).get("orientation") != "as stored")
+                scan.thumbnail = thumbnail_png(scan.image, oriented=oriented(scan.volume))
             scans.append(scan)
         read = [scan.image for scan in scans if scan.image is not None]
         for scan in scans:

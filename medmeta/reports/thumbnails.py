@@ -47,6 +47,12 @@ def montage(planes: list[np.ndarray], gap: int = PLANE_GAP) -> np.ndarray:
     return canvas
 
 
+def oriented(volume: dict | None) -> bool:
+    """Whether a scan's thumbnail shows radiological planes: False only for a volume read with
+    its axes as stored (no orientation in the file); ``volume`` is its record (None: an image)."""
+    return (volume or {}).get("orientation") != "as stored"
+
+
 def thumbnail_data_uri(image: torch.Tensor, oriented: bool = True) -> str:
     """``(C, H, W)`` or a volume ``(C, X, Y, Z)`` in ``[0, 1]`` -> ``data:image/png;base64,...``."""
     return "data:image/png;base64," + base64.b64encode(thumbnail_png(image, oriented)).decode("ascii")

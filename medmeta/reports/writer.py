@@ -37,7 +37,7 @@ from markupsafe import Markup
 from medmeta.adaptation import AdaptResult
 from medmeta.io import atomic_write_csv, atomic_write_pieces, json_safe, json_text
 from medmeta.reports.patients import patient_of, patient_summaries
-from medmeta.reports.thumbnails import thumbnail_data_uri
+from medmeta.reports.thumbnails import oriented, thumbnail_data_uri
 from medmeta.reports.worklist import script, script_source, worklist_order, worklist_ranks
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ def html_pieces(result: AdaptResult) -> Iterator[str]:
             "confidence": max(case.probabilities),
             "probabilities": list(zip(result.conditions, case.probabilities)),
             "thumbnail": case.thumbnail
-            or thumbnail_data_uri(case.image, oriented=(case.volume or {}).get("orientation") != "as stored"),
+            or thumbnail_data_uri(case.image, oriented=oriented(case.volume)),
             "volume": case.volume,
             "label": case.label,
             "correct": None if case.label is None else case.label == case.predicted,
@@ -222,7 +222,7 @@ def _support_with_thumbnails(result: AdaptResult) -> dict[str, list[dict]]:
     images = iter(result.support_images)
     return {
         condition: [
-            {**scan, "thumbnail": thumbnail_data_uri(next(images), oriented=(scan.get("volume") or {}).get("orientation") != "as stored")}
+            {**scan, "thumbnail": thumbnail_data_uri(next(images), oriented=oriented(scan.get("volume")))}
             for scan in scans
         ]
         for condition, scans in result.support.items()
