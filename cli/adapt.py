@@ -39,10 +39,18 @@ def adapt(
     chunk_cases: Annotated[Optional[int], typer.Option(min=1, help="Cases diagnosed together; memory holds one chunk whatever the batch size [default: 64 MiB of pixels, at most 512].")] = None,
     transductive: Annotated[Optional[str], typer.Option(help="Refine an embedding head's predictions with the whole batch of cases: soft_kmeans (robust to an imbalanced batch), alpha_tim, or bd_cspn / tim_gd (these assume a balanced batch). Needs a calibration for it in the checkpoint: training stores prototype+soft_kmeans; `medmeta calibrate --head prototype+alpha_tim` adds others.")] = None,
     pdf: Annotated[bool, typer.Option(help="Also print report.html to report.pdf (needs headless Chromium: apt install chromium).")] = False,
+    dicom_sr: Annotated[bool, typer.Option(help="Also write one DICOM Structured Report per case into sr/ (TID 1500: predicted condition, probabilities, prediction set, referral), referencing the source image when the case is DICOM.")] = False,
+    allow_dicom: Annotated[Optional[list[str]], typer.Option(help="An identifying DICOM attribute (keyword, e.g. PatientID) that may appear in the outputs; repeat, or separate with commas. None by default (docs/privacy.md). An allowed PatientID also groups the cases by patient.")] = None,
+    deidentify: Annotated[bool, typer.Option(help="Replace file, folder and patient names and the reference UIDs in every output with salted hashes (DICOM PS3.15 Annex E in spirit).")] = False,
+    salt_file: Annotated[Optional[Path], typer.Option(help="With --deidentify: a file whose bytes are the secret salt, to get the same pseudonyms across runs [default: a random salt, never written].")] = None,
+    saliency: Annotated[bool, typer.Option(help="Show what drove each prediction: an occlusion saliency overlay per case (about 50 more backbone passes per 2D case; --no-saliency for speed).")] = True,
 ) -> None:
-    """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html (thumbnails/ beside it), rejected.csv (and report.pdf with --pdf)."""
+    """Adapt to the support scans in CASES and write predictions.csv, report.json, report.html (thumbnails/ beside it), rejected.csv (and report.pdf with --pdf, sr/ with --dicom-sr)."""
     out_dir = out or cases / "medmeta-report"
     with user_errors():
+        from medmeta.privacy import PrivacyPolicy
+
+        policy = PrivacyPolicy.from_options(allow_dicom or (), deidentify, salt_file)
         check_choice(conformal_source, CONFORMAL_SOURCES, "--conformal-source")
         check_temperature_options(temperature_source, temperature_sigma)
         if head is not None:
@@ -62,27 +70,26 @@ def adapt(
             result = _run(checkpoint, cases, labels, device, folder, stability=stability, conformal_source=conformal_source,
                           temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels,
                           allow_unfinished=allow_unfinished, head=head, transductive=transductive, workers=workers,
-                          chunk_cases=chunk_cases, pdf=pdf)
+                          chunk_cases=chunk_cases, pdf=pdf, saliency=saliency, policy=policy, dicom_sr=dicom_sr)
     _print_summary(result, out_dir)
 
 
-def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, folder, pdf: bool = False, **options):
+def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, folder, policy, pdf: bool = False,
+         dicom_sr: bool = False, **options):
     """Adapt and write the reports into the claimed folder's temporary twin: thumbnails as the
-    cases are diagnosed, the other files at the end; it replaces ``--out`` only when complete."""
+    cases are diagnosed, the other files at the end; it replaces ``--out`` only when complete.
+    Returns the batch as the outputs name it (``policy``: :mod:`medmeta.privacy`)."""
     from medmeta.adaptation import adapt as run_adapt
     from medmeta.errors import CasesError
-    from medmeta.reports import write_report_files
+    from medmeta.reports import write_batch_outputs
 
     try:
         with folder.writing() as tmp:
             result = run_adapt(checkpoint, cases, labels=labels, device=device, thumbnail_dir=tmp / "thumbnails", **options)
-            write_report_files(result, tmp)
-            if pdf:
-                from medmeta.reports.pdf import write_pdf
-
-                write_pdf(tmp / "report.html", tmp / "report.pdf")
-        return result
+            return write_batch_outputs(result, tmp, cases, policy, dicom_sr=dicom_sr, pdf=pdf)
     except CasesError as exc:
+        names = {path: policy.path(path) for path, _ in exc.rejected}
+        exc.rejected = [(names[path], policy.text(reason, names)) for path, reason in exc.rejected]
         for path, reason in exc.rejected:
             warn(f"{path}: {reason}", "rejected")
         if folder.has_results():

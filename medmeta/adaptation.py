@@ -73,6 +73,18 @@ class CaseResult:
     #: condition's support scans, distance)`` (see :attr:`medmeta.pipeline.head.Logits.nearest`);
     #: empty for a method that does not adapt on embeddings
     nearest_support: list[tuple[str, int, float]] = field(default_factory=list)
+    #: occlusion saliency (:mod:`medmeta.pipeline.saliency`): the overlay's path relative to the
+    #: report folder when written as the case was diagnosed, else the map ``(*spatial)`` kept;
+    #: ``saliency_peak`` the largest fall of the predicted condition's probability when a region
+    #: is hidden. All None when saliency was switched off.
+    saliency_thumbnail: str | None = None
+    saliency: np.ndarray | None = field(default=None, repr=False)
+    saliency_peak: float | None = None
+    #: the identifying DICOM attributes the privacy policy allows (:mod:`medmeta.privacy`), read
+    #: from the case's header; None for a case that is not DICOM or when none is allowed
+    dicom: dict[str, str] | None = None
+    #: the case's DICOM Structured Report relative to the report folder (``--dicom-sr``), or None
+    sr: str | None = None
 
 
 @dataclass
@@ -113,6 +125,7 @@ def adapt(
     thumbnail_dir: str | Path | None = None,
     chunk_cases: int | None = None,
     workers: int | None = None,
+    saliency: bool = True,
 ) -> AdaptResult:
     """Adapt to ``cases_dir/support`` and predict every case in ``cases_dir/query``.
 
@@ -149,11 +162,15 @@ def adapt(
     ``prior_sigma`` in log temperature; see :class:`medmeta.calibration.SupportTemperature`);
     with one scan of some condition the checkpoint's is used and a note says so.
 
+    With ``saliency`` each case gets an occlusion saliency map of its prediction
+    (:mod:`medmeta.pipeline.saliency`; about 50 more backbone passes per 2D case), written as an
+    overlay ``saliency/NNNNNN.png`` beside the thumbnails.
+
     ``max_pixels``: a scan whose header declares more pixels is rejected without being decoded
     (default :data:`medmeta.data.reading.MAX_PIXELS`; only when ``checkpoint`` is a path).
     ``allow_unfinished`` accepts a checkpoint whose training stopped before calibration.
     """
-    options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma, head, transductive)
+    options = _Options(batch_size, stability, conformal_source, temperature_source, prior_sigma, head, transductive, saliency)
     label_map = read_labels(labels) if labels else None  # a bad labels file fails before any work
     run = as_run(checkpoint, device, max_pixels=max_pixels, allow_unfinished=allow_unfinished)
     source = open_cases(cases_dir, run.reader)
@@ -178,7 +195,8 @@ def adapt_arrays(
     ``query`` lists the cases (2D arrays or tensors ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``,
     preprocessed as files are); ``labels`` optionally gives each case's true condition (to
     score the batch), ``names`` how reports call the cases. ``options`` are :func:`adapt`'s
-    (``stability``, ``conformal_source``, ``temperature_source``, ``prior_sigma``, ``batch_size``)."""
+    (``stability``, ``conformal_source``, ``temperature_source``, ``prior_sigma``, ``batch_size``,
+    ``head``, ``transductive``, ``saliency``); each case keeps its pixels and saliency map."""
     if labels is not None and len(labels) != len(query):
         raise medmeta.MedmetaError(f"{len(labels)} labels for {len(query)} cases")
     run = as_run(checkpoint, device)
@@ -202,6 +220,7 @@ class _Options:
     prior_sigma: float = TEMPERATURE_PRIOR_SIGMA
     head: str | None = None
     transductive: str | None = None
+    saliency: bool = True
 
     def __post_init__(self) -> None:
         check_conformal_source(self.conformal_source)
@@ -244,12 +263,16 @@ def _case_chunks(source: CaseSource, reader, chunk: int | None, workers: int | N
 
 def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str | None, thumbnail_dir) -> AdaptResult:
     """Diagnose the cases chunk by chunk against the support of ``source``; with
-    ``thumbnail_dir`` write each case's thumbnail there and drop its pixels."""
+    ``thumbnail_dir`` write each case's thumbnail (and saliency overlay) there and drop its
+    pixels (and map)."""
+    from medmeta.reports.thumbnails import oriented, saliency_png
+
     pipeline = AdaptationPipeline.from_run(
         run, options.temperature_source, options.conformal_source, options.prior_sigma, options.stability, options.batch_size,
         head=options.head, transductive=options.transductive,
     )
     pipeline.nearest = True
+    pipeline.saliency = options.saliency
     conditions = source.conditions
     cases: list[CaseResult] = []
     probabilities: list[np.ndarray] = []
@@ -260,6 +283,7 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
         sets = diagnosis.sets.sets
         thumbnails = chunk.thumbnails or [None] * len(chunk.paths)
         nearest = _nearest_support(diagnosis.logits, source)
+        saliency, peaks = diagnosis.logits.saliency, diagnosis.logits.saliency_peak
         for i, (path, digest, image, volume, png) in enumerate(
             zip(chunk.paths, chunk.sha256, chunk.images, chunk.volumes, thumbnails)
         ):
@@ -272,9 +296,15 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
                 stability_max_change=float(diagnosis.logits.max_change[i]) if diagnosis.logits.max_change is not None else None,
                 volume=volume, nearest_support=nearest[i],
             )
+            if saliency is not None:
+                case.saliency, case.saliency_peak = saliency[i], float(peaks[i])
             if thumbnail_dir is not None:
                 name = f"{len(cases):06d}.png"
                 _write_thumbnail(Path(thumbnail_dir) / name, png)
+                if case.saliency is not None:
+                    overlay = saliency_png(image, case.saliency, oriented=oriented(volume))
+                    _write_thumbnail(Path(thumbnail_dir) / "saliency" / name, overlay)
+                    case.saliency_thumbnail, case.saliency = f"{Path(thumbnail_dir).name}/saliency/{name}", None
                 case.thumbnail, case.image = f"{Path(thumbnail_dir).name}/{name}", None
             cases.append(case)
         probabilities.append(diagnosis.probabilities.query)
@@ -354,11 +384,29 @@ def _metadata(run, pipeline, batch: CaseSource, diagnosis: Diagnosis, options: _
             "min_support_scans_per_condition": min(len(scans) for scans in batch.support.values()),
             "refits": refits,
         },
+        "saliency": _saliency_settings(batch, pipeline.temperature.temperature, pipeline.transductive)
+        if diagnosis.logits.saliency is not None
+        else None,
         "notes": calibration.notes(run.method) + _notes(batch, diagnosis, options, val_temperature),
         "validation_evidence": validation_evidence(calibration),
         "preprocessing": run.preprocessing.to_dict(),
         "cases_dir": cases_dir,
         "device": str(run.device),
+    }
+
+
+def _saliency_settings(source: CaseSource, temperature: float, transductive: str | None) -> dict[str, Any]:
+    """How the saliency maps were made (report.json's ``metadata.saliency``)."""
+    from medmeta.pipeline.saliency import SALIENCY_GRID, SALIENCY_OVERLAP, window_size
+
+    return {
+        "method": "occlusion",
+        "window": list(window_size(tuple(source.support_images.shape[2:]))),
+        "windows_per_axis": SALIENCY_GRID,
+        "overlap": SALIENCY_OVERLAP,
+        "fill": "the window's own mean value", "measure": "fall of the predicted condition's log-odds",
+        "temperature": temperature,
+        "head": "inductive (without the transductive refiner)" if transductive else "as adapted",
     }
 
 

@@ -47,6 +47,22 @@ def toy_episode(way: int, shot: int = 2, query: int = 2, seed: int = 1, size: in
     return xs, ys, xq, yq
 
 
+@pytest.fixture
+def without_pyjpegls(monkeypatch):
+    """pydicom as on a machine without pyjpegls, the JPEG-LS codec highdicom (a dependency, for
+    ``--dicom-sr``) installs: the missing-codec rejection can then still be tested. Codecs the
+    user installs (the ``dicom-codecs`` extra, GDCM) stay as they are."""
+    from pydicom.pixels.decoders import JPEGLSLosslessDecoder, JPEGLSNearLosslessDecoder
+
+    for decoder in (JPEGLSLosslessDecoder, JPEGLSNearLosslessDecoder):
+        available = {k: v for k, v in decoder._available.items() if k != "pyjpegls"}
+        unavailable = dict(decoder._unavailable)
+        if "pyjpegls" in decoder._available:
+            unavailable["pyjpegls"] = ("pyjpegls (hidden by the test)",)
+        monkeypatch.setattr(decoder, "_available", available)
+        monkeypatch.setattr(decoder, "_unavailable", unavailable)
+
+
 @pytest.fixture(scope="session")
 def sample_protocol() -> Path:
     return SAMPLE_DATA / "protocol.yaml"

@@ -235,13 +235,11 @@ JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 
 
 def _jpeg_ls_decodable() -> str | None:
-    """The installed package that decodes JPEG-LS, if any (then the missing-codec error cannot occur)."""
-    if importlib.util.find_spec("pylibjpeg") and importlib.util.find_spec("libjpeg"):
-        return "pylibjpeg-libjpeg"
-    for module, package in (("gdcm", "python-gdcm"), ("jpeg_ls", "pyjpegls")):
-        if importlib.util.find_spec(module):
-            return package
-    return None
+    """The pydicom plugins that decode JPEG-LS here, if any (then the missing-codec error cannot
+    occur); the fixture ``without_pyjpegls`` hides the one highdicom brings."""
+    from pydicom.pixels.decoders import JPEGLSLosslessDecoder
+
+    return ", ".join(JPEGLSLosslessDecoder._available) or None
 
 
 def write_jpeg_ls_dicom(path: Path) -> Path:
@@ -266,7 +264,7 @@ def _bundled_pydicom_file(name: str) -> Path:
 
 
 @pytest.mark.parametrize("source", ["written", "pydicom"])
-def test_missing_dicom_codec_reason_is_fixed_wording_and_names_the_extra(source, tmp_path):
+def test_missing_dicom_codec_reason_is_fixed_wording_and_names_the_extra(source, tmp_path, without_pyjpegls):
     from medmeta.data.reading import Preprocessing, ScanReader
     from medmeta.errors import ScanReadError
 

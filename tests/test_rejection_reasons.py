@@ -224,7 +224,7 @@ def test_sentinels_elsewhere_in_the_header_do_not_stop_a_valid_file(tmp_path):
     assert tuple(out.shape) == (1, 8, 8)
 
 
-def test_missing_codec_names_the_transfer_syntax_from_pydicoms_dictionary(tmp_path):
+def test_missing_codec_names_the_transfer_syntax_from_pydicoms_dictionary(tmp_path, without_pyjpegls):
     from test_cli_edges import _jpeg_ls_decodable, write_jpeg_ls_dicom
 
     if _jpeg_ls_decodable():

@@ -122,12 +122,15 @@ def test_cli_writes_thumbnail_files(trained_run, tmp_path):
 
 def test_each_case_goes_through_the_backbone_once(loaded):
     """The embedding head's prediction and its leave-one-out refits share one embedding of each
-    scan: 15 support scans and 30 cases are 45 images through the backbone."""
-    seen = []
-    hook = loaded.learner.backbone.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
-    try:
-        result = adapt(loaded, CASES, workers=0, head="prototype")
-    finally:
-        hook.remove()
-    assert result.cases[0].stability_max_change is not None
-    assert sum(seen) == 15 + 30
+    scan: 15 support scans and 30 cases are 45 images through the backbone. The saliency maps
+    add, per case, its 49 occluded copies (48 px: 7 x 7 windows of 12 px in steps of 6) and one
+    unoccluded pass."""
+    for saliency, expected in ((False, 15 + 30), (True, 15 + 30 + 30 * (49 + 1))):
+        seen = []
+        hook = loaded.learner.backbone.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+        try:
+            result = adapt(loaded, CASES, workers=0, head="prototype", saliency=saliency)
+        finally:
+            hook.remove()
+        assert result.cases[0].stability_max_change is not None
+        assert sum(seen) == expected, saliency

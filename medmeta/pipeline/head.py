@@ -9,6 +9,7 @@ import torch
 
 from medmeta.embedded import OnEmbeddings, adapts_on_embeddings
 from medmeta.leave_one_out import leave_one_out
+from medmeta.pipeline.saliency import occlusion_saliency
 from medmeta.pipeline.task import Task
 
 
@@ -28,6 +29,9 @@ class Logits:
             support, nearest first: Euclidean distance between the embeddings the head compares
             (after the run's normalisation, if any); None for a learner that does not adapt on
             embeddings. ``nearest_distances`` ``(n_query, k)`` those distances.
+        saliency: ``(n_query, *spatial)`` float32 occlusion saliency of each case's prediction
+            (:mod:`medmeta.pipeline.saliency`), or None when not asked for;
+            ``saliency_peak`` ``(n_query,)`` each map's largest value.
     """
 
     query: np.ndarray
@@ -36,6 +40,8 @@ class Logits:
     max_change: np.ndarray | None = None
     nearest: np.ndarray | None = None
     nearest_distances: np.ndarray | None = None
+    saliency: np.ndarray | None = None
+    saliency_peak: np.ndarray | None = None
 
 
 #: How many support scans :attr:`Logits.nearest` names per case.
@@ -58,16 +64,19 @@ class LearnerHead:
 
     @torch.no_grad()
     def __call__(
-        self, task: Task, held_out: bool = False, stability: bool = False, temperature: float = 1.0, nearest: bool = False
+        self, task: Task, held_out: bool = False, stability: bool = False, temperature: float = 1.0, nearest: bool = False,
+        saliency: bool = False,
     ) -> Logits:
         """``held_out``: also the support's leave-one-out logits; ``stability``: also each
         case's leave-one-out stability. Both need two support scans per condition and are
         left None otherwise. ``nearest``: also each case's nearest support scans (for a learner
-        that adapts on embeddings).
+        that adapts on embeddings). ``saliency``: also each case's occlusion saliency, through
+        the learner fitted on the full support, at ``temperature``.
 
         A learner that adapts on embeddings (:mod:`medmeta.embedded`) sees each scan through the
         backbone once: the fit, the cases' logits and the leave-one-out refits share the
         embeddings (before, the refits embedded the cases a second time)."""
+        image_learner = self.learner
         learner, support, query = self.learner, task.support_images.to(self.device), task.query_images
         labels = task.support_labels.to(self.device)
         size = self.batch_size or max(1, len(query))
@@ -84,6 +93,10 @@ class LearnerHead:
         out = Logits(torch.cat(logits).numpy(), torch.cat(distances).numpy())
         if nearest and isinstance(learner, OnEmbeddings):
             out.nearest, out.nearest_distances = nearest_support(query, support, self.device, size)
+        if saliency:  # before the leave-one-out refits, which leave the learner fitted to a part of the support
+            out.saliency, out.saliency_peak = occlusion_saliency(
+                image_learner, task.query_images, out.query.argmax(1), temperature, self.device
+            )
         if (held_out or stability) and task.has_two_per_condition():
             loo = leave_one_out(learner, support, labels, query if stability else None, temperature, self.device, size)
             out.support_held_out = loo.support_logits if held_out else None

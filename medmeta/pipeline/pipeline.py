@@ -60,6 +60,8 @@ class AdaptationPipeline:
         self.transductive: str | None = None
         #: ask the head for each case's nearest support scans (``adapt``'s reports show them)
         self.nearest = False
+        #: ask the head for each case's occlusion saliency (``adapt``'s reports overlay it)
+        self.saliency = False
 
     @classmethod
     def from_run(
@@ -97,7 +99,8 @@ class AdaptationPipeline:
 
     def __call__(self, task: Task) -> Diagnosis:
         logits = self.head(
-            task, held_out=self.needs_held_out, stability=self.stability, temperature=self.temperature.temperature, nearest=self.nearest
+            task, held_out=self.needs_held_out, stability=self.stability, temperature=self.temperature.temperature, nearest=self.nearest,
+            saliency=self.saliency,
         )
         return self.finish(task, logits)
 

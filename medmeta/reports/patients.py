@@ -2,9 +2,13 @@
 disagree.
 
 A case's patient is the folder directly under ``query/`` that holds it, when the case is not
-that folder itself: ``query/patient_07/scan_3.png`` belongs to ``patient_07``,
-``query/case_001.png`` (and a DICOM series folder ``query/series_a/``) to no patient. The name is
-the folder's, as it stands in the cases folder; no identifier is read from inside the files.
+that folder itself: ``query/patient_07/scan_3.png`` belongs to ``patient_07``. A case outside
+any patient folder (``query/case_001.dcm``, or a DICOM series folder ``query/series_a/``) belongs
+to its DICOM PatientID when the privacy policy allows that attribute (``--allow-dicom
+PatientID``; :mod:`medmeta.privacy`) and the header holds one, else to no patient. The folder
+comes first because it is how the user grouped the scans, whatever their formats (a NIfTI file
+has no PatientID). Both are shown as the outputs name them (with ``--deidentify``, salted
+hashes); by default no identifier is read from inside the files.
 
 A patient's summary averages its scans' calibrated probabilities (the mean is a description of
 the scans, not itself calibrated) and names the condition with the highest mean; the scans
@@ -25,10 +29,18 @@ if TYPE_CHECKING:
     from medmeta.adaptation import CaseResult
 
 
-def patient_of(path: str) -> str | None:
-    """The patient folder of a case's ``path`` relative to the cases folder (see the module)."""
+def patient_of(path: str, patient_id: str | None = None) -> str | None:
+    """The patient of a case at ``path`` (relative to the cases folder) whose allowed DICOM
+    ``patient_id`` is given or None (see the module)."""
     parts = PurePosixPath(path).parts
-    return parts[1] if len(parts) >= 3 and parts[0] == "query" else None
+    if len(parts) >= 3 and parts[0] == "query":
+        return parts[1]
+    return patient_id or None
+
+
+def case_patient(case: "CaseResult") -> str | None:
+    """:func:`patient_of` a diagnosed case."""
+    return patient_of(case.path, (case.dicom or {}).get("PatientID"))
 
 
 @dataclass
@@ -63,7 +75,7 @@ def patient_summaries(cases: "Sequence[CaseResult]", conditions: Sequence[str]) 
     """A :class:`PatientSummary` per patient with at least one case, in order of first case."""
     groups: dict[str, list[CaseResult]] = {}
     for case in cases:
-        patient = patient_of(case.path)
+        patient = case_patient(case)
         if patient is not None:
             groups.setdefault(patient, []).append(case)
     summaries = []

@@ -58,6 +58,44 @@ def thumbnail_data_uri(image: torch.Tensor, oriented: bool = True) -> str:
     return "data:image/png;base64," + base64.b64encode(thumbnail_png(image, oriented)).decode("ascii")
 
 
+def saliency_data_uri(image: torch.Tensor, saliency: np.ndarray, oriented: bool = True) -> str:
+    """:func:`saliency_png` as a ``data:image/png;base64,...`` URI."""
+    return "data:image/png;base64," + base64.b64encode(saliency_png(image, saliency, oriented)).decode("ascii")
+
+
+#: Colour map of the saliency overlay, and the opacity of its strongest value.
+SALIENCY_CMAP = "inferno"
+SALIENCY_ALPHA = 0.6
+#: The smallest value (a fall of log-odds, in nats) the overlay's full colour stands for: a map
+#: whose largest value is below it is drawn fainter, so noise is not shown as evidence.
+SALIENCY_FULL_SCALE = 1.0
+
+
+def saliency_png(image: torch.Tensor, saliency: np.ndarray, oriented: bool = True) -> bytes:
+    """A scan ``(C, H, W)`` or ``(C, X, Y, Z)`` in ``[0, 1]`` in gray under its saliency map
+    ``(H, W)`` or ``(X, Y, Z)`` (:mod:`medmeta.pipeline.saliency`), as the bytes of an RGB PNG
+    laid out as :func:`thumbnail_png` lays out the scan. The map is scaled to its own largest
+    value (at least :data:`SALIENCY_FULL_SCALE`), coloured with :data:`SALIENCY_CMAP` and
+    blended in proportion to its value (at most :data:`SALIENCY_ALPHA`): where it is 0 the scan
+    shows unchanged. A map of zeros leaves the scan gray."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    gray = image.detach().cpu().float().clamp(0, 1).numpy().mean(axis=0, keepdims=True)
+    heat = np.asarray(saliency, dtype=np.float32)[None]
+    if gray.ndim == 4:
+        gray, heat = montage(volume_planes(gray, oriented)), montage(volume_planes(heat, oriented))
+    gray, heat = gray[0], heat[0]
+    scale = max(float(heat.max()) if heat.size else 0.0, SALIENCY_FULL_SCALE)
+    weight = np.clip(heat / scale, 0, 1)
+    colour = colormaps[SALIENCY_CMAP](weight)[..., :3]
+    alpha = (SALIENCY_ALPHA * weight)[..., None]
+    rgb = (1 - alpha) * gray[..., None] + alpha * colour
+    buffer = io.BytesIO()
+    Image.fromarray((rgb.clip(0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def thumbnail_png(image: torch.Tensor, oriented: bool = True) -> bytes:
     """``(C, H, W)`` or a volume ``(C, X, Y, Z)`` in ``[0, 1]`` -> the bytes of a PNG file: one
     gray channel when the scan is grayscale (its three channels equal), else RGB."""

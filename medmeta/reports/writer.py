@@ -27,6 +27,7 @@ a carriage return, e.g. from a condition folder's name) is written with a leadin
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,12 +37,13 @@ from markupsafe import Markup
 
 from medmeta.adaptation import AdaptResult
 from medmeta.io import atomic_write_csv, atomic_write_pieces, json_safe, json_text
-from medmeta.reports.patients import patient_of, patient_summaries
-from medmeta.reports.thumbnails import oriented, thumbnail_data_uri
+from medmeta.reports.patients import case_patient, patient_summaries
+from medmeta.reports.thumbnails import oriented, saliency_data_uri, thumbnail_data_uri
 from medmeta.reports.worklist import script, script_source, worklist_order, worklist_ranks
 
 if TYPE_CHECKING:
     from medmeta.output_folder import OutputFolder
+    from medmeta.privacy import PrivacyPolicy
 
 REPORT_FILES = ("predictions.csv", "support.csv", "report.json", "report.html", "rejected.csv")
 
@@ -70,6 +72,34 @@ def write_reports(result: AdaptResult, out_dir: "str | Path | OutputFolder", ove
     return {name: Path(out_dir) / name for name in REPORT_FILES}
 
 
+def write_batch_outputs(
+    result: AdaptResult, out: Path, cases_dir: str | Path, policy: "PrivacyPolicy | None" = None,
+    dicom_sr: bool = False, pdf: bool = False,
+) -> AdaptResult:
+    """Everything ``medmeta adapt`` writes besides the thumbnails, into the claimed folder ``out``,
+    under the privacy ``policy`` (None: the default, :mod:`medmeta.privacy`): the allowed DICOM
+    attributes read from the cases' headers under ``cases_dir``, one DICOM SR per case in
+    ``sr/`` with ``dicom_sr``, the report files, and ``report.pdf`` with ``pdf``. Returns the batch
+    as the outputs name it (pseudonymised with ``--deidentify``), for what is printed."""
+    from medmeta.privacy import DEFAULT_POLICY
+    from medmeta.reports.deidentify import attach_dicom_attributes, deidentified
+
+    policy = policy or DEFAULT_POLICY
+    attach_dicom_attributes(result, cases_dir, policy)
+    if dicom_sr:
+        from medmeta.reports.dicom_sr import write_dicom_srs
+
+        for case, name in zip(result.cases, write_dicom_srs(result, cases_dir, out, policy)):
+            case.sr = name
+    shown = deidentified(result, policy)
+    write_report_files(shown, out)
+    if pdf:
+        from medmeta.reports.pdf import write_pdf
+
+        write_pdf(out / "report.html", out / "report.pdf")
+    return shown
+
+
 def write_report_files(result: AdaptResult, out: Path) -> None:
     """Write the report files into the folder ``out`` (already claimed: the temporary folder of
     :meth:`OutputFolder.writing <medmeta.output_folder.OutputFolder.writing>`, where ``adapt``
@@ -93,7 +123,7 @@ def write_report_files(result: AdaptResult, out: Path) -> None:
         header.append("label")
 
     def row(case) -> list[str]:
-        cells = [case.path, patient_of(case.path) or "", case.predicted, *[f"{p:.6f}" for p in case.probabilities]]
+        cells = [case.path, case_patient(case) or "", case.predicted, *[f"{p:.6f}" for p in case.probabilities]]
         if has_sets:
             cells.append(";".join(case.prediction_set or []))
         if has_referral:
@@ -141,7 +171,7 @@ def _indented(value: Any, prefix: str = "  ") -> str:
 def _case_json(result: AdaptResult, case, rank: int) -> dict[str, Any]:
     return {
         "path": case.path,
-        "patient": patient_of(case.path),
+        "patient": case_patient(case),
         "predicted": case.predicted,
         "probabilities": dict(zip(result.conditions, case.probabilities)),
         "prediction_set": case.prediction_set,
@@ -152,7 +182,16 @@ def _case_json(result: AdaptResult, case, rank: int) -> dict[str, Any]:
         "nearest_support": [{"condition": c, "path": result.support[c][j]["path"], "distance": d} for c, j, d in case.nearest_support],
         "sha256": case.sha256,
         "worklist_rank": rank,
+        "saliency": None
+        if case.saliency_peak is None
+        else {
+            "peak_log_odds_drop": case.saliency_peak,
+            "odds_factor": math.exp(case.saliency_peak),
+            "overlay": case.saliency_thumbnail,
+        },
         **({"volume": case.volume} if case.volume is not None else {}),
+        **({"dicom": case.dicom} if case.dicom else {}),
+        **({"dicom_sr": case.sr} if case.sr else {}),
         **({"label": case.label} if case.label is not None else {}),
     }
 
@@ -178,8 +217,9 @@ def html_pieces(result: AdaptResult) -> Iterator[str]:
             "row": index,
             "rank": rank,
             "path": case.path,
-            "patient": patient_of(case.path),
-            "patient_disagree": patient_of(case.path) in disagreeing,
+            "patient": case_patient(case),
+            "patient_disagree": case_patient(case) in disagreeing,
+            "dicom": case.dicom,
             "predicted": case.predicted,
             "confidence": max(case.probabilities),
             "probabilities": list(zip(result.conditions, case.probabilities)),
@@ -193,6 +233,8 @@ def html_pieces(result: AdaptResult) -> Iterator[str]:
             "refer_reasons": case.refer_reason.split("; ") if case.refer_reason else [],
             "stability": case.stability_max_change,
             "nearest": [{"condition": c, "distance": d, **support[c][j]} for c, j, d in case.nearest_support],
+            "saliency": _saliency_image(case),
+            "saliency_odds_factor": None if case.saliency_peak is None else math.exp(case.saliency_peak),
         }
 
     counts = {c: sum(1 for case in result.cases if case.predicted == c) for c in result.conditions}
@@ -212,6 +254,16 @@ def html_pieces(result: AdaptResult) -> Iterator[str]:
         rejected=result.rejected,
         metrics=result.metrics,
     )
+
+
+def _saliency_image(case) -> str | None:
+    """The case's saliency overlay: the file ``adapt`` wrote, a data URI made here from the map a
+    case kept with its pixels, or None without saliency."""
+    if case.saliency_thumbnail is not None:
+        return case.saliency_thumbnail
+    if case.saliency is None or case.image is None:
+        return None
+    return saliency_data_uri(case.image, case.saliency, oriented=oriented(case.volume))
 
 
 def _support_with_thumbnails(result: AdaptResult) -> dict[str, list[dict]]:
