@@ -3,6 +3,7 @@
     python benchmarks/speed.py                       # training table, 64 and 84 px, every method
     python benchmarks/speed.py --adapt-cases 1000    # and adapt on 1,000 DICOM files
     python benchmarks/speed.py --only-adapt --adapt-cases 1000 --adapt-cases 10000   # adapt alone, memory growth
+    python benchmarks/speed.py --only-adapt --adapt-cases 1000 --adapt-option=--no-saliency   # without the saliency maps
     python benchmarks/speed.py --method protonet --size 84 --steps 20 --json runs/speed.json
     python benchmarks/speed.py --device cuda --no-peer   # the training table on a GPU
 
@@ -260,12 +261,13 @@ def bare_decode_rate(files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
-def adapt_rates(counts: list[int], checkpoint: str | None) -> list[dict]:
+def adapt_rates(counts: list[int], checkpoint: str | None, options: list[str] | None = None) -> list[dict]:
     """``medmeta adapt`` on ``n`` synthetic DICOM cases for each ``n`` of ``counts`` (hard links
     to one set of files), each in a fresh process: its wall time, cases/s and peak RSS, beside
     the bare pydicom loop's files/s on the same files. With two counts or more, the marginal
     rate between the smallest and the largest leaves out what does not grow with the batch
-    (starting Python and torch, loading the checkpoint, reading the support)."""
+    (starting Python and torch, loading the checkpoint, reading the support). ``options`` are
+    passed to ``medmeta adapt`` (e.g. ``--no-saliency``)."""
     with tempfile.TemporaryDirectory(prefix="medmeta-speed-") as tmp:
         tmp = Path(tmp)
         full = write_dicom_cases(tmp / "all", max(counts))
@@ -285,7 +287,7 @@ def adapt_rates(counts: list[int], checkpoint: str | None) -> list[dict]:
             for path in files[:n]:
                 os.link(path, cases / "query" / path.name)
             command = [sys.executable, "-m", "medmeta.cli", "-q", "adapt", "--checkpoint", checkpoint, "--cases", str(cases),
-                       "--out", str(tmp / f"report{n}")]
+                       "--out", str(tmp / f"report{n}"), *(options or [])]
             started = time.perf_counter()
             child = subprocess.Popen(command)
             _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory
@@ -316,6 +318,8 @@ def main() -> None:
     parser.add_argument("--adapt-cases", type=int, action="append", default=None,
                         help="also time adapt on this many DICOM cases (repeatable: e.g. 1000 and 10000 for memory growth)")
     parser.add_argument("--only-adapt", action="store_true", help="leave out the training table")
+    parser.add_argument("--adapt-option", action="append", default=None,
+                        help="an option for medmeta adapt, e.g. --adapt-option=--no-saliency (repeatable)")
     parser.add_argument("--checkpoint", default=None, help="run folder for adapt [default: train the demo budget on sample_data]")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the training table runs [default: cpu]")
     parser.add_argument("--json", default=None, help="write the figures here")
@@ -337,7 +341,7 @@ def main() -> None:
     if not args.only_adapt:
         report.update(_training_report(args, list_methods))
     if args.adapt_cases:
-        report["adapt"] = adapt_rates(sorted(args.adapt_cases), args.checkpoint)
+        report["adapt"] = adapt_rates(sorted(args.adapt_cases), args.checkpoint, args.adapt_option)
         for a in report["adapt"]:
             print(f"adapt on {a['cases']} DICOM cases: {a['adapt_seconds']:.1f} s, {a['adapt_cases_per_s']:.1f} cases/s "
                   f"({100 * a['adapt_share_of_bare']:.0f}% of bare pydicom's {a['bare_decode_per_s']:.0f} files/s), "

@@ -57,21 +57,25 @@ def adapt(
             check_choice(head, HEAD_NAMES, "--head")
         if transductive is not None:
             check_choice(transductive, TRANSDUCTIVE_NAMES, "--transductive")
-        from medmeta.errors import CasesError
+        from medmeta.errors import CasesError, MedmetaError
         from medmeta.output_folder import OutputFolder
 
-        if not cases.is_dir():  # before the default --out inside it is claimed
-            raise CasesError(f"{cases}: cases folder not found")
-        if pdf:  # before any work: a missing browser is said in a second, not after the batch
-            from medmeta.reports.pdf import require_browser
+        try:
+            if not cases.is_dir():  # before the default --out inside it is claimed
+                raise CasesError(f"{cases}: cases folder not found")
+            if pdf:  # before any work: a missing browser is said in a second, not after the batch
+                from medmeta.reports.pdf import require_browser
 
-            require_browser()
-        with OutputFolder(out_dir, overwrite) as folder:  # checked and locked before any work
-            result = _run(checkpoint, cases, labels, device, folder, stability=stability, conformal_source=conformal_source,
-                          temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels,
-                          allow_unfinished=allow_unfinished, head=head, transductive=transductive, workers=workers,
-                          chunk_cases=chunk_cases, pdf=pdf, saliency=saliency, policy=policy, dicom_sr=dicom_sr)
-    _print_summary(result, out_dir)
+                require_browser()
+            with OutputFolder(out_dir, overwrite) as folder:  # checked and locked before any work
+                result = _run(checkpoint, cases, labels, device, folder, stability=stability, conformal_source=conformal_source,
+                              temperature_source=temperature_source, prior_sigma=temperature_sigma, max_pixels=max_pixels,
+                              allow_unfinished=allow_unfinished, head=head, transductive=transductive, workers=workers,
+                              chunk_cases=chunk_cases, pdf=pdf, saliency=saliency, policy=policy, dicom_sr=dicom_sr)
+        except MedmetaError as exc:  # an error names no file or folder that --deidentify hides
+            exc.args = (policy.text(str(exc), {}, cases),)
+            raise
+    _print_summary(result, policy.text(str(out_dir), {}, cases))
 
 
 def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, folder, policy, pdf: bool = False,
@@ -89,21 +93,24 @@ def _run(checkpoint: Path, cases: Path, labels: Optional[Path], device: str, fol
             return write_batch_outputs(result, tmp, cases, policy, dicom_sr=dicom_sr, pdf=pdf)
     except CasesError as exc:
         names = {path: policy.path(path) for path, _ in exc.rejected}
-        exc.rejected = [(names[path], policy.text(reason, names)) for path, reason in exc.rejected]
+        scrub = policy.scrubber(names, cases)
+        exc.rejected = [(names[path], scrub(reason)) for path, reason in exc.rejected]
+        exc.args = (scrub(str(exc)),)  # what user_errors prints
+        shown = policy.text(str(folder.path), {}, cases)
         for path, reason in exc.rejected:
             warn(f"{path}: {reason}", "rejected")
         if folder.has_results():
-            warn(f"the reports already in {folder.path} were left untouched", "note")
+            warn(f"the reports already in {shown} were left untouched", "note")
         elif exc.rejected:  # a new folder: keep the list of unreadable files for the user
             from medmeta.reports import write_rejected
 
             with folder.writing() as tmp:
                 write_rejected(tmp, exc.rejected)
-            warn(f"{len(exc.rejected)} unreadable file(s) listed in {folder.path / 'rejected.csv'}", "note")
+            warn(f"{len(exc.rejected)} unreadable file(s) listed in {shown}/rejected.csv", "note")
         raise
 
 
-def _print_summary(result, out_dir: Path) -> None:
+def _print_summary(result, out_dir: str) -> None:
     from medmeta.progress import console
 
     for path, reason in result.rejected:

@@ -75,8 +75,8 @@ class CaseResult:
     nearest_support: list[tuple[str, int, float]] = field(default_factory=list)
     #: occlusion saliency (:mod:`medmeta.pipeline.saliency`): the overlay's path relative to the
     #: report folder when written as the case was diagnosed, else the map ``(*spatial)`` kept;
-    #: ``saliency_peak`` the largest fall of the predicted condition's probability when a region
-    #: is hidden. All None when saliency was switched off.
+    #: ``saliency_peak`` the largest fall of the predicted condition's log-odds (at the
+    #: probabilities' temperature) that hiding one window causes. All None when switched off.
     saliency_thumbnail: str | None = None
     saliency: np.ndarray | None = field(default=None, repr=False)
     saliency_peak: float | None = None
@@ -283,7 +283,7 @@ def _diagnose(run, source: CaseSource, chunks, options: _Options, cases_dir: str
         sets = diagnosis.sets.sets
         thumbnails = chunk.thumbnails or [None] * len(chunk.paths)
         nearest = _nearest_support(diagnosis.logits, source)
-        saliency, peaks = diagnosis.logits.saliency, diagnosis.logits.saliency_peak
+        saliency, peaks = diagnosis.saliency if diagnosis.saliency is not None else (None, None)
         for i, (path, digest, image, volume, png) in enumerate(
             zip(chunk.paths, chunk.sha256, chunk.images, chunk.volumes, thumbnails)
         ):
@@ -384,8 +384,8 @@ def _metadata(run, pipeline, batch: CaseSource, diagnosis: Diagnosis, options: _
             "min_support_scans_per_condition": min(len(scans) for scans in batch.support.values()),
             "refits": refits,
         },
-        "saliency": _saliency_settings(batch, pipeline.temperature.temperature, pipeline.transductive)
-        if diagnosis.logits.saliency is not None
+        "saliency": _saliency_settings(batch, probs.temperature, pipeline.transductive)
+        if diagnosis.saliency is not None
         else None,
         "notes": calibration.notes(run.method) + _notes(batch, diagnosis, options, val_temperature),
         "validation_evidence": validation_evidence(calibration),
@@ -397,14 +397,16 @@ def _metadata(run, pipeline, batch: CaseSource, diagnosis: Diagnosis, options: _
 
 def _saliency_settings(source: CaseSource, temperature: float, transductive: str | None) -> dict[str, Any]:
     """How the saliency maps were made (report.json's ``metadata.saliency``)."""
-    from medmeta.pipeline.saliency import SALIENCY_GRID, SALIENCY_OVERLAP, window_size
+    from medmeta.pipeline.saliency import occlusion_windows, window_size
 
+    spatial = tuple(source.support_images.shape[2:])
     return {
         "method": "occlusion",
-        "window": list(window_size(tuple(source.support_images.shape[2:]))),
-        "windows_per_axis": SALIENCY_GRID,
-        "overlap": SALIENCY_OVERLAP,
-        "fill": "the window's own mean value", "measure": "fall of the predicted condition's log-odds",
+        "window": list(window_size(spatial)),
+        "windows": len(occlusion_windows(spatial)),
+        "step": [max(1, side // 2) for side in window_size(spatial)],
+        "fill": "the window's own mean value, channel by channel",
+        "measure": "fall of the predicted condition's log-odds against the others",
         "temperature": temperature,
         "head": "inductive (without the transductive refiner)" if transductive else "as adapted",
     }

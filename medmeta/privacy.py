@@ -29,7 +29,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -93,6 +93,9 @@ IDENTIFYING: dict[str, str] = {
 
 #: UIDs a DICOM reference needs (see the module): kept by default, replaced by ``--deidentify``.
 REFERENCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+
+#: The shortest file or folder name :meth:`PrivacyPolicy.text` replaces on its own (outside a path).
+MIN_NAME = 3
 
 #: What every pseudonym is: 16 lowercase hex digits.
 PSEUDONYM = re.compile(r"[0-9a-f]{16}")
@@ -174,33 +177,93 @@ class PrivacyPolicy:
         """The salted hash of ``name``: 16 hex digits."""
         return hmac.new(self.salt, name.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:16]
 
-    def path(self, path: str) -> str:
+    def path(self, path: str, conditions: Iterable[str] = ()) -> str:
         """A path relative to the cases folder as outputs may name it: unchanged, or with
         ``--deidentify`` every part pseudonymised except ``query``/``support``, a support scan's
-        condition and the file's format suffix."""
+        condition (the folder under ``support/`` of a scan, or one of ``conditions``) and the
+        file's format suffix."""
         if not self.deidentify:
             return path
         parts = PurePosixPath(path).parts
-        kept = 2 if len(parts) >= 2 and parts[0] == "support" else 1 if parts and parts[0] in ("query", "support") else 0
+        # a condition folder is kept, a file directly under support/ is not (it names no condition)
+        condition = len(parts) >= 2 and parts[0] == "support" and (len(parts) >= 3 or parts[1] in set(conditions))
+        kept = 2 if condition else 1 if parts and parts[0] in ("query", "support") else 0
         out = list(parts[:kept])
         for index, part in enumerate(parts[kept:], start=kept):
             suffix = _suffix(part) if index == len(parts) - 1 else ""
             out.append(self.pseudonym(part) + suffix)
         return "/".join(out)
 
-    def text(self, text: str, paths: Mapping[str, str]) -> str:
-        """``text`` (a note, a rejection reason) with every path of ``paths`` (original ->
-        output) and every original file or folder name in them replaced by its output form."""
-        if not self.deidentify or not text:
-            return text
-        replacements = dict(paths)
+    def text(self, text: str, paths: Mapping[str, str], folder: str | Path | None = None) -> str:
+        """``text`` as :meth:`scrubber` leaves it (for one text; build the scrubber once for many)."""
+        return self.scrubber(paths, folder)(text)
+
+    def scrubber(
+        self, paths: Mapping[str, str], folder: str | Path | None = None, keep: Iterable[str] = ()
+    ) -> Callable[[str], str]:
+        """A function that replaces, in a text (a note, a rejection reason, an error), every
+        original file or folder name of ``paths`` (original path -> output path) by its output
+        form, and the cases ``folder``'s location (as given and absolute) by ``CASES``; the
+        identity without ``--deidentify``. Names in ``keep`` (the conditions) stay.
+
+        The text is cut into pieces of letters, digits, ``_``, ``-`` and ``.``; a piece (or the
+        piece without trailing dots) that is a name is replaced, whatever surrounds it, so the
+        rule errs towards replacing. A name of fewer than :data:`MIN_NAME` characters only
+        inside a path (next to a ``/`` or ``\\``): a patient folder ``1`` leaves "1 link" alone.
+        A name holding other characters (``jane doe.dcm``) is replaced as written, looked for
+        only in texts that hold its first piece. The folder's location as given (``cases``) is
+        replaced only where a path or an error starts with it (``cases/query``, ``cases: ...``),
+        its absolute form wherever it stands whole. The work per text is about one pass over it."""
+        if not self.deidentify:
+            return lambda text: text
+        kept = set(keep)
+        forms = {str(folder).rstrip("/"), str(Path(folder).resolve())} - {"", "."} if folder else set()
+        # an absolute form wherever it stands whole; a relative one (a word such as "cases") only
+        # as the start of a path or of an error, "cases/..." or "cases: ..."
+        alternatives = [re.escape(f) + (r"(?![\w\-]|\.[\w\-])" if f.startswith("/") else r"(?=[/:])")
+                        for f in sorted(forms, key=len, reverse=True)]
+        location = re.compile(r"(?<![\w.\-/])(?:" + "|".join(alternatives) + ")") if alternatives else None
+        parts: dict[str, str] = {}
         for original, shown in paths.items():
             for part, new in zip(reversed(PurePosixPath(original).parts), reversed(PurePosixPath(shown).parts)):
-                if part != new:
-                    replacements.setdefault(part, new)
-        for original in sorted(replacements, key=len, reverse=True):
-            text = text.replace(original, replacements[original])
-        return text
+                if part != new and part not in kept:
+                    parts.setdefault(part, new)
+        odd: dict[str, list[str]] = {}  # first piece -> names that are not one piece, longest first
+        for name in sorted(parts, key=len, reverse=True):
+            pieces = _PIECE.findall(name)
+            if len(name) >= MIN_NAME and (len(pieces) != 1 or pieces[0] != name):
+                odd.setdefault(pieces[0] if pieces else name, []).append(name)
+
+        def scrub(text: str) -> str:
+            if not text:
+                return text
+            if location is not None:
+                text = location.sub("CASES", text)
+            if odd:
+                present = set(_PIECE.findall(text))
+                for first in present & odd.keys():
+                    for name in odd[first]:
+                        text = text.replace(name, parts[name])
+
+            def swap(match: re.Match) -> str:
+                piece = match.group(0)
+                for name in (piece, piece.rstrip(".")):
+                    new = parts.get(name)
+                    if new is None:
+                        continue
+                    start, end = match.start(), match.start() + len(name)
+                    in_path = (start > 0 and text[start - 1] in "/\\") or (end < len(text) and text[end] in "/\\")
+                    if in_path or len(name) >= MIN_NAME:
+                        return new + piece[len(name):]
+                return piece
+
+            return _PIECE.sub(swap, text)
+
+        return scrub
+
+
+#: A piece of a text that may be a whole file or folder name.
+_PIECE = re.compile(r"[\w.\-]+")
 
 
 #: Identifying attributes that name the patient: pseudonymised by ``--deidentify`` when allowed.

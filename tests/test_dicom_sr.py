@@ -43,12 +43,12 @@ def _meaning(item) -> str:
 def test_one_sr_per_case_that_reads_back_with_the_diagnosis(sr_report):
     report = json.loads((sr_report / "report.json").read_text())
     conditions = report["conditions"]
-    series, instances = set(), set()
+    series, instances = {}, set()
     for case in report["cases"]:
         dataset = pydicom.dcmread(sr_report / case["dicom_sr"])
         assert dataset.SOPClassUID == ComprehensiveSRStorage and dataset.file_meta.TransferSyntaxUID
         assert dataset.Modality == "SR" and dataset.CompletionFlag == "PARTIAL" and dataset.VerificationFlag == "UNVERIFIED"
-        series.add(dataset.SeriesInstanceUID)
+        series.setdefault(dataset.StudyInstanceUID, set()).add(dataset.SeriesInstanceUID)
         instances.add(dataset.SOPInstanceUID)
         sr, group = _groups(sr_report / case["dicom_sr"])
         evaluations = {}
@@ -61,7 +61,9 @@ def test_one_sr_per_case_that_reads_back_with_the_diagnosis(sr_report):
         assert measured == pytest.approx({f"Probability of {c}": case["probabilities"][c] for c in conditions})
         assert all(m.unit.value == "1" and m.unit.scheme_designator == "UCUM" for m in group.get_measurements())
         assert {item.name.scheme_designator for item in group.get_qualitative_evaluations()} == {SCHEME}
-    assert len(series) == 1 and len(instances) == len(report["cases"])
+    # one series of SRs per study, never one series across studies
+    assert all(len(uids) == 1 for uids in series.values())
+    assert len(set().union(*series.values())) == len(series) and len(instances) == len(report["cases"])
 
 
 def test_a_dicom_case_sr_references_its_image_and_joins_its_study(sr_report):
@@ -91,12 +93,19 @@ def test_a_case_that_is_not_dicom_gets_an_sr_without_a_reference(sr_report):
     dicom_studies = {pydicom.dcmread(CASES / c["path"], stop_before_pixels=True).StudyInstanceUID
                      for c in report["cases"] if c["path"].endswith(".dcm")}
     others = [c for c in report["cases"] if not c["path"].endswith(".dcm")]
-    studies = set()
+    study_of = {}
     for case in others:
         sr, group = _groups(sr_report / case["dicom_sr"])
         assert not group.source_images and "CurrentRequestedProcedureEvidenceSequence" not in sr
-        studies.add(sr.StudyInstanceUID)
-    assert len(studies) == 1 and not studies & dicom_studies  # one new study for the batch
+        study_of[case["path"]] = sr.StudyInstanceUID
+    assert not set(study_of.values()) & dicom_studies
+    # a new study per patient folder (its scans that are not DICOM together), else per case
+    by_patient = {}
+    for case in others:
+        by_patient.setdefault(case["patient"] or case["path"], set()).add(study_of[case["path"]])
+    assert all(len(studies) == 1 for studies in by_patient.values())
+    assert len(set(study_of.values())) == len(by_patient) and any(len([c for c in others if c["patient"] == p]) > 1
+                                                                 for p in by_patient)
 
 
 def test_deidentified_srs_reference_the_pseudonymised_uids(trained_run, tmp_path):
@@ -112,12 +121,15 @@ def test_deidentified_srs_reference_the_pseudonymised_uids(trained_run, tmp_path
     policy = PrivacyPolicy.from_options(deidentify=True, salt_file=salt)
     report = json.loads((out / "report.json").read_text())
     originals = {policy.path(p.relative_to(CASES).as_posix()): p for p in CASES.joinpath("query").rglob("*.dcm")}
+    checked = 0
     for case in report["cases"]:
         if case["path"] in originals:
             source = pydicom.dcmread(originals[case["path"]], stop_before_pixels=True)
             sr, group = _groups(out / case["dicom_sr"])
             assert group.source_images[0].referenced_sop_instance_uid == policy.uid(source.SOPInstanceUID)
             assert sr.StudyInstanceUID == policy.uid(source.StudyInstanceUID) != source.StudyInstanceUID
+            checked += 1
+    assert checked == len(originals) >= 5
 
 
 def test_every_sr_passes_dciodvfy(sr_report):
@@ -144,3 +156,29 @@ def test_every_sr_passes_dciodvfy(sr_report):
     broken.save_as(sr_report.parent / "broken.dcm")
     done = subprocess.run([validator, str(sr_report.parent / "broken.dcm")], capture_output=True, text=True, timeout=60, check=False)
     assert "Error - Missing attribute Type 1 Required Element=<ValueType>" in done.stdout + done.stderr
+
+
+def test_srs_of_one_study_share_a_series_and_say_their_character_set(tmp_path):
+    """Two images of one study and one of another: two series, one per study; every SR is UTF-8."""
+    from pydicom.dataset import Dataset
+
+    from medmeta.adaptation import CaseResult
+    from medmeta.privacy import PrivacyPolicy
+    from medmeta.reports.dicom_sr import SrWriter
+
+    def header(study: str, instance: str) -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", instance
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, study + ".1"
+        ds.PatientName, ds.PatientID = "Ünïcode^Name", "ID1"
+        return ds
+
+    writer = SrWriter(["a", "b"], {"medmeta_version": "0", "method": "protonet"}, PrivacyPolicy(frozenset({"PatientName"})))
+    case = CaseResult(path="query/x.dcm", predicted="a", probabilities=[0.7, 0.3], sha256="0", distance=0.0, image=None,
+                      prediction_set=["a"])
+    for index, (study, instance) in enumerate([("1.2.3", "1.2.3.1.1"), ("1.2.3", "1.2.3.1.2"), ("1.2.4", "1.2.4.1.1")]):
+        writer.write(case, index, header(study, instance), tmp_path / f"{index}.dcm")
+    read = [pydicom.dcmread(tmp_path / f"{index}.dcm") for index in range(3)]
+    assert read[0].SeriesInstanceUID == read[1].SeriesInstanceUID != read[2].SeriesInstanceUID
+    assert all(ds.SpecificCharacterSet == "ISO_IR 192" for ds in read)
+    assert str(read[0].PatientName) == "Ünïcode^Name" and read[0].PatientID == ""  # allowed, and not

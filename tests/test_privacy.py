@@ -78,6 +78,17 @@ def test_text_replaces_paths_and_their_names():
     assert "pat_x" not in text and "scan_y" not in text and names["query/pat_x/scan_y.dcm"] in text
 
 
+def test_text_replaces_whole_names_only():
+    policy = PrivacyPolicy(deidentify=True, salt=SALT)
+    paths = ["query/1/a.dcm", "query/jane doe.dcm", "query/scan/x.png"]
+    names = {path: policy.path(path) for path in paths}
+    hidden = {part: new for path in paths for part, new in zip(path.split("/"), names[path].split("/"))}
+    text = policy.text('1 link to query/1/a.dcm; "jane doe.dcm" in /cases/dir; a scanner; see scan.', names, "/cases/dir")
+    assert text == (f'1 link to query/{hidden["1"]}/{hidden["a.dcm"]}; "{hidden["jane doe.dcm"]}" in CASES; '
+                    f'a scanner; see {hidden["scan"]}.')
+    assert PrivacyPolicy().text("query/1/a.dcm in /cases/dir", names, "/cases/dir") == "query/1/a.dcm in /cases/dir"
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -122,6 +133,7 @@ def _canary(keyword: str, index: int) -> str:
 CANARY_UID = "1.2.999.31337.{file}.{index}"
 FILE_CANARY = "CANARYFILE"
 FOLDER_CANARY = "CANARYPATIENTFOLDER"
+SUPPORT_CANARY = "CANARYSUPPORT"
 
 
 def _plant(source: Path, target: Path, file_index: int) -> dict[str, str]:
@@ -152,23 +164,26 @@ def canary_cases(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, str]
     planted: dict[str, str] = {}
     count = 0
     for scan in sorted((root / "support").rglob("*.dcm")):
-        planted = _plant(scan, scan, count)
+        planted = _plant(scan, scan.with_name(f"{SUPPORT_CANARY}{count}.dcm"), count)
+        scan.unlink()
         count += 1
+    shutil.copy(root / "support" / "triangle_mass" / "support_05.png", root / "support" / f"{SUPPORT_CANARY}loose.png")
     for index, scan in enumerate(sorted((SAMPLE_DATA / "cases" / "query").glob("case_*.dcm"))[:4]):
         folder = root / "query" / (f"{FOLDER_CANARY}{index % 2}" if index < 2 else "")
         _plant(scan, folder / f"{FILE_CANARY}{index}.dcm", count)
         count += 1
     shutil.copy(SAMPLE_DATA / "cases" / "query" / "case_001.png", root / "query" / f"{FILE_CANARY}png.png")
     (root / "query" / f"{FILE_CANARY}broken.dcm").write_bytes(b"not a dicom file")
-    return root, planted, {"file": FILE_CANARY, "folder": FOLDER_CANARY}
+    return root, planted, {"file": FILE_CANARY, "folder": FOLDER_CANARY, "support": SUPPORT_CANARY}
 
 
-def _adapt(trained_run, cases: Path, out: Path, *options: str):
+def _adapt(trained_run, cases: Path, out: Path | None, *options: str, exit_code: int = 0):
     from medmeta.cli.main import app
 
-    done = CliRunner().invoke(app, ["adapt", "--checkpoint", str(trained_run), "--cases", str(cases), "--out", str(out),
+    where = ["--out", str(out)] if out is not None else []  # None: the default, inside the cases folder
+    done = CliRunner().invoke(app, ["adapt", "--checkpoint", str(trained_run), "--cases", str(cases), *where,
                                     "--no-saliency", "--no-stability", "--dicom-sr", *options])
-    assert done.exit_code == 0, done.output
+    assert done.exit_code == exit_code, done.output
     return done.output
 
 
@@ -199,24 +214,53 @@ def test_default_policy_lets_no_identifying_attribute_out(trained_run, canary_ca
     assert len(list((out / "sr").glob("*.dcm"))) == 5  # 4 DICOM cases and the PNG: one SR each
     assert _found(out, console, _attribute_canaries(planted, uids=False)) == {}
     # the check finds what is there: file names and reference UIDs are kept by default
-    found = _found(out, console, [names["file"], names["folder"], "1.2.999.31337."])
+    found = _found(out, console, [names["file"], names["folder"], names["support"], "1.2.999.31337."])
     assert {"predictions.csv", "report.json", "report.html", "rejected.csv"} <= set(found[names["file"]])
+    assert {"support.csv", "rejected.csv", "<console>"} <= set(found[names["support"]])  # a loose file in support/ is rejected
     assert any(where.startswith("sr/") for where in found["1.2.999.31337."])
 
 
-def test_deidentify_lets_no_name_or_uid_out(trained_run, canary_cases, tmp_path):
+def test_deidentify_lets_no_name_or_uid_out(trained_run, canary_cases):
     cases, planted, names = canary_cases
-    out = tmp_path / "out"
-    console = _adapt(trained_run, cases, out, "--deidentify")
-    found = _found(out, console, _attribute_canaries(planted, uids=True) + [names["file"], names["folder"], str(cases)])
-    assert found == {}
+    out = cases / "medmeta-report"  # the default --out, inside the cases folder: its path is printed
+    console = _adapt(trained_run, cases, None, "--deidentify")
+    assert "Reports in CASES/medmeta-report/" in " ".join(console.split())
+    canaries = _attribute_canaries(planted, uids=True) + list(names.values()) + [str(cases), str(cases.parent)]
+    assert _found(out, console, canaries) == {}
     import json
 
     report = json.loads((out / "report.json").read_text())
     assert report["metadata"]["cases_dir"] is None and report["metadata"]["deidentified"]
     patients = [p["patient"] for p in report["patients"]]
     assert len(patients) == 2 and all(PSEUDONYM.fullmatch(p) for p in patients)  # two patient folders, still grouped
-    assert len(report["rejected"]) == 1 and report["rejected"][0]["path"].endswith(".dcm")
+    rejected = sorted(row["path"] for row in report["rejected"])
+    assert len(rejected) == 2 and rejected[0].startswith("query/") and rejected[1].startswith("support/")
+    assert all(PSEUDONYM.fullmatch(path.split("/")[1].split(".")[0]) for path in rejected)
+
+
+def test_deidentify_with_a_relative_cases_folder(trained_run, canary_cases, monkeypatch):
+    """``--cases cases`` (relative, as the README writes it): the folder's name is hidden where
+    it starts a path, and the word "cases" in a sentence is left alone."""
+    cases, _, names = canary_cases
+    monkeypatch.chdir(cases.parent)
+    out = cases / "relative-report"
+    console = " ".join(_adapt(trained_run, Path(cases.name), Path(cases.name) / "relative-report", "--deidentify").split())
+    assert "Reports in CASES/relative-report/" in console and "Diagnosed 5 case(s)" in console
+    assert _found(out, console, [*names.values(), str(cases)]) == {}
+
+
+def test_deidentify_holds_when_the_batch_fails(trained_run, canary_cases, tmp_path):
+    """No readable case: the error, the console and the rejected.csv kept for the user name
+    neither the files nor the cases folder."""
+    cases, _, names = canary_cases
+    broken = tmp_path / f"{names['folder']}cases"
+    shutil.copytree(cases / "support", broken / "support")
+    (broken / "query").mkdir()
+    (broken / "query" / f"{names['file']}only.dcm").write_bytes(b"not a dicom file")
+    out = tmp_path / "out"
+    console = _adapt(trained_run, broken, out, "--deidentify", exit_code=2)
+    assert (out / "rejected.csv").is_file() and "CASES/query: none of the 1 case" in " ".join(console.split())
+    assert _found(out, console, [*names.values(), str(broken)]) == {}  # (--out is printed: the user chose it)
 
 
 def test_an_allowed_attribute_appears_and_groups_by_patient_id(trained_run, canary_cases, tmp_path):
@@ -233,3 +277,21 @@ def test_an_allowed_attribute_appears_and_groups_by_patient_id(trained_run, cana
     assert outside["dicom"] == {"PatientID": planted["PatientID"], "PatientName": planted["PatientName"]}
     assert outside["patient"] == planted["PatientID"]  # outside a patient folder: its PatientID
     assert by_path[f"query/{FOLDER_CANARY}0/{FILE_CANARY}0.dcm"]["patient"] == f"{FOLDER_CANARY}0"  # the folder first
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--allow-dicom", "PatientID,Foo"], "Foo is not an identifying attribute medmeta knows"),
+        (["--salt-file", "salt"], "--salt-file is the secret of --deidentify"),
+    ],
+)
+def test_cli_refuses_a_bad_policy_before_any_work(tmp_path, options, message):
+    from medmeta.cli.main import app
+
+    (tmp_path / "salt").write_bytes(SALT)
+    options = [str(tmp_path / o) if o == "salt" else o for o in options]
+    done = CliRunner().invoke(app, ["adapt", "--checkpoint", str(tmp_path / "no-run"), "--cases", str(tmp_path / "no-cases"),
+                                    *options])
+    assert done.exit_code != 0 and message in " ".join(done.output.split())
+    assert "Traceback" not in done.output and not (tmp_path / "no-cases").exists()

@@ -12,74 +12,106 @@ import torch
 from PIL import Image
 from torch import nn
 
-from medmeta.pipeline.saliency import occlusion_saliency, window_size
+from medmeta.pipeline.saliency import hide, log_odds, occlusion_logits, occlusion_windows, saliency_maps, window_size
 from medmeta.reports.thumbnails import saliency_png, thumbnail_png
 
 
 class RegionLearner(nn.Module):
     """Two conditions; condition 0's logit is ``10 x`` the spread (standard deviation) of the
     pixels in the top-left ``region`` x ``region`` block, condition 1's is 0: only the structure
-    of that block can weaken a prediction of condition 0. A BatchNorm makes the mode matter."""
+    of that block can weaken a prediction of condition 0. It records every batch it scores, and
+    a transductive ``refiner``, when set, replaces its logits (as an embedding head's does)."""
 
     def __init__(self, region: int = 8):
         super().__init__()
         self.region = region
-        self.norm = nn.BatchNorm1d(1)
+        self.refiner = None
+        self.seen: list[torch.Tensor] = []
         self.eval()
 
     def fit_support(self, images, labels):
         return self
 
     def predict_query(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append(images.clone())
+        if self.refiner is not None:
+            return self.refiner.refine(images)
         block = images[:, :, : self.region, : self.region].flatten(1)
-        spread = self.norm(block.std(dim=1, keepdim=True))
+        spread = block.std(dim=1, keepdim=True)
         return torch.cat([10 * spread, torch.zeros_like(spread)], dim=1)
 
 
-def _striped(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+def _noise(n: int = 2, size: int = 32, seed: int = 0, channels: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, size, size, generator=g)
+    return torch.rand(n, channels, size, size, generator=g)
+
+
+def _maps(learner, images, temperature=1.0):
+    scores = occlusion_logits(learner, images)
+    return saliency_maps(scores, np.zeros(len(images), dtype=int), temperature)
+
+
+def test_a_hidden_window_holds_its_own_mean_channel_by_channel():
+    image = _noise(1, 8, channels=3)[0]
+    window = (slice(2, 6), slice(0, 4))
+    hidden = hide(image, window)
+    for c in range(3):
+        region = image[c, 2:6, 0:4]
+        assert torch.allclose(hidden[c, 2:6, 0:4], region.mean().expand(4, 4))
+    outside = torch.ones(8, 8, dtype=torch.bool)
+    outside[2:6, 0:4] = False
+    assert torch.equal(hidden[:, outside], image[:, outside])
+
+
+def test_the_learner_sees_the_scan_then_each_window_hidden():
+    learner = RegionLearner(8)
+    image = _noise(1, 16)
+    occlusion_logits(learner, image, batch_size=5)
+    windows = occlusion_windows((16, 16))
+    assert [len(batch) for batch in learner.seen] == [1] + [5] * 9 + [4]  # the scan, then 49 windows in batches of 5
+    copies = torch.cat(learner.seen[1:])
+    assert torch.equal(learner.seen[0][0], image[0])
+    for copy, window in zip(copies, windows):
+        torch.testing.assert_close(copy, hide(image[0], window), rtol=0, atol=0)
 
 
 def test_the_map_lies_where_the_prediction_rests_and_nowhere_else():
-    images = _striped()
-    maps, peaks = occlusion_saliency(RegionLearner(8), images, np.zeros(2, dtype=int), temperature=1.0)
+    images = _noise()
+    maps, peaks = _maps(RegionLearner(8), images)
     assert maps.shape == (2, 32, 32) and maps.dtype == np.float32
-    # an 8 x 8 window with half-window steps: windows touching the block start at rows/columns
-    # 0 and 4, so no window covering a pixel at row or column >= 12 touches the block
+    # 8 x 8 windows in steps of 4: a pixel at row or column >= 12 is covered by no window touching the block
     assert (maps[:, 12:, :] == 0).all() and (maps[:, :, 12:] == 0).all()
     assert (maps[:, :8, :8] > 0.01).all()
-    assert peaks == pytest.approx(maps.reshape(2, -1).max(axis=1))
+    # the peak is the fall of hiding the whole block (window 0): 10 x the block's spread
+    spread = images[:, 0, :8, :8].flatten(1).std(dim=1).double().numpy()
+    assert peaks == pytest.approx(10 * spread, rel=1e-5)
 
 
 def test_a_region_that_does_not_count_gives_an_empty_map():
-    learner = RegionLearner(8)
-    images = _striped()
+    images = _noise()
     images[:, :, :8, :8] = 0.5  # the block is flat: hiding any part of it changes nothing
-    maps, peaks = occlusion_saliency(learner, images, np.zeros(2, dtype=int), temperature=1.0)
+    maps, peaks = _maps(RegionLearner(8), images)
     assert (maps == 0).all() and (peaks == 0).all()
 
 
+def test_log_odds_match_their_definition():
+    logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
+    p = np.exp(logits / 0.7) / np.exp(logits / 0.7).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(log_odds(logits, 0.7), np.log(p) - np.log1p(-p), rtol=1e-12)
+    assert np.isfinite(log_odds(np.array([[800.0, -800.0]]), 1.0)).all()  # no overflow
+
+
 def test_the_log_odds_do_not_saturate():
-    """A very confident prediction (p > 1 - 1e-9) still shows its region: its log-odds fall by
-    the logit's fall, where its probability would hardly move."""
-    images = _striped(1)
-    learner = RegionLearner(8)
-    strong, _ = occlusion_saliency(learner, images, np.zeros(1, dtype=int), temperature=0.1)
-    weak, _ = occlusion_saliency(learner, images, np.zeros(1, dtype=int), temperature=1.0)
-    assert torch.softmax(learner.predict_query(images).double() / 0.1, 1)[0, 0].item() > 1 - 1e-9
-    np.testing.assert_allclose(strong, 10 * weak, rtol=1e-4, atol=1e-4)
-
-
-def test_the_learner_stays_in_evaluation_mode_and_predicts_as_before():
-    """MONAI's eval_mode puts back the training flag of what it was given on leaving: the
-    wrapper must not leave the learner training (its BatchNorm would then use batch statistics)."""
-    learner = RegionLearner(8)
-    images = _striped(3)
-    before = learner.predict_query(images)
-    occlusion_saliency(learner, images, np.zeros(3, dtype=int), temperature=1.0)
-    assert not any(module.training for module in learner.modules())
-    torch.testing.assert_close(learner.predict_query(images), before, rtol=0, atol=0)
+    """A very confident prediction (p > 1 - 1e-9) still shows its region: with two conditions
+    its log-odds fall by the logit's fall over the temperature, where its probability would
+    hardly move."""
+    images = _noise(1)
+    scores = occlusion_logits(RegionLearner(8), images)
+    strong, peak_strong = saliency_maps(scores, np.zeros(1, dtype=int), 0.1)
+    weak, peak_weak = saliency_maps(scores, np.zeros(1, dtype=int), 1.0)
+    assert torch.softmax(torch.from_numpy(scores.base) / 0.1, 1)[0, 0].item() > 1 - 1e-9
+    np.testing.assert_allclose(strong, 10 * weak, rtol=1e-5, atol=1e-6)
+    assert peak_strong == pytest.approx(10 * peak_weak)
 
 
 def test_a_transductive_refiner_is_set_aside_and_put_back():
@@ -90,16 +122,24 @@ def test_a_transductive_refiner_is_set_aside_and_put_back():
             raise AssertionError("the refiner must not see occluded copies")
 
     refiner = learner.refiner = Refiner()
-    occlusion_saliency(learner, _striped(1), np.zeros(1, dtype=int), temperature=1.0)
+    occlusion_logits(learner, _noise(1))
     assert learner.refiner is refiner
 
 
 @pytest.mark.parametrize(
-    "spatial, window",
-    [((64, 64), (16, 16)), ((84, 84), (21, 21)), ((30, 17), (8, 5)), ((28, 28, 28), (7, 7, 7)), ((3, 3), (1, 1))],
+    "spatial, window, count",
+    [((64, 64), (16, 16), 49), ((48, 48), (12, 12), 49), ((84, 84), (21, 21), 64), ((30, 17), (8, 5), 49),
+     ((16, 16, 16), (4, 4, 4), 343), ((3, 3), (1, 1), 9)],
 )
-def test_window_size(spatial, window):
+def test_windows(spatial, window, count):
     assert window_size(spatial) == window
+    windows = occlusion_windows(spatial)
+    assert len(windows) == count
+    covered = np.zeros(spatial, dtype=int)
+    for w in windows:
+        covered[w] += 1
+        assert tuple(s.stop - s.start for s in w) == window
+    assert covered.min() >= 1  # every pixel is hidden by some window
 
 
 def test_volumes_get_a_map_of_their_own_shape():
@@ -108,7 +148,7 @@ def test_volumes_get_a_map_of_their_own_shape():
     learner.predict_query = lambda x: torch.cat(
         [10 * x[:, :, :4, :4, :4].flatten(1).std(1, keepdim=True), torch.zeros(len(x), 1)], 1
     )
-    maps, _ = occlusion_saliency(learner, volume, np.zeros(1, dtype=int), temperature=1.0)
+    maps, _ = _maps(learner, volume)
     assert maps.shape == (1, 8, 12, 16)
     assert maps[0, :4, :4, :4].max() > 0.1 and maps[0, 6:].max() == maps[0, :, 9:].max() == maps[0, :, :, 12:].max() == 0
 
@@ -180,7 +220,8 @@ def test_saliency_changes_no_prediction_and_can_be_switched_off(trained_run, tmp
 @pytest.mark.parametrize("method", ["protonet", "maml", "fomaml", "anil", "matching", "mann"])
 def test_every_method_gets_a_map_and_is_left_as_fitted(method):
     """Occlusion needs only the fitted learner's predict_query: every method (fresh weights on a
-    toy task) gets a finite map of the images' shape, and predicts exactly as before afterwards."""
+    toy task) gets a finite map of the images' shape, and predicts exactly as before afterwards
+    (still in evaluation mode)."""
     from medmeta.backbones import create_backbone
     from medmeta.methods import create_method, list_methods
     from tests.conftest import toy_episode
@@ -192,7 +233,7 @@ def test_every_method_gets_a_map_and_is_left_as_fitted(method):
     xs, ys, xq, _ = toy_episode(3, shot=2, query=1, size=16)
     learner.fit_support(xs, ys)
     before = learner.predict_query(xq).detach()
-    maps, peaks = occlusion_saliency(learner, xq, before.argmax(1).numpy(), temperature=1.0)
+    maps, peaks = saliency_maps(occlusion_logits(learner, xq), before.argmax(1).numpy(), 1.0)
     assert maps.shape == (3, 16, 16) and np.isfinite(maps).all() and (maps >= 0).all() and (peaks >= 0).all()
     assert not any(module.training for module in learner.modules())
     torch.testing.assert_close(learner.predict_query(xq).detach(), before, rtol=0, atol=0)
@@ -213,3 +254,33 @@ def test_every_head_gets_maps_and_the_same_predictions(trained_run, options):
     assert all(case.saliency.shape == case.image.shape[1:] and case.saliency_peak >= 0 for case in on.cases)
     head = on.metadata["saliency"]["head"]
     assert head == ("inductive (without the transductive refiner)" if "transductive" in options else "as adapted")
+
+
+def test_a_volume_overlay_is_scaled_to_the_whole_map():
+    """A peak off the displayed mid-planes still sets the scale: the planes' weaker values are
+    drawn fainter than they would be alone."""
+    volume = torch.zeros(1, 9, 9, 9)
+    heat = np.zeros((9, 9, 9), np.float32)
+    heat[4, 4, 4] = 2.0  # on all three mid-planes
+    alone = _pixels(saliency_png(volume, heat))
+    heat[0, 0, 0] = 20.0  # on none of them
+    scaled = _pixels(saliency_png(volume, heat))
+    assert scaled.sum() < alone.sum() / 4
+
+
+def test_the_windows_are_scored_by_the_head_fitted_on_the_whole_support(trained_run):
+    """Occlusion runs before the leave-one-out refits: the scan's own logits among the occlusion
+    scores are the head's logits on the full support (after the refits they would not be)."""
+    from medmeta import load_run
+    from medmeta.pipeline import AdaptationPipeline, Task
+    from medmeta.pipeline.cases import open_cases
+    from tests.conftest import SAMPLE_DATA
+
+    run = load_run(trained_run, "cpu")
+    source = open_cases(SAMPLE_DATA / "cases", run.reader)
+    pipeline = AdaptationPipeline.from_run(run, stability=True, head="prototype")
+    query = source.support_images[::4]  # any scans will do as cases
+    logits = pipeline.head(Task(source.support_images, source.support_labels, query, source.conditions),
+                           stability=True, saliency=True)
+    assert logits.max_change is not None
+    np.testing.assert_allclose(logits.occlusion.base, logits.query, rtol=1e-6, atol=1e-6)

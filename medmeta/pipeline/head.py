@@ -9,7 +9,7 @@ import torch
 
 from medmeta.embedded import OnEmbeddings, adapts_on_embeddings
 from medmeta.leave_one_out import leave_one_out
-from medmeta.pipeline.saliency import occlusion_saliency
+from medmeta.pipeline.saliency import OcclusionScores, occlusion_logits
 from medmeta.pipeline.task import Task
 
 
@@ -29,9 +29,9 @@ class Logits:
             support, nearest first: Euclidean distance between the embeddings the head compares
             (after the run's normalisation, if any); None for a learner that does not adapt on
             embeddings. ``nearest_distances`` ``(n_query, k)`` those distances.
-        saliency: ``(n_query, *spatial)`` float32 occlusion saliency of each case's prediction
-            (:mod:`medmeta.pipeline.saliency`), or None when not asked for;
-            ``saliency_peak`` ``(n_query,)`` each map's largest value.
+        occlusion: each case's logits with each window hidden
+            (:class:`~medmeta.pipeline.saliency.OcclusionScores`, for its saliency map), or
+            None when not asked for.
     """
 
     query: np.ndarray
@@ -40,8 +40,7 @@ class Logits:
     max_change: np.ndarray | None = None
     nearest: np.ndarray | None = None
     nearest_distances: np.ndarray | None = None
-    saliency: np.ndarray | None = None
-    saliency_peak: np.ndarray | None = None
+    occlusion: OcclusionScores | None = None
 
 
 #: How many support scans :attr:`Logits.nearest` names per case.
@@ -70,8 +69,8 @@ class LearnerHead:
         """``held_out``: also the support's leave-one-out logits; ``stability``: also each
         case's leave-one-out stability. Both need two support scans per condition and are
         left None otherwise. ``nearest``: also each case's nearest support scans (for a learner
-        that adapts on embeddings). ``saliency``: also each case's occlusion saliency, through
-        the learner fitted on the full support, at ``temperature``.
+        that adapts on embeddings). ``saliency``: also each case's logits with each occlusion
+        window hidden, through the learner fitted on the full support.
 
         A learner that adapts on embeddings (:mod:`medmeta.embedded`) sees each scan through the
         backbone once: the fit, the cases' logits and the leave-one-out refits share the
@@ -94,9 +93,7 @@ class LearnerHead:
         if nearest and isinstance(learner, OnEmbeddings):
             out.nearest, out.nearest_distances = nearest_support(query, support, self.device, size)
         if saliency:  # before the leave-one-out refits, which leave the learner fitted to a part of the support
-            out.saliency, out.saliency_peak = occlusion_saliency(
-                image_learner, task.query_images, out.query.argmax(1), temperature, self.device
-            )
+            out.occlusion = occlusion_logits(image_learner, task.query_images, self.device)
         if (held_out or stability) and task.has_two_per_condition():
             loo = leave_one_out(learner, support, labels, query if stability else None, temperature, self.device, size)
             out.support_held_out = loo.support_logits if held_out else None

@@ -9,6 +9,7 @@ import numpy as np
 from medmeta.calibration import TEMPERATURE_PRIOR_SIGMA
 from medmeta.pipeline.head import LearnerHead, Logits
 from medmeta.pipeline.referral_step import Referral, ReferralStep
+from medmeta.pipeline.saliency import saliency_maps
 from medmeta.pipeline.sets import PredictionSets, PredictionSetStep
 from medmeta.pipeline.task import Task
 from medmeta.pipeline.temperature import Probabilities, TemperatureStep
@@ -23,6 +24,9 @@ class Diagnosis:
     probabilities: Probabilities
     sets: PredictionSets
     referral: Referral
+    #: ``(maps (n_query, *spatial), peaks (n_query,))``: each case's occlusion saliency at the
+    #: probabilities' temperature (:func:`~medmeta.pipeline.saliency.saliency_maps`), or None
+    saliency: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -110,4 +114,7 @@ class AdaptationPipeline:
         probs = self.temperature(logits, support_labels)
         sets = self.sets(probs, support_labels)
         referral = self.referral(sets.sets, logits.distances, task.conditions)
-        return Diagnosis(list(task.conditions), logits, probs, sets, referral)
+        saliency = None
+        if logits.occlusion is not None:
+            saliency = saliency_maps(logits.occlusion, probs.query.argmax(1), probs.temperature)
+        return Diagnosis(list(task.conditions), logits, probs, sets, referral, saliency)

@@ -24,10 +24,14 @@ def dicom_header(path: Path) -> Any:
     folder its first DICOM file by name; None when there is none or it cannot be parsed."""
     import pydicom
 
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and scan_format(p) == "dicom")
-        path = files[0] if files else path
-    if not path.is_file() or scan_format(path) != "dicom":
+    if path.is_dir():  # the files the series was read from (not hidden, not below it)
+        from medmeta.data.volumes import _dicom_files
+
+        files = _dicom_files(path)
+        if not files:
+            return None
+        path = files[0]
+    elif not path.is_file() or scan_format(path) != "dicom":
         return None
     try:
         with warnings.catch_warnings():
@@ -53,12 +57,13 @@ def path_map(result: AdaptResult, policy: PrivacyPolicy) -> dict[str, str]:
     paths = [case.path for case in result.cases]
     paths += [scan["path"] for scans in result.support.values() for scan in scans]
     paths += [path for path, _ in result.rejected] + list(result.unmatched_labels)
-    return {path: policy.path(path) for path in paths}
+    return {path: policy.path(path, result.conditions) for path in paths}
 
 
-def deidentified(result: AdaptResult, policy: PrivacyPolicy) -> AdaptResult:
+def deidentified(result: AdaptResult, policy: PrivacyPolicy, cases_dir: str | Path | None = None) -> AdaptResult:
     """``result`` as ``--deidentify`` writes it: paths pseudonymised (:meth:`PrivacyPolicy.path`),
-    paths and names inside notes and rejection reasons too, the cases folder's location dropped.
+    paths and names inside notes and rejection reasons too, the cases folder's location
+    (``cases_dir``) dropped from the metadata and replaced by ``CASES`` in text.
     ``result`` itself is unchanged; without ``policy.deidentify`` it is returned as it is."""
     if not policy.deidentify:
         return result
@@ -67,11 +72,12 @@ def deidentified(result: AdaptResult, policy: PrivacyPolicy) -> AdaptResult:
     support = {
         condition: [{**scan, "path": names[scan["path"]]} for scan in scans] for condition, scans in result.support.items()
     }
-    rejected = [(names[path], policy.text(reason, names)) for path, reason in result.rejected]
+    scrub = policy.scrubber(names, cases_dir, keep=result.conditions)
+    rejected = [(names[path], scrub(reason)) for path, reason in result.rejected]
     metadata = {
         **result.metadata,
         "cases_dir": None,
-        "notes": [policy.text(note, names) for note in result.metadata.get("notes", [])],
+        "notes": [scrub(note) for note in result.metadata.get("notes", [])],
         "deidentified": {"method": "HMAC-SHA256 with a secret salt, first 16 hex digits", "reference_uids": "replaced"},
     }
     return dataclasses.replace(

@@ -12,7 +12,9 @@ Each SR is a Comprehensive SR holding a TID 1500 Measurement Report with one mea
 Conditions are medmeta's own names, coded in the private scheme :data:`SCHEME` (a code value
 ``C<index>``, the name as meaning); the concept names are coded there too. When the case is a
 DICOM file the SR belongs to the image's study, lists the image as evidence and names its
-SOP Instance UID as the group's source image. Otherwise the SRs of a batch share one new study.
+SOP Instance UID as the group's source image; the SRs of one study share one new series.
+Otherwise the SR joins a new study made for its patient's scans that are not DICOM (one per
+patient folder, or per case outside any).
 
 What of the source header reaches the SR is the privacy policy's (:mod:`medmeta.privacy`): the
 Type 2 patient and study attributes are empty unless allowed, and the reference UIDs are
@@ -77,13 +79,15 @@ class SrWriter:
         self.conditions = list(conditions)
         self.metadata = metadata
         self.policy = policy
-        self.series_uid = hd.UID()
-        self.study_uid = hd.UID()  # the batch's own study, for cases that are not DICOM
+        self._series: dict[str, str] = {}  # study UID -> the series of medmeta's SRs in it
+        self._studies: dict[tuple[str, str], str] = {}  # ("patient" or "case", name) -> the new study of its non-DICOM scans
         self.device_uid = hd.UID()
 
-    def write(self, case, index: int, header: Any, path: Path) -> None:
+    def write(self, case, index: int, header: Any, path: Path, patient: str | None = None) -> None:
         """Write ``case`` (a :class:`~medmeta.adaptation.CaseResult`, the ``index``-th of the
-        batch, whose DICOM ``header`` is given or None) as an SR to ``path``."""
+        batch, whose DICOM ``header`` is given or None, of ``patient`` if known) as an SR to
+        ``path``. The SRs of one study share a series; a case that is not DICOM joins the new
+        study of its patient's other such scans, or gets one of its own."""
         import highdicom as hd
         from highdicom.sr import (
             AlgorithmIdentification, CodedConcept, DeviceObserverIdentifyingAttributes, Measurement,
@@ -92,7 +96,8 @@ class SrWriter:
         )
         from pydicom.sr.codedict import codes
 
-        evidence = self._evidence(header)
+        evidence = self._evidence(header, ("patient", patient) if patient else ("case", str(index)))
+        series = self._series.setdefault(str(evidence.StudyInstanceUID), hd.UID())
         yes, no = CodedConcept("373066001", "SCT", "Yes"), CodedConcept("373067005", "SCT", "No")
         evaluations = [QualitativeEvaluation(_code("PRED", "Predicted condition"), self._condition(case.predicted))]
         for member in case.prediction_set or []:
@@ -127,7 +132,7 @@ class SrWriter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # highdicom's notes on optional content
             sr = hd.sr.ComprehensiveSR(
-                evidence=[evidence], content=report, series_instance_uid=self.series_uid, series_number=SR_SERIES_NUMBER,
+                evidence=[evidence], content=report, series_instance_uid=series, series_number=SR_SERIES_NUMBER,
                 sop_instance_uid=hd.UID(), instance_number=index + 1, manufacturer="medmeta",
                 record_evidence=_references_image(header), series_description="medmeta few-shot diagnosis (research software)",
             )
@@ -141,12 +146,14 @@ class SrWriter:
     def _condition(self, name: str):
         return _code(f"C{self.conditions.index(name)}", name)
 
-    def _evidence(self, header: Any):
+    def _evidence(self, header: Any, patient: tuple[str, str]):
         """The evidence the SR is built on: a copy of the image's header reduced to what the
-        policy lets out, or for a case that is not DICOM a stand-in naming the batch's study."""
+        policy lets out, or for a case that is not DICOM a stand-in naming its ``patient``'s new study."""
+        import highdicom as hd
         from pydicom.dataset import Dataset
 
         evidence = Dataset()
+        evidence.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: an allowed name in any script
         allowed = self.policy.attributes(header) if header is not None else {}
         for keyword in _TYPE2:
             setattr(evidence, keyword, allowed.get(keyword, ""))
@@ -156,9 +163,8 @@ class SrWriter:
             evidence.SOPClassUID = header.SOPClassUID
             return evidence
         # a stand-in, not recorded as evidence: highdicom reads these from every evidence item
-        import highdicom as hd
-
-        evidence.StudyInstanceUID, evidence.SeriesInstanceUID, evidence.SOPInstanceUID = self.study_uid, hd.UID(), hd.UID()
+        study = self._studies.setdefault(patient, hd.UID())
+        evidence.StudyInstanceUID, evidence.SeriesInstanceUID, evidence.SOPInstanceUID = study, hd.UID(), hd.UID()
         evidence.SOPClassUID = _SECONDARY_CAPTURE
         return evidence
 
@@ -167,6 +173,7 @@ def write_dicom_srs(result, cases_dir: str | Path, out: Path, policy: PrivacyPol
     """One SR per case of ``result`` (original paths, under ``cases_dir``) as ``out/sr/NNNNNN.dcm``,
     in the cases' order; returns the files' paths relative to ``out``."""
     from medmeta.reports.deidentify import dicom_header
+    from medmeta.reports.patients import case_patient
 
     folder = out / "sr"
     folder.mkdir(parents=True, exist_ok=True)
@@ -174,6 +181,6 @@ def write_dicom_srs(result, cases_dir: str | Path, out: Path, policy: PrivacyPol
     names = []
     for index, case in enumerate(result.cases):
         name = f"{index:06d}.dcm"
-        writer.write(case, index, dicom_header(Path(cases_dir) / case.path), folder / name)
+        writer.write(case, index, dicom_header(Path(cases_dir) / case.path), folder / name, case_patient(case))
         names.append(f"sr/{name}")
     return names

@@ -74,8 +74,8 @@ SALIENCY_FULL_SCALE = 1.0
 def saliency_png(image: torch.Tensor, saliency: np.ndarray, oriented: bool = True) -> bytes:
     """A scan ``(C, H, W)`` or ``(C, X, Y, Z)`` in ``[0, 1]`` in gray under its saliency map
     ``(H, W)`` or ``(X, Y, Z)`` (:mod:`medmeta.pipeline.saliency`), as the bytes of an RGB PNG
-    laid out as :func:`thumbnail_png` lays out the scan. The map is scaled to its own largest
-    value (at least :data:`SALIENCY_FULL_SCALE`), coloured with :data:`SALIENCY_CMAP` and
+    laid out as :func:`thumbnail_png` lays out the scan (a volume's mid-planes). The map is
+    scaled to its own largest value over the whole scan (at least :data:`SALIENCY_FULL_SCALE`), coloured with :data:`SALIENCY_CMAP` and
     blended in proportion to its value (at most :data:`SALIENCY_ALPHA`): where it is 0 the scan
     shows unchanged. A map of zeros leaves the scan gray."""
     from matplotlib import colormaps
@@ -83,10 +83,10 @@ def saliency_png(image: torch.Tensor, saliency: np.ndarray, oriented: bool = Tru
 
     gray = image.detach().cpu().float().clamp(0, 1).numpy().mean(axis=0, keepdims=True)
     heat = np.asarray(saliency, dtype=np.float32)[None]
+    scale = max(float(heat.max()) if heat.size else 0.0, SALIENCY_FULL_SCALE)  # the whole map's, not the planes'
     if gray.ndim == 4:
         gray, heat = montage(volume_planes(gray, oriented)), montage(volume_planes(heat, oriented))
     gray, heat = gray[0], heat[0]
-    scale = max(float(heat.max()) if heat.size else 0.0, SALIENCY_FULL_SCALE)
     weight = np.clip(heat / scale, 0, 1)
     colour = colormaps[SALIENCY_CMAP](weight)[..., :3]
     alpha = (SALIENCY_ALPHA * weight)[..., None]

@@ -91,7 +91,7 @@ def write_batch_outputs(
 
         for case, name in zip(result.cases, write_dicom_srs(result, cases_dir, out, policy)):
             case.sr = name
-    shown = deidentified(result, policy)
+    shown = deidentified(result, policy, cases_dir)
     write_report_files(shown, out)
     if pdf:
         from medmeta.reports.pdf import write_pdf
@@ -186,7 +186,7 @@ def _case_json(result: AdaptResult, case, rank: int) -> dict[str, Any]:
         if case.saliency_peak is None
         else {
             "peak_log_odds_drop": case.saliency_peak,
-            "odds_factor": math.exp(case.saliency_peak),
+            "odds_factor": _odds_factor(case.saliency_peak),
             "overlay": case.saliency_thumbnail,
         },
         **({"volume": case.volume} if case.volume is not None else {}),
@@ -234,7 +234,7 @@ def html_pieces(result: AdaptResult) -> Iterator[str]:
             "stability": case.stability_max_change,
             "nearest": [{"condition": c, "distance": d, **support[c][j]} for c, j, d in case.nearest_support],
             "saliency": _saliency_image(case),
-            "saliency_odds_factor": None if case.saliency_peak is None else math.exp(case.saliency_peak),
+            "saliency_odds_factor": None if case.saliency_peak is None else _odds_factor(case.saliency_peak),
         }
 
     counts = {c: sum(1 for case in result.cases if case.predicted == c) for c in result.conditions}
@@ -254,6 +254,12 @@ def html_pieces(result: AdaptResult) -> Iterator[str]:
         rejected=result.rejected,
         metrics=result.metrics,
     )
+
+
+def _odds_factor(peak: float) -> float:
+    """``exp(peak)``: how many times hiding the case's most important window divides the odds of
+    its prediction (infinite, written null, past float range)."""
+    return math.exp(peak) if peak < 709 else math.inf
 
 
 def _saliency_image(case) -> str | None:
