@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import nibabel
@@ -272,3 +273,42 @@ def test_evaluation_leaves_an_unreadable_test_scan_out_instead_of_stopping(train
     assert result.summary.episodes == 4
     assert any(note.startswith("1 unreadable test scan(s) left out of the episodes, e.g. ") and "v.npz::train::37: blank image" in note
                for note in result.notes)
+
+
+_OVERFLOW_PROBE = """<script>
+window.addEventListener('load', () => {
+  let over = 0, images = 0;
+  for (const cell of document.querySelectorAll('tr.case td')) {
+    const box = cell.getBoundingClientRect();
+    for (const image of cell.querySelectorAll('img')) {
+      images += 1;
+      if (image.getBoundingClientRect().right > box.right + 1) over += 1;
+    }
+  }
+  document.body.setAttribute('data-probe', images + ' images, ' + over + ' outside their cell');
+});
+</script>"""
+
+
+@pytest.mark.slow
+def test_a_volume_rows_images_stay_in_their_cells_in_a_browser(volume_run, tmp_path):
+    """The three-plane thumbnail and saliency overlay of a volume fit their table cells (a fixed
+    cell width once let the overlay run over the next column); the probe sees an overflow when
+    that width is put back."""
+    from test_worklist_report import _open
+
+    from medmeta.adaptation import adapt
+    from medmeta.reports import write_reports
+
+    result = adapt(volume_run, VOLUMES / "cases", device="cpu", stability=False)
+    write_reports(result, tmp_path / "report")
+    page = (tmp_path / "report" / "report.html").read_text()
+    page = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page)  # let the probe run
+    results = {}
+    for name, extra in (("as written", ""), ("fixed width", "<style>tr.volume td.saliency { max-width: 110px; }</style>")):
+        probe = tmp_path / f"{name.replace(' ', '-')}.html"
+        probe.write_text(page.replace("</body>", extra + _OVERFLOW_PROBE + "</body>"))
+        dom, _ = _open("--dump-dom", "--window-size=1400,2000", probe.as_uri())
+        results[name] = re.search(r'data-probe="([^"]*)"', dom).group(1)
+    assert results["as written"] == "60 images, 0 outside their cell"  # 12 cases: thumbnail, overlay, 3 nearest scans
+    assert results["fixed width"] != results["as written"]
