@@ -216,50 +216,64 @@ class PrivacyPolicy:
         its absolute form wherever it stands whole. The work per text is about one pass over it."""
         if not self.deidentify:
             return lambda text: text
-        kept = set(keep)
-        forms = {str(folder).rstrip("/"), str(Path(folder).resolve())} - {"", "."} if folder else set()
-        # an absolute form wherever it stands whole; a relative one (a word such as "cases") only
-        # as the start of a path or of an error, "cases/..." or "cases: ..."
-        alternatives = [re.escape(f) + (r"(?![\w\-]|\.[\w\-])" if f.startswith("/") else r"(?=[/:])")
-                        for f in sorted(forms, key=len, reverse=True)]
-        location = re.compile(r"(?<![\w.\-/])(?:" + "|".join(alternatives) + ")") if alternatives else None
-        parts: dict[str, str] = {}
-        for original, shown in paths.items():
-            for part, new in zip(reversed(PurePosixPath(original).parts), reversed(PurePosixPath(shown).parts)):
-                if part != new and part not in kept:
-                    parts.setdefault(part, new)
-        odd: dict[str, list[str]] = {}  # first piece -> names that are not one piece, longest first
+        return _Scrubber(_renamed_parts(paths, set(keep)), _location_pattern(folder))
+
+
+def _renamed_parts(paths: Mapping[str, str], keep: set[str]) -> dict[str, str]:
+    """Each original file or folder name of ``paths`` (original -> output) that the output
+    renames, outside ``keep`` -> its output form."""
+    parts: dict[str, str] = {}
+    for original, shown in paths.items():
+        for part, new in zip(reversed(PurePosixPath(original).parts), reversed(PurePosixPath(shown).parts)):
+            if part != new and part not in keep:
+                parts.setdefault(part, new)
+    return parts
+
+
+def _location_pattern(folder: str | Path | None) -> re.Pattern | None:
+    """Where a text names the cases ``folder``: its absolute form wherever it stands whole; the
+    form as given (possibly a word such as "cases") only as the start of a path or of an error,
+    ``cases/...`` or ``cases: ...``."""
+    forms = {str(folder).rstrip("/"), str(Path(folder).resolve())} - {"", "."} if folder else set()
+    alternatives = [re.escape(f) + (r"(?![\w\-]|\.[\w\-])" if f.startswith("/") else r"(?=[/:])")
+                    for f in sorted(forms, key=len, reverse=True)]
+    return re.compile(r"(?<![\w.\-/])(?:" + "|".join(alternatives) + ")") if alternatives else None
+
+
+class _Scrubber:
+    """:meth:`PrivacyPolicy.scrubber`'s function: ``parts`` (original name -> output name) and
+    the cases folder's ``location`` pattern, applied to one text at a time."""
+
+    def __init__(self, parts: dict[str, str], location: re.Pattern | None):
+        self.parts, self.location = parts, location
+        self.odd: dict[str, list[str]] = {}  # first piece -> names that are not one piece, longest first
         for name in sorted(parts, key=len, reverse=True):
             pieces = _PIECE.findall(name)
             if len(name) >= MIN_NAME and (len(pieces) != 1 or pieces[0] != name):
-                odd.setdefault(pieces[0] if pieces else name, []).append(name)
+                self.odd.setdefault(pieces[0] if pieces else name, []).append(name)
 
-        def scrub(text: str) -> str:
-            if not text:
-                return text
-            if location is not None:
-                text = location.sub("CASES", text)
-            if odd:
-                present = set(_PIECE.findall(text))
-                for first in present & odd.keys():
-                    for name in odd[first]:
-                        text = text.replace(name, parts[name])
+    def __call__(self, text: str) -> str:
+        if not text:
+            return text
+        if self.location is not None:
+            text = self.location.sub("CASES", text)
+        for first in set(_PIECE.findall(text)) & self.odd.keys() if self.odd else ():
+            for name in self.odd[first]:
+                text = text.replace(name, self.parts[name])
+        return _PIECE.sub(lambda match: self._swap(match, text), text)
 
-            def swap(match: re.Match) -> str:
-                piece = match.group(0)
-                for name in (piece, piece.rstrip(".")):
-                    new = parts.get(name)
-                    if new is None:
-                        continue
-                    start, end = match.start(), match.start() + len(name)
-                    in_path = (start > 0 and text[start - 1] in "/\\") or (end < len(text) and text[end] in "/\\")
-                    if in_path or len(name) >= MIN_NAME:
-                        return new + piece[len(name):]
-                return piece
-
-            return _PIECE.sub(swap, text)
-
-        return scrub
+    def _swap(self, match: re.Match, text: str) -> str:
+        """A piece of ``text``, or its output form when it (or it without trailing dots) is a name."""
+        piece = match.group(0)
+        for name in (piece, piece.rstrip(".")):
+            new = self.parts.get(name)
+            if new is None:
+                continue
+            start, end = match.start(), match.start() + len(name)
+            in_path = (start > 0 and text[start - 1] in "/\\") or (end < len(text) and text[end] in "/\\")
+            if in_path or len(name) >= MIN_NAME:
+                return new + piece[len(name):]
+        return piece
 
 
 #: A piece of a text that may be a whole file or folder name.
